@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv and install the project (idempotent; re-installs only when pyproject.toml changes).
+# torch: an already-installed torch (e.g. your CUDA build) is kept; otherwise torch==2.13.0 is
+# installed (a CPU build where that is what the package index serves, the CUDA build from PyPI on
+# Linux GPU machines).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=".venv/.speechless-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import stages, torch" 2>/dev/null; then
+  exit 0
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+fi
+.venv/bin/python -m pip install -q -e ".[dev]"
+echo "$want" > "$stamp"

@@ -1,0 +1,106 @@
+"""The project's command line: one LightningCLI for every stage.
+
+``lightning fit --config configs/stage1_rvq.yaml`` (also installed as ``speechless``, and runnable as
+``python -m stages``) builds the LightningModule and LightningDataModule named by ``class_path`` /
+``init_args`` in the config (subclass mode for both), so one entry point runs all three stages and
+``fit | validate | test | predict``, ``--print_config`` and ``--ckpt_path`` work as in Lightning.
+
+The saved ``config.yaml`` in the log directory is overwritten on a re-run into the same directory
+rather than raising, because resuming a killed run into its own folder is the normal case here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from lightning.pytorch.cli import LightningCLI
+
+from stages.averaging import CheckpointAveraging, checkpoint_candidates
+from stages.promote import GATE_EXIT, Promote
+from stages.promotion import GateError
+
+__all__ = ["SpeechlessCLI", "main"]
+
+DESCRIPTION = (
+    "speechless: train speech-capable Gemma 4 models for low-resource languages "
+    "(stage 1 RVQ, stage 2 text-to-semantic-tokens, stage 3 LoRA). "
+    "Usage: lightning fit|validate|test|predict --config configs/<stage>.yaml"
+)
+
+
+class SpeechlessCLI(LightningCLI):
+    """LightningCLI with the project's defaults (subclass mode, overwrite of the saved config)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        # Tokenizing 100 h must not keep every prediction in memory: writers stream them to disk.
+        if subcommand == "predict" and kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False
+        return kwargs
+
+    def after_fit(self) -> None:
+        """Validate best, final and averaged checkpoints alike, then promote when configured."""
+        trainer, model, datamodule = self.trainer, self.model, self.datamodule
+        candidates = checkpoint_candidates(trainer)
+        promoter = next((cb for cb in trainer.callbacks if isinstance(cb, Promote)), None)
+        averaging = any(isinstance(cb, CheckpointAveraging) for cb in trainer.callbacks)
+        if not candidates or not (promoter or averaging) or trainer.interrupted:
+            return
+        chosen, chosen_path = promoter.choose(candidates) if promoter else (None, None)
+        # The chosen checkpoint is validated last, so the module holds its weights for export.
+        order = [n for n in candidates if n != chosen] + ([chosen] if chosen in candidates else [])
+        results = {}
+        for name in order:
+            metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=candidates[name], verbose=False)
+            results[name] = {k: float(v) for k, v in (metrics[0] if metrics else {}).items()}
+        if trainer.is_global_zero:
+            print_checkpoint_table(results, getattr(model, "summary_metrics", None))
+            if trainer.log_dir:
+                with open(os.path.join(trainer.log_dir, "checkpoint_metrics.json"), "w") as f:
+                    json.dump({"candidates": candidates, "metrics": results}, f, indent=1)
+        if promoter is None:
+            return
+        try:
+            promoter.promote_module(
+                trainer=trainer,
+                model=model,
+                datamodule=datamodule,
+                config=self.config.get(self.subcommand, self.config),
+                metrics=results.get(chosen, {}),
+                selected=chosen or "current-weights",
+                checkpoint=os.path.abspath(chosen_path) if chosen_path else None,
+            )
+        except GateError as exc:
+            if trainer.is_global_zero:
+                print(f"[promote] {exc}", flush=True)
+            raise SystemExit(GATE_EXIT) from None
+
+
+def print_checkpoint_table(results: dict[str, dict[str, float]], keys: list[str] | None = None) -> None:
+    """Print one row per checkpoint (best, final, averaged) with the stage's summary metrics."""
+    if not results:
+        return
+    keys = keys or sorted({k for m in results.values() for k in m})
+    width = max(len(k) for k in keys)
+    print("\ncheckpoint  " + "  ".join(f"{k:>{width}}" for k in keys))
+    for name, metrics in results.items():
+        cells = "  ".join(f"{metrics.get(k, float('nan')):>{width}.4f}" for k in keys)
+        print(f"{name:<10}  {cells}")
+    print(flush=True)
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run the CLI on ``args`` (default: the command line)."""
+    # Tokenizers' Rust thread pool and forked DataLoader workers do not mix; quiet the warning.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    SpeechlessCLI(args=args)
+    return 0

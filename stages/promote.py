@@ -1,0 +1,173 @@
+"""Promotion as a step of ``fit`` (the :class:`Promote` callback) and as a command over a finished run.
+
+After ``fit``, the CLI validates the best, final and averaged checkpoints, then the ``Promote``
+callback (when configured) picks one by config, checks its gates and writes the artifact
+(:mod:`stages.promotion`). Only rank 0 writes; the other ranks wait at a barrier and all ranks
+leave with the same outcome, so nobody hangs. A gate failure ends the command with exit status 4.
+
+Over a finished run::
+
+    speechless-promote --config lightning_logs/version_0/config.yaml \
+        --ckpt_path lightning_logs/version_0/checkpoints/averaged.ckpt [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from stages.promotion import GateError, PromotionResult, code_version, promote
+
+__all__ = ["Promote", "main", "plain", "provenance_for"]
+
+GATE_EXIT = 4
+
+
+def plain(value: Any) -> Any:
+    """A jsonargparse Namespace / nested structure as plain JSON-able data."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items() if not str(k).startswith("__")}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _data_provenance(datamodule: Any) -> dict[str, Any]:
+    """Shards the run trained on, with sample counts and a content hash over their hashes."""
+    describe = getattr(datamodule, "describe_data", None)
+    if describe is None:
+        return {}
+    data = describe()
+    digest = hashlib.sha256()
+    for shard in data.get("shards", []):
+        digest.update(f"{shard.get('url')}:{shard.get('samples')}:{shard.get('sha256')}".encode())
+    data["content_hash"] = digest.hexdigest()
+    return data
+
+
+def provenance_for(*, config: Any, model: LightningModule, datamodule: Any, checkpoint: str | None, selected: str) -> dict[str, Any]:
+    parents = getattr(model, "parent_artifacts", lambda: [])()
+    return {
+        "config": plain(config),
+        "code": code_version(),
+        "data": _data_provenance(datamodule),
+        "parents": parents,
+        "checkpoint": checkpoint,
+        "selected": selected,
+    }
+
+
+class Promote(Callback):
+    """Promote the chosen checkpoint of a finished ``fit`` into ``artifacts/<stage>/v<N>``.
+
+    Args:
+        stage: artifact stage name (``stage1`` ...).
+        select: which checkpoint: ``averaged``, ``best`` or ``final`` (falls back in that order
+            when the chosen one does not exist, and says so).
+        gates: ``{"val/cosine": {"min": 0.9}, "val/utilisation": {"min": 0.05}}``.
+        compare_metric: the metric deciding whether the new version replaces ``current``.
+        compare_mode: ``max`` or ``min``.
+        artifacts_dir: root of the artifacts.
+        force: replace a better ``current`` (gates still apply).
+    """
+
+    def __init__(
+        self,
+        *,
+        stage: str,
+        select: Literal["averaged", "best", "final"] = "averaged",
+        gates: dict[str, dict[str, float]] | None = None,
+        compare_metric: str | None = None,
+        compare_mode: Literal["max", "min"] = "max",
+        artifacts_dir: str = "artifacts",
+        force: bool = False,
+    ) -> None:
+        super().__init__()
+        self.stage, self.select, self.gates = stage, select, gates or {}
+        self.compare_metric, self.compare_mode = compare_metric, compare_mode
+        self.artifacts_dir, self.force = artifacts_dir, force
+        self.result: PromotionResult | None = None
+
+    def choose(self, candidates: dict[str, str]) -> tuple[str, str | None]:
+        order = [self.select] + [c for c in ("averaged", "best", "final") if c != self.select]
+        for name in order:
+            if name in candidates:
+                return name, candidates[name]
+        return "current-weights", None
+
+    def promote_module(
+        self, *, trainer: Trainer, model: LightningModule, datamodule: Any, config: Any, metrics: dict[str, float], selected: str, checkpoint: str | None
+    ) -> PromotionResult | None:
+        """Rank 0 writes; every rank returns after the barrier. Raises GateError on every rank."""
+        error: str | None = None
+        if trainer.is_global_zero:
+            try:
+                self.result = promote(
+                    stage=self.stage,
+                    modules=model.artifact_modules(plain(config)),
+                    metrics={k: float(v) for k, v in metrics.items()},
+                    artifacts_dir=self.artifacts_dir,
+                    gates=self.gates,
+                    compare_metric=self.compare_metric,
+                    compare_mode=self.compare_mode,
+                    force=self.force,
+                    info=model.artifact_info(),
+                    provenance=provenance_for(config=config, model=model, datamodule=datamodule, checkpoint=checkpoint, selected=selected),
+                )
+                verdict = "now current" if self.result.became_current else "kept; current is better (use force to replace)"
+                print(f"[promote] {self.stage}: {selected} checkpoint -> {self.result.path} ({verdict})", flush=True)
+            except GateError as exc:
+                error = str(exc)
+        error = trainer.strategy.broadcast(error, src=0)
+        trainer.strategy.barrier("promote")
+        if error:
+            raise GateError(error)
+        return self.result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``speechless-promote``: validate a finished run's checkpoint and promote it."""
+    from stages.cli import SpeechlessCLI
+
+    parser = argparse.ArgumentParser(prog="speechless-promote", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the run's config.yaml (in its log directory)")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint to promote (e.g. .../checkpoints/averaged.ckpt)")
+    parser.add_argument("--select", default=None, help="label recorded in provenance (default: from the file name)")
+    parser.add_argument("--force", action="store_true", help="replace a better current artifact")
+    parser.add_argument("--artifacts_dir", default=None)
+    args, rest = parser.parse_known_args(argv)
+    cli = SpeechlessCLI(args=["--config", args.config, *rest], run=False)
+    promoter = next((cb for cb in cli.trainer.callbacks if isinstance(cb, Promote)), None)
+    if promoter is None:
+        print("speechless-promote: the config has no stages.promote.Promote callback (stage and gates)", file=sys.stderr)
+        return 2
+    promoter.force = promoter.force or args.force
+    if args.artifacts_dir:
+        promoter.artifacts_dir = args.artifacts_dir
+    metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=args.ckpt_path, verbose=False)[0]
+    selected = args.select or Path(args.ckpt_path).stem
+    try:
+        promoter.promote_module(
+            trainer=cli.trainer, model=cli.model, datamodule=cli.datamodule, config=cli.config,
+            metrics=metrics, selected=selected, checkpoint=os.path.abspath(args.ckpt_path),
+        )
+    except GateError as exc:
+        print(str(exc), file=sys.stderr)
+        return GATE_EXIT
+    print(json.dumps({"artifact": str(promoter.result.path), "current": promoter.result.became_current}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
