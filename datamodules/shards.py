@@ -26,7 +26,6 @@ import io
 import json
 import os
 import tarfile
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -323,13 +322,13 @@ class ShardWriter:
         self._keys.add(key)
         if self._tar is None:
             self._open()
-        now = time.time()
         for ext, value in sample.items():
             if ext.startswith("__"):
                 continue
             data = encode_member(value)
             info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), now, 0o644
+            # A fixed mtime keeps re-runs byte-identical (same sha256 in the index).
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
             self._tar.addfile(info, io.BytesIO(data))
         if seconds is None:
             meta = sample.get("json")

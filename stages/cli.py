@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from stages.averaging import CheckpointAveraging, checkpoint_candidates
 from stages.promote import GATE_EXIT, Promote
@@ -29,12 +29,22 @@ DESCRIPTION = (
 )
 
 
+class FitConfigSaver(SaveConfigCallback):
+    """Save the resolved config for ``fit`` only: ``predict``/``validate`` without a logger would
+    otherwise drop a ``config.yaml`` into the working directory."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
+
 class SpeechlessCLI(LightningCLI):
     """LightningCLI with the project's defaults (subclass mode, overwrite of the saved config)."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", FitConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         kwargs.setdefault("auto_configure_optimizers", False)

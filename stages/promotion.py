@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,18 @@ class GateError(RuntimeError):
 
 @dataclass
 class ArtifactModule:
-    """One module of an artifact: how to rebuild it, and its weights (may be empty)."""
+    """One module of an artifact: how to rebuild it, and its weights (may be empty).
+
+    ``save`` (optional) writes the module into its own subfolder ``<name>/`` of the artifact, for
+    modules with their own pickle-free format (e.g. :meth:`models.speech_lm.SpeechLM.save`); an
+    ``init_args`` string ``"@artifact/<sub>"`` is resolved to that folder at load, and
+    ``class_path`` may name a classmethod (``pkg.mod.Class.load``).
+    """
 
     class_path: str
     init_args: dict[str, Any]
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    save: Callable[[Path], Any] | None = None
 
 
 @dataclass
@@ -228,6 +236,13 @@ def promote(
             entry["weights"] = weights.name
             entry["sha256"] = _sha256_file(weights)
             parts.append(entry["sha256"])
+        if mod.save is not None:
+            mod.save(tmp / name)
+            entry["folder"] = name
+            entry["sha256"] = hashlib.sha256(
+                "".join(_sha256_file(f) for f in sorted((tmp / name).rglob("*")) if f.is_file()).encode()
+            ).hexdigest()
+            parts.append(entry["sha256"])
         config["modules"][name] = entry
     config["sha256"] = hashlib.sha256("".join(parts).encode()).hexdigest()
     prov = dict(provenance or {})
@@ -252,16 +267,32 @@ def promote(
 
 
 def _import(class_path: str):
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    """``pkg.mod.Class`` or ``pkg.mod.Class.method``: the longest importable module prefix wins."""
+    parts = class_path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(f"cannot import {class_path!r}")
 
 
-def build_module(spec: dict[str, Any]) -> Any:
-    """Instantiate ``{"class_path", "init_args"}`` recursively (nested class specs included)."""
+def build_module(spec: dict[str, Any], root: Path | None = None) -> Any:
+    """Instantiate ``{"class_path", "init_args"}`` recursively (nested class specs included).
+
+    ``root``: the artifact folder that ``"@artifact/<sub>"`` strings are resolved against.
+    """
 
     def _build(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("@artifact/"):
+            if root is None:
+                raise ValueError(f"{value!r} needs the artifact folder to resolve against")
+            return str(root / value[len("@artifact/") :])
         if isinstance(value, dict) and "class_path" in value:
-            return build_module(value)
+            return build_module(value, root)
         if isinstance(value, dict):
             return {k: _build(v) for k, v in value.items()}
         if isinstance(value, list):
@@ -284,7 +315,7 @@ def load_artifact(path: str | os.PathLike, *, names: list[str] | None = None) ->
     for name, entry in config["modules"].items():
         if names is not None and name not in names:
             continue
-        module = build_module(entry)
+        module = build_module(entry, root)
         if "weights" in entry:
             state = load_file(str(root / entry["weights"]))
             missing, unexpected = module.load_state_dict(state, strict=False)

@@ -26,6 +26,10 @@ __all__ = ["RVQStage"]
 class RVQStage(LightningModule):
     """Trains a residual VQ on frozen encoder states; tokenizes speech in ``predict``.
 
+    Loss: ``w_mse * MSE + w_cos * (1 - cosine) + beta * commitment (+ codebook loss when codebooks
+    are learnt by gradient)``, where beta is the quantizer's ``commitment_weight`` (0.25, see
+    :class:`models.rvq.ResidualVQ` for why).
+
     Inputs are either audio batches (``audio``, ``audio_lengths``: the frozen encoder runs on the
     fly) or cached encoder states (``states``, ``state_lengths``: the fast path for many epochs).
     Samples with ``sample_weight == 0`` (the datamodule's padding batches that keep DDP ranks in
@@ -43,9 +47,6 @@ class RVQStage(LightningModule):
             cache that training from states reads).
         w_mse: weight of the reconstruction MSE (mean over frames and dims).
         w_cos: weight of ``1 - cosine`` between reconstruction and input, per frame.
-        beta: weight of the commitment term. 0.25 is the VQ-VAE value; with a frozen encoder the
-            commitment only measures how far states are from their codes, so it is reported and
-            weighted lightly rather than pulling a trainable encoder.
         lr: AdamW learning rate for gradient-learnt parts (codebooks when ``learnable="grad"``).
         weight_decay: AdamW weight decay.
     """
@@ -59,7 +60,6 @@ class RVQStage(LightningModule):
         predict_output: Literal["tokens", "states"] = "tokens",
         w_mse: float = 0.5,
         w_cos: float = 0.5,
-        beta: float = 0.25,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
     ) -> None:
@@ -72,7 +72,7 @@ class RVQStage(LightningModule):
         self.quantizer = quantizer
         self.encoder = encoder
         self.predict_output = predict_output
-        self.w_mse, self.w_cos, self.beta = w_mse, w_cos, beta
+        self.w_mse, self.w_cos = w_mse, w_cos
         self.lr, self.weight_decay = lr, weight_decay
         if encoder is not None and encoder.dim != quantizer.dim:
             raise ValueError(
@@ -155,12 +155,18 @@ class RVQStage(LightningModule):
     # ---- losses -------------------------------------------------------------------------------
     def losses(self, x: torch.Tensor, out, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named loss terms, each a masked mean over real frames."""
-        recon = out.reconstruction
+        recon = out.quantized
         n = mask.sum().clamp_min(1)
         mse = (((recon - x) ** 2).mean(-1) * mask).sum() / n
         cos = (F.cosine_similarity(recon, x, dim=-1) * mask).sum() / n
-        total = self.w_mse * mse + self.w_cos * (1 - cos) + self.beta * out.commit_loss + 0.0 * self.ddp_anchor
-        return {"loss": total, "mse": mse.detach(), "cosine": cos.detach(), "commit": out.commit_loss.detach()}
+        total = self.w_mse * mse + self.w_cos * (1 - cos) + out.loss + 0.0 * self.ddp_anchor
+        return {
+            "loss": total,
+            "mse": mse.detach(),
+            "cosine": cos.detach(),
+            "commit": out.commit_loss.detach(),
+            "codebook": out.codebook_loss.detach(),
+        }
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x, mask = self.states(batch)
@@ -175,8 +181,8 @@ class RVQStage(LightningModule):
         out = self.quantizer(x, mask)
         losses = self.losses(x, out, mask)
         self.log(f"{prefix}/loss", losses["loss"], batch_size=x.shape[0], sync_dist=True)
-        frame_mse = ((out.reconstruction - x) ** 2).mean(-1)[mask]
-        frame_cos = F.cosine_similarity(out.reconstruction, x, dim=-1)[mask]
+        frame_mse = ((out.quantized - x) ** 2).mean(-1)[mask]
+        frame_cos = F.cosine_similarity(out.quantized, x, dim=-1)[mask]
         getattr(self, f"{prefix}_mse").update(frame_mse)
         getattr(self, f"{prefix}_cos").update(frame_cos)
         getattr(self, f"{prefix}_usage").update(out.codes, mask)

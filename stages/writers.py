@@ -24,7 +24,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from datamodules.shards import ShardIndex, ShardWriter, read_index, write_index
-from models.codec import codes_to_string, multilevel_to_string
+from models.codec import codes_to_string, levels_to_string
 
 __all__ = ["ShardPredictionWriter"]
 
@@ -82,14 +82,14 @@ class ShardPredictionWriter(BasePredictionWriter):
                 codes: torch.Tensor = prediction["codes"][i]  # [Q, T]
                 meta["n_frames"] = int(codes.shape[1])
                 meta["num_quantizers"] = int(codes.shape[0])
-                array = codes.numpy().astype(np.int16 if int(codes.max(initial=0)) < 32767 else np.int32)
+                array = codes.numpy().astype(np.int16 if codes.numel() == 0 or int(codes.max()) < 32767 else np.int32)
                 self._writer.write({"__key__": key, "json": meta, "codes.npy": array}, seconds=meta.get("duration", 0.0))
                 if self._jsonl is not None:
                     record = {
                         "id": key,
                         "text": meta.get("text", ""),
                         "tokens": codes_to_string(codes[0].tolist(), compress=self.compress),
-                        "tokens_all_levels": multilevel_to_string(codes.tolist()),
+                        "tokens_all_levels": levels_to_string(codes.tolist()),
                         "codes": codes.tolist(),
                         **{k: meta[k] for k in ("speaker", "language", "duration") if k in meta},
                     }

@@ -1,0 +1,112 @@
+"""Stage-2 synthesis throughput: batched KV-cache decoding vs a per-text HF ``generate`` loop.
+
+Both sides run the same randomly initialised small Gemma 3 in the one-level token form (Ichigo
+strings, no duration tokens so one token is one frame) and produce exactly ``--frames`` frames per
+text: the batched path via ``min_frames == max_frames``, HF via ``min_new_tokens == max_new_tokens``.
+Prints frames/s of each and their ratio (target: >= 10x at a batch of 32-64 on the CPU).
+
+    python benchmarks/bench_synthesis.py --batch 32 --frames 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from models.speech_lm import SpeechLM, tiny_lm_config  # noqa: E402
+from models.text_tokenizer import train_tokenizer  # noqa: E402
+
+__all__ = ["main"]
+
+WORDS = "me din de kofi akwaaba wo ho te sen na mefi kumasi accra nnipa pii ba ha nnɛ".split()
+
+
+def _texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(3, 15))) for _ in range(n)]
+
+
+def _hf_loop(model: SpeechLM, texts: list[str], frames: int) -> int:
+    """One ``generate`` call per text, the way a naive synthesis script would run."""
+    produced = 0
+    for text in texts:
+        ids = torch.tensor([model.prompt_ids(text) + [model.start_id]], device=model.device)
+        out = model.lm.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=frames,
+            min_new_tokens=frames,
+            do_sample=False,
+            eos_token_id=model.end_id,
+            pad_token_id=model.pad_id,
+        )
+        produced += out.shape[1] - ids.shape[1]
+    return produced
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32, help="texts per batched call")
+    parser.add_argument("--frames", type=int, default=48, help="frames per text (25 frames = 1 s)")
+    parser.add_argument("--hidden", type=int, default=256, help="LM hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="LM layers")
+    parser.add_argument("--codebook", type=int, default=2048, help="codes per level (added tokens)")
+    parser.add_argument("--hf-texts", type=int, default=8, help="texts timed in the per-text loop")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tok = train_tokenizer(_texts(200, seed=1), vocab_size=400)
+    cfg = tiny_lm_config(
+        len(tok),
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+    )
+    model = SpeechLM(
+        lm=cfg, tokenizer=tok, codebook_size=args.codebook, output_form="one_level", use_durations=False
+    )
+    model = model.to(args.device).eval()
+    texts = _texts(args.batch)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    model.generate(texts[:2], max_frames=4, min_frames=4)  # warm-up
+    _hf_loop(model, texts[:1], 4)
+
+    t0 = time.perf_counter()
+    codes = model.generate(texts, max_frames=args.frames, min_frames=args.frames)
+    batched_s = time.perf_counter() - t0
+    assert all(c.shape == (1, args.frames) for c in codes), "batched path did not produce fixed lengths"
+    batched_fps = args.batch * args.frames / batched_s
+
+    hf_texts = texts[: args.hf_texts]  # the per-text loop's rate does not depend on how many
+    t0 = time.perf_counter()
+    produced = _hf_loop(model, hf_texts, args.frames)
+    hf_s = time.perf_counter() - t0
+    assert produced == len(hf_texts) * args.frames, "HF loop did not produce fixed lengths"
+    hf_fps = produced / hf_s
+
+    result = dict(batched_fps=batched_fps, hf_fps=hf_fps, ratio=batched_fps / hf_fps)
+    print(
+        f"model: Gemma3 {args.layers}x{args.hidden}, {n_params / 1e6:.1f}M params, vocab {len(tok)}, "
+        f"device {args.device}, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"batched  : {args.batch} texts x {args.frames} frames in {batched_s:.2f} s = {batched_fps:,.0f} frames/s"
+    )
+    print(f"HF loop  : {len(hf_texts)} texts x {args.frames} frames in {hf_s:.2f} s = {hf_fps:,.0f} frames/s")
+    print(f"speed-up : {result['ratio']:.1f}x")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""Generator stages over WebDataset shards, and the planner that makes DDP epochs exact.
+
+The stages follow WebDataset's (and WhisperSpeech's) style: small generators with explicit sample
+keys, composed by the dataset in ``datamodules/speech.py``::
+
+    read_shard -> decode_sample -> shuffle_buffer -> bucket_batches -> collate_samples
+
+Two epoch modes share them:
+
+* ``exact``: :func:`plan_exact_epoch` turns the shard index alone (per-sample ``durations``, see
+  ``datamodules/shards.py``) into the same plan on every rank and worker: which shard positions each
+  ``(rank, worker)`` slot reads, how they are batched, and how many padding batches each slot adds so
+  that every rank yields the same number of batches (DDP's gradient all-reduce never waits on a rank
+  that ran out). :func:`assemble_planned` then routes the decoded samples into the planned batches.
+* ``resampled``: an endless, seeded stream of shards drawn with replacement, cut to a fixed batch
+  count per rank (the caller does the cutting).
+
+Batches are sized by padded audio seconds (``len(batch) * longest``) in length buckets, the way
+speech toolkits (ESPnet's ``numel`` batches, Lhotse's ``DynamicBucketingSampler``) keep GPU memory
+flat across short and long utterances.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+import tarfile
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import soundfile
+import torch
+
+from datamodules.shards import iter_tar_samples
+
+__all__ = [
+    "SHARD_READ_ERRORS",
+    "BatchSpec",
+    "EpochPlan",
+    "SampleError",
+    "SkipCounter",
+    "SlotPlan",
+    "assemble_planned",
+    "bucket_batches",
+    "collate_samples",
+    "decode_sample",
+    "plan_exact_epoch",
+    "read_shard",
+    "seeded_rng",
+    "shuffle_buffer",
+]
+
+log = logging.getLogger(__name__)
+
+Position = tuple[int, int]  # (shard index in the index, sample position inside that shard)
+
+# Errors after which a tar cannot be read further (truncated, not a tar, gone).
+SHARD_READ_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, EOFError)
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; ``reason`` is the short name it is counted under."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class SkipCounter:
+    """Counts skipped samples by reason; logs the first of each reason and hands out deltas.
+
+    ``take()`` returns the counts since the previous ``take()``, so a LightningModule that sums the
+    ``skipped`` dicts of its batches gets the total over all workers without double counting.
+    """
+
+    def __init__(self) -> None:
+        self.total: Counter[str] = Counter()
+        self._delta: Counter[str] = Counter()
+
+    def note(self, reason: str, key: str = "?", detail: str = "") -> None:
+        if not self.total[reason]:
+            log.warning(
+                "skipping sample %s (%s%s); further skips of this kind are only counted",
+                key,
+                reason,
+                f": {detail}" if detail else "",
+            )
+        self.total[reason] += 1
+        self._delta[reason] += 1
+
+    def take(self) -> dict[str, int]:
+        delta, self._delta = dict(self._delta), Counter()
+        return delta
+
+
+def seeded_rng(*parts: Any) -> random.Random:
+    """A ``random.Random`` seeded from ``parts`` (str seeds hash with SHA-512: stable across runs)."""
+    return random.Random("/".join(str(p) for p in parts))
+
+
+# ----------------------------------------------------------------------------- reading and decoding
+
+
+def read_shard(path: str, token_path: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(position, raw sample)`` from one shard, joined with its token shard by ``__key__``.
+
+    Args:
+        path: the tar to read.
+        token_path: an optional tar that mirrors ``path`` sample by sample (same keys, same order);
+            its members are merged into each sample (its ``json`` wins: it adds ``n_frames``).
+
+    Raises:
+        ValueError: the two shards disagree on a key or on their length.
+    """
+    main = iter_tar_samples(path)
+    if token_path is None:
+        yield from enumerate(main)
+        return
+    other = iter_tar_samples(token_path)
+    for pos, sample in enumerate(main):
+        extra = next(other, None)
+        if extra is None:
+            raise ValueError(f"{token_path} ends at sample {pos}, before {path} (key {sample['__key__']!r})")
+        if extra["__key__"] != sample["__key__"]:
+            raise ValueError(
+                f"key mismatch at sample {pos}: {path} has {sample['__key__']!r}, "
+                f"{token_path} has {extra['__key__']!r}; token shards must mirror their speech shards"
+            )
+        yield pos, {**sample, **extra}  # the token json is the speech json plus n_frames
+    if next(other, None) is not None:
+        raise ValueError(f"{token_path} has more samples than {path}")
+
+
+def decode_sample(raw: dict[str, Any], *, fields: str, sample_rate: int, frame_rate: float) -> dict[str, Any]:
+    """Decode one raw sample into ``{"__key__", "meta", "seconds", "audio"?, "codes"?}``.
+
+    Args:
+        raw: ``{"__key__": str, ext: bytes}`` as :func:`read_shard` yields it.
+        fields: ``"audio"`` (needs ``flac``), ``"tokens"`` (needs ``codes.npy``) or ``"both"``.
+        sample_rate: the rate every ``flac`` must have (shards are prepared at 16 kHz).
+        frame_rate: token frames per second, for token samples whose json has no ``duration``.
+
+    Returns:
+        ``audio`` as float32 ``[N]`` (stereo is averaged to mono), ``codes`` as int64 ``[Q, T]``,
+        ``meta`` the json dict and ``seconds`` the sample's length.
+
+    Raises:
+        SampleError: a missing or undecodable member.
+    """
+    key = raw.get("__key__", "?")
+    if "json" not in raw:
+        raise SampleError("missing_json")
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SampleError("bad_json", str(e)) from None
+    if not isinstance(meta, dict):
+        raise SampleError("bad_json", "not an object")
+    out: dict[str, Any] = {"__key__": key, "meta": meta}
+    if fields in ("audio", "both"):
+        if "flac" not in raw:
+            raise SampleError("missing_flac")
+        try:
+            audio, rate = soundfile.read(io.BytesIO(raw["flac"]), dtype="float32")
+        except Exception as e:  # libsndfile raises several types for corrupt data
+            raise SampleError("bad_flac", str(e)) from None
+        if rate != sample_rate:
+            raise SampleError("bad_rate", f"{rate} Hz, expected {sample_rate}")
+        if audio.ndim == 2:
+            audio = audio.mean(axis=1)
+        if audio.size == 0:
+            raise SampleError("empty_audio")
+        out["audio"] = np.ascontiguousarray(audio, dtype=np.float32)
+        out["seconds"] = audio.shape[0] / sample_rate
+    if fields in ("tokens", "both"):
+        if "codes.npy" not in raw:
+            raise SampleError("missing_codes")
+        try:
+            codes = np.load(io.BytesIO(raw["codes.npy"]), allow_pickle=False)
+        except Exception as e:  # numpy raises ValueError/OSError/EOFError on bad headers
+            raise SampleError("bad_codes", str(e)) from None
+        if codes.ndim != 2 or codes.dtype.kind not in "iu" or codes.shape[1] == 0:
+            raise SampleError(
+                "bad_codes", f"expected a non-empty integer [Q, T] array, got {codes.dtype} {codes.shape}"
+            )
+        out["codes"] = codes.astype(np.int64)
+        if "seconds" not in out:
+            out["seconds"] = float(meta.get("duration") or codes.shape[1] / frame_rate)
+    return out
+
+
+# ----------------------------------------------------------------------------- shuffling and batching
+
+
+def shuffle_buffer(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle a stream through a buffer of ``size`` items (``size <= 1`` keeps the order)."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[Any] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= size:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """How samples are grouped into batches.
+
+    Args:
+        max_batch_seconds: cap on a batch's padded seconds (``len(batch) * longest``). A single
+            sample longer than this still forms a batch of its own: it is never dropped.
+        max_batch_size: cap on the number of samples in a batch.
+        bucket_boundaries: sample lengths in seconds that separate buckets; samples only share a
+            batch with samples of their own bucket (``None``: one bucket).
+    """
+
+    max_batch_seconds: float = 120.0
+    max_batch_size: int = 64
+    bucket_boundaries: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_batch_seconds <= 0 or self.max_batch_size < 1:
+            raise ValueError("max_batch_seconds must be > 0 and max_batch_size >= 1")
+        if list(self.bucket_boundaries) != sorted(self.bucket_boundaries):
+            raise ValueError(f"bucket_boundaries must be increasing, got {self.bucket_boundaries}")
+
+
+def bucket_batches(
+    items: Iterable[Any], seconds: Callable[[Any], float], spec: BatchSpec
+) -> Iterator[list[Any]]:
+    """Group a stream into batches by padded seconds within length buckets; leftovers flush at the end.
+
+    Args:
+        items: the stream.
+        seconds: an item's length in seconds.
+        spec: the limits.
+
+    Yields:
+        Lists of items, each with ``len * max(seconds) <= spec.max_batch_seconds`` unless it holds
+        a single over-long item, and ``len <= spec.max_batch_size``.
+    """
+    buckets: dict[int, list[Any]] = {}
+    longest: dict[int, float] = {}
+    for item in items:
+        s = float(seconds(item))
+        b = bisect_right(spec.bucket_boundaries, s)
+        batch = buckets.setdefault(b, [])
+        if batch and (len(batch) + 1) * max(longest[b], s) > spec.max_batch_seconds:
+            yield batch
+            batch = buckets[b] = []
+        if not batch:
+            longest[b] = 0.0
+        batch.append(item)
+        longest[b] = max(longest[b], s)
+        if len(batch) >= spec.max_batch_size or len(batch) * longest[b] >= spec.max_batch_seconds:
+            yield batch
+            buckets[b] = []
+    for b in sorted(buckets):
+        if buckets[b]:
+            yield buckets[b]
+
+
+def collate_samples(samples: Sequence[dict[str, Any]], *, pad_id: int = -1) -> dict[str, Any]:
+    """Pad decoded samples into a batch.
+
+    Args:
+        samples: dicts from :func:`decode_sample` plus ``sample_weight`` (1 counted, 0 padding).
+        pad_id: fill value for ``codes`` past each sample's length.
+
+    Returns:
+        ``keys`` list[str], ``meta`` list[dict], ``sample_weight`` ``[B]`` float32, and when present
+        ``audio`` ``[B, N]`` float32 with ``audio_lengths`` ``[B]`` long, ``codes`` ``[B, Q, T]``
+        long with ``code_lengths`` ``[B]`` long.
+    """
+    batch: dict[str, Any] = {
+        "keys": [s["__key__"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+        "sample_weight": torch.tensor([float(s.get("sample_weight", 1.0)) for s in samples]),
+    }
+    if "audio" in samples[0]:
+        lengths = [s["audio"].shape[0] for s in samples]
+        audio = torch.zeros(len(samples), max(lengths), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            audio[i, : lengths[i]] = torch.from_numpy(s["audio"])
+        batch["audio"], batch["audio_lengths"] = audio, torch.tensor(lengths, dtype=torch.long)
+    if "codes" in samples[0]:
+        levels = {s["codes"].shape[0] for s in samples}
+        if len(levels) != 1:
+            raise ValueError(f"samples in one batch have different numbers of codebooks: {sorted(levels)}")
+        lengths = [s["codes"].shape[1] for s in samples]
+        codes = torch.full((len(samples), levels.pop(), max(lengths)), pad_id, dtype=torch.long)
+        for i, s in enumerate(samples):
+            codes[i, :, : lengths[i]] = torch.from_numpy(s["codes"])
+        batch["codes"], batch["code_lengths"] = codes, torch.tensor(lengths, dtype=torch.long)
+    return batch
+
+
+# ----------------------------------------------------------------------------- the exact-epoch planner
+
+
+@dataclass
+class SlotPlan:
+    """What one ``(rank, worker)`` slot does in an exact epoch.
+
+    Attributes:
+        reads: shards to read in order, as ``(shard index, owned positions)``; ``None`` owns all.
+        batches: planned batches as lists of ``(shard index, position)``.
+        pad_batches: padding batches appended so every rank yields the same count.
+    """
+
+    reads: list[tuple[int, tuple[int, ...] | None]] = field(default_factory=list)
+    batches: list[list[Position]] = field(default_factory=list)
+    pad_batches: int = 0
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batches) + self.pad_batches
+
+
+@dataclass
+class EpochPlan:
+    """The exact plan of one epoch: ``slots[rank][worker]``; every rank yields ``batches_per_rank``."""
+
+    slots: list[list[SlotPlan]]
+    batches_per_rank: int
+
+
+def plan_exact_epoch(
+    durations: Sequence[Sequence[float]],
+    *,
+    world_size: int,
+    num_workers: int,
+    spec: BatchSpec,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    buffer: int = 0,
+) -> EpochPlan:
+    """Plan an epoch in which every sample is seen once and all ranks yield equally many batches.
+
+    Computed from the index alone, so every rank and worker gets the same plan. Shards, longest
+    first, go to the rank, then the worker, with the fewest seconds so far (each slot then reads its
+    shards in an order shuffled by ``(seed, epoch)``);
+    with fewer shards than ``world_size * num_workers`` slots each shard is split by stride
+    (``k``-th samples) so no slot is left without data. Each slot's position stream goes through
+    the same seeded :func:`shuffle_buffer` and :func:`bucket_batches` the data would, and ranks
+    with fewer batches get padding batches, spread over their workers.
+
+    Args:
+        durations: ``durations[shard][position]`` in seconds.
+        world_size: number of ranks.
+        num_workers: DataLoader workers per rank (0 counts as 1).
+        spec: batching limits.
+        seed, epoch: shuffle seed; the epoch changes the order every epoch.
+        shuffle: shuffle shard order and positions (``False`` for evaluation).
+        buffer: in-stream shuffle buffer size (only with ``shuffle``).
+
+    Returns:
+        The :class:`EpochPlan`.
+    """
+    workers = max(1, num_workers)
+    slots = [[SlotPlan() for _ in range(workers)] for _ in range(world_size)]
+    order = list(range(len(durations)))
+    if shuffle:
+        seeded_rng(seed, epoch, "shards").shuffle(order)
+    # Longest first balances ranks best (LPT); the shuffle above only breaks ties between equal shards
+    # (each slot's reading order is shuffled below).
+    order.sort(key=lambda s: -sum(durations[s]))
+    split = math.ceil(world_size * workers / len(order)) if 0 < len(order) < world_size * workers else 1
+    rank_load = [0.0] * world_size
+    slot_load = [[0.0] * workers for _ in range(world_size)]
+    owned: list[list[dict[int, list[int]]]] = [[{} for _ in range(workers)] for _ in range(world_size)]
+    for shard in order:
+        for offset in range(split):
+            positions = list(range(offset, len(durations[shard]), split))
+            if split > 1 and not positions:
+                continue
+            r = min(range(world_size), key=lambda i: (rank_load[i], i))
+            w = min(range(workers), key=lambda i: (slot_load[r][i], i))
+            seconds = sum(durations[shard][p] for p in positions)
+            rank_load[r] += seconds
+            slot_load[r][w] += seconds
+            owned[r][w].setdefault(shard, []).extend(positions)
+    for r in range(world_size):
+        for w in range(workers):
+            slot = slots[r][w]
+            reads = [(s, None if split == 1 else tuple(sorted(p))) for s, p in owned[r][w].items()]
+            if shuffle:
+                seeded_rng(seed, epoch, r, w, "reads").shuffle(reads)
+            slot.reads = reads
+            stream = [
+                (s, p) for s, ps in slot.reads for p in (ps if ps is not None else range(len(durations[s])))
+            ]
+            if shuffle:
+                stream = list(shuffle_buffer(stream, buffer, seeded_rng(seed, epoch, r, w, "buffer")))
+            slot.batches = list(bucket_batches(stream, lambda sp: durations[sp[0]][sp[1]], spec))
+    total = max(sum(len(s.batches) for s in rank) for rank in slots) if slots else 0
+    for rank in slots:
+        for _ in range(total - sum(len(s.batches) for s in rank)):
+            min(rank, key=lambda s: s.num_batches).pad_batches += 1
+    return EpochPlan(slots=slots, batches_per_rank=total)
+
+
+def assemble_planned(
+    slot: SlotPlan,
+    samples: Iterable[tuple[Position, dict[str, Any] | None]],
+) -> Iterator[list[dict[str, Any]]]:
+    """Route decoded samples into the slot's planned batches; yield each batch once it is complete.
+
+    Args:
+        slot: the slot's plan.
+        samples: ``((shard, position), sample)`` for every owned position, in read order; ``None``
+            marks a position that was skipped (corrupt or missing), which only shrinks its batch.
+
+    Yields:
+        Each planned batch's good samples (possibly an empty list: the caller pads it), then
+        ``slot.pad_batches`` empty lists. Exactly ``slot.num_batches`` lists in all.
+
+    Raises:
+        ValueError: a position that is not in the plan, or planned positions that never arrived.
+    """
+    where: dict[Position, int] = {}
+    for i, batch in enumerate(slot.batches):
+        for pos in batch:
+            where[pos] = i
+    waiting = [len(b) for b in slot.batches]
+    filled: list[list[dict[str, Any]]] = [[] for _ in slot.batches]
+    for pos, sample in samples:
+        i = where.pop(pos, None)
+        if i is None:
+            raise ValueError(f"sample at {pos} is not in this slot's plan (or arrived twice)")
+        if sample is not None:
+            filled[i].append(sample)
+        waiting[i] -= 1
+        if waiting[i] == 0:
+            yield filled[i]
+            filled[i] = []
+    if where:
+        raise ValueError(f"{len(where)} planned samples never arrived, e.g. {next(iter(where))}")
+    for _ in range(slot.pad_batches):
+        yield []

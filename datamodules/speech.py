@@ -1,0 +1,512 @@
+"""The speech datamodule: one WebDataset pipeline for stage 1 (audio), stage 2 (tokens [+ audio]) and 3.
+
+Follows the shard contract of ``datamodules/shards.py`` and ``../shared/DESIGN.md``; the stages are
+those of ``datamodules/pipeline.py``. Token shards are joined with the speech shards they were made
+from on ``__key__`` (as WhisperSpeech joins its derived shards), and the per-sample transform and the
+collate function are bound late (:meth:`SpeechDataModule.bind`) so a stage module can attach its
+tokenizer after the datamodule is built.
+
+DDP: Lightning does not inject a ``DistributedSampler`` for an ``IterableDataset``; instead the
+datamodule stores the rank and world size on each dataset in the main process, before the
+DataLoader forks its workers, and sets the epoch on the dataset each time the loader is iterated
+(workers are not persistent, so every epoch's workers see the new epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from functools import partial
+from itertools import islice
+from typing import Any, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from datamodules.pipeline import (
+    SHARD_READ_ERRORS,
+    BatchSpec,
+    EpochPlan,
+    SampleError,
+    SkipCounter,
+    assemble_planned,
+    bucket_batches,
+    collate_samples,
+    decode_sample,
+    plan_exact_epoch,
+    read_shard,
+    seeded_rng,
+    shuffle_buffer,
+)
+from datamodules.shards import ShardIndex, ShardInfo, resolve_shards
+
+__all__ = ["ShardDataset", "SpeechDataModule"]
+
+log = logging.getLogger(__name__)
+
+Fields = Literal["audio", "tokens", "both"]
+SPLITS = ("train", "val", "test", "predict")
+
+
+def _mirror_paths(index: ShardIndex, tokens: ShardIndex) -> list[str]:
+    """Token shard paths in the order of ``index``'s shards, matched by basename."""
+    by_name = {os.path.basename(p): (p, info) for p, info in zip(tokens.paths(), tokens.shards)}
+    out = []
+    for path, info in zip(index.paths(), index.shards):
+        name = os.path.basename(path)
+        if name not in by_name:
+            raise ValueError(f"no token shard named {name!r} mirrors speech shard {path!r}")
+        tpath, tinfo = by_name[name]
+        if tinfo.samples != info.samples:
+            raise ValueError(f"{tpath} has {tinfo.samples} samples but {path} has {info.samples}")
+        out.append(tpath)
+    return out
+
+
+class ShardDataset(IterableDataset):
+    """Batches from WebDataset shards, exact-once or resampled, split over ranks and workers.
+
+    Yields ready batches (``batch_size=None`` in the DataLoader). ``rank``, ``world_size`` and
+    ``num_workers`` must be set in the main process before iteration (the datamodule does it);
+    workers never read them from the environment.
+
+    Args:
+        index: the shards to read (speech shards, or token shards when ``fields="tokens"``).
+        token_index: token shards mirroring ``index`` 1:1 (``fields="both"`` only).
+        fields: ``"audio"``, ``"tokens"`` or ``"both"``.
+        mode: ``"exact"`` (every sample once per epoch, equal batch counts on all ranks, padding
+            batches with ``sample_weight`` 0 where a rank has fewer) or ``"resampled"`` (shards
+            drawn with replacement, ``epoch_batches`` batches per rank).
+        spec: batching limits.
+        epoch_batches: batches per rank per epoch in ``resampled`` mode.
+        shuffle: shuffle shards and samples (by ``(seed, epoch)``); off for evaluation.
+        buffer: in-stream shuffle buffer size.
+        seed: base seed.
+        sample_rate: expected audio rate.
+        frame_rate: token frames per second (lengths of token samples without ``duration``).
+        pad_id: fill value of padded ``codes``.
+    """
+
+    def __init__(
+        self,
+        *,
+        index: ShardIndex,
+        token_index: ShardIndex | None = None,
+        fields: Fields = "audio",
+        mode: Literal["exact", "resampled"] = "exact",
+        spec: BatchSpec | None = None,
+        epoch_batches: int | None = None,
+        shuffle: bool = True,
+        buffer: int = 0,
+        seed: int = 0,
+        sample_rate: int = 16000,
+        frame_rate: float = 25.0,
+        pad_id: int = -1,
+    ) -> None:
+        if fields not in ("audio", "tokens", "both"):
+            raise ValueError(f"fields must be 'audio', 'tokens' or 'both', got {fields!r}")
+        if mode not in ("exact", "resampled"):
+            raise ValueError(f"mode must be 'exact' or 'resampled', got {mode!r}")
+        if mode == "resampled" and (epoch_batches is None or epoch_batches < 1):
+            raise ValueError("resampled mode needs epoch_batches >= 1")
+        if fields == "both" and token_index is None:
+            raise ValueError("fields='both' needs token shards to join with the speech shards")
+        self.index, self.fields, self.mode = index, fields, mode
+        self.paths = index.paths()
+        self.token_paths = _mirror_paths(index, token_index) if fields == "both" else None
+        self.spec = spec or BatchSpec()
+        self.epoch_batches, self.shuffle, self.buffer, self.seed = epoch_batches, shuffle, buffer, seed
+        self.sample_rate, self.frame_rate, self.pad_id = sample_rate, frame_rate, pad_id
+        self.durations = [self._durations(info) for info in index.shards]
+        self.rank, self.world_size, self.num_workers, self.epoch = 0, 1, 0, 0
+        self.transform: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+        self.collate: Callable[[list[dict[str, Any]]], Any] | None = None
+        self._plan: tuple[tuple[int, ...], EpochPlan] | None = None
+
+    @staticmethod
+    def _durations(info: ShardInfo) -> list[float]:
+        if info.durations is None:
+            # Batch counts stay exact (the plan fixes batch membership); only the seconds cap becomes
+            # approximate for this shard.
+            log.warning("%s has no per-sample durations in its index; planning with the mean", info.url)
+            return [info.seconds / max(1, info.samples)] * info.samples
+        if len(info.durations) != info.samples:
+            raise ValueError(
+                f"{info.url}: index lists {len(info.durations)} durations for {info.samples} samples"
+            )
+        return [float(d) for d in info.durations]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that seeds shuffling; call before iterating (workers copy it at start)."""
+        self.epoch = int(epoch)
+
+    def set_distributed(self, *, rank: int, world_size: int, num_workers: int) -> None:
+        """Record this process's rank, the world size and the DataLoader's worker count."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world size {world_size}")
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+
+    def plan(self) -> EpochPlan:
+        """The exact-mode plan of the current epoch (the same on every rank and worker)."""
+        key = (self.epoch, self.world_size, self.num_workers)
+        if self._plan is None or self._plan[0] != key:
+            plan = plan_exact_epoch(
+                self.durations,
+                world_size=self.world_size,
+                num_workers=self.num_workers,
+                spec=self.spec,
+                seed=self.seed,
+                epoch=self.epoch,
+                shuffle=self.shuffle,
+                buffer=self.buffer,
+            )
+            self._plan = (key, plan)
+        return self._plan[1]
+
+    def num_batches(self) -> int:
+        """Batches this rank yields in the current epoch (the same on every rank)."""
+        return self.epoch_batches if self.mode == "resampled" else self.plan().batches_per_rank
+
+    # ------------------------------------------------------------------------- iteration
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if workers != max(1, self.num_workers):
+            raise RuntimeError(
+                f"the DataLoader runs {workers} workers but the dataset was planned for {self.num_workers}; "
+                "call set_distributed(num_workers=...) with the DataLoader's num_workers"
+            )
+        counter = SkipCounter()
+        batches = (
+            self._exact(worker, counter)
+            if self.mode == "exact"
+            else self._resampled(worker, workers, counter)
+        )
+        yield from batches
+        if counter.total:
+            log.warning("rank %d worker %d skipped %s this epoch", self.rank, worker, dict(counter.total))
+
+    def _decode(self, raw: dict[str, Any], counter: SkipCounter) -> dict[str, Any] | None:
+        try:
+            sample = decode_sample(
+                raw, fields=self.fields, sample_rate=self.sample_rate, frame_rate=self.frame_rate
+            )
+        except SampleError as e:
+            counter.note(e.reason, raw.get("__key__", "?"), str(e))
+            return None
+        if self.transform is not None:
+            sample = self.transform(sample)
+            if sample is None:
+                counter.note("transform_rejected", raw.get("__key__", "?"))
+        return sample
+
+    def _read(self, shard: int):
+        return read_shard(self.paths[shard], self.token_paths[shard] if self.token_paths else None)
+
+    def _exact(self, worker: int, counter: SkipCounter):
+        slot = self.plan().slots[self.rank][worker]
+
+        def positioned():
+            for shard, owned in slot.reads:
+                n = self.index.shards[shard].samples
+                want = set(range(n)) if owned is None else set(owned)
+                seen, reason = set(), "missing"
+                try:
+                    for pos, raw in self._read(shard):
+                        if pos in want:
+                            seen.add(pos)
+                            yield (shard, pos), self._decode(raw, counter)
+                        elif pos >= n and (owned is None or 0 in want):
+                            counter.note(
+                                "not_in_index",
+                                raw.get("__key__", "?"),
+                                f"{self.paths[shard]} has more samples than its index",
+                            )
+                except SHARD_READ_ERRORS as e:
+                    log.warning("cannot read %s further: %s", self.paths[shard], e)
+                    reason = "shard_read_error"
+                for pos in sorted(want - seen):
+                    counter.note(reason, f"{self.paths[shard]}#{pos}")
+                    yield (shard, pos), None
+
+        last = None
+        for samples in assemble_planned(slot, positioned()):
+            if samples:
+                last = samples[-1]
+                yield self._collate([{**s, "sample_weight": 1.0} for s in samples], False, counter)
+            else:
+                # Forward/backward still run on a padding batch, so DDP's all-reduce gets every rank.
+                last = last or self._first_good_sample()
+                yield self._collate([{**last, "sample_weight": 0.0}], True, counter)
+
+    def _first_good_sample(self) -> dict[str, Any]:
+        quiet = SkipCounter()
+        for shard in range(len(self.paths)):
+            try:
+                for _, raw in self._read(shard):
+                    sample = self._decode(raw, quiet)
+                    if sample is not None:
+                        return sample
+            except SHARD_READ_ERRORS:
+                continue
+        raise RuntimeError("no decodable sample in any shard to build a padding batch from")
+
+    def _resampled(self, worker: int, workers: int, counter: SkipCounter):
+        quota = self.epoch_batches // workers + (worker < self.epoch_batches % workers)
+        rng = seeded_rng(self.seed, self.epoch, self.rank, worker, "resampled")
+        weights = [info.samples for info in self.index.shards]
+        if not any(weights):
+            raise ValueError("resampled mode over shards that hold no samples")
+
+        def endless():
+            dry = 0
+            while True:
+                shard = rng.choices(range(len(self.paths)), weights=weights)[0]
+                got = False
+                try:
+                    for _, raw in self._read(shard):
+                        sample = self._decode(raw, counter)
+                        if sample is not None:
+                            got = True
+                            yield sample
+                except SHARD_READ_ERRORS as e:
+                    counter.note("shard_read_error", self.paths[shard], str(e))
+                dry = 0 if got else dry + 1
+                if dry > 2 * len(self.paths) + 10:
+                    raise RuntimeError(
+                        f"{dry} shard draws in a row gave no usable sample; is the data corrupt?"
+                    )
+
+        stream = shuffle_buffer(endless(), self.buffer if self.shuffle else 0, rng)
+        for batch in islice(bucket_batches(stream, lambda s: s["seconds"], self.spec), quota):
+            yield self._collate([{**s, "sample_weight": 1.0} for s in batch], False, counter)
+
+    def _collate(self, samples: list[dict[str, Any]], pad: bool, counter: SkipCounter) -> Any:
+        collate = self.collate or partial(collate_samples, pad_id=self.pad_id)
+        batch = collate(samples)
+        if isinstance(batch, dict):
+            batch["pad"] = pad
+            batch["skipped"] = counter.take()
+        return batch
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that sets the dataset's epoch each time it is iterated (before workers start)."""
+
+    def __init__(self, dataset, *args, epoch_fn: Callable[[], int] | None = None, **kwargs) -> None:
+        super().__init__(dataset, *args, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        if self.epoch_fn is not None and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch_fn())
+        return super().__iter__()
+
+
+class SpeechDataModule(L.LightningDataModule):
+    """Speech (and token) shards for every stage, with exact-once or resampled DDP epochs.
+
+    Batches are dicts: ``audio`` ``[B, N]`` float32 + ``audio_lengths`` ``[B]`` (``fields`` audio or
+    both), ``codes`` ``[B, Q, T]`` long padded with ``pad_id`` + ``code_lengths`` ``[B]`` (tokens or
+    both), ``sample_weight`` ``[B]`` (0 on padding samples: weight losses and metrics by it),
+    ``keys``, ``meta`` (the json dicts), ``pad`` (a padding batch) and ``skipped`` (corrupt samples
+    skipped since this worker's previous batch, by reason: sum them for totals).
+
+    Args:
+        train_shards, val_shards, test_shards, predict_shards: an index file or folder, a glob, a
+            brace pattern or a list of tars (see ``resolve_shards``). Token shards when
+            ``fields="tokens"`` and ``token_shards`` has no entry for the split.
+        token_shards: split name (``train``/``val``/``test``/``predict``) to token shards mirroring
+            that split's speech shards (same basenames, same sample order).
+        fields: what batches carry: ``"audio"``, ``"tokens"`` or ``"both"`` (joined on ``__key__``).
+        epoch_mode: training epochs ``"exact"`` (each sample once) or ``"resampled"``
+            (``epoch_batches`` per rank). Validation, test and predict are always exact, unshuffled.
+        epoch_batches: batches per rank per training epoch in resampled mode.
+        max_batch_seconds: cap on a batch's padded audio seconds.
+        max_batch_size: cap on samples per batch.
+        bucket_boundaries: length bucket edges in seconds.
+        shuffle_buffer: in-stream shuffle buffer (training only).
+        seed: shuffling seed.
+        num_workers: DataLoader workers per rank.
+        sample_rate: expected audio rate in Hz.
+        frame_rate: token frames per second.
+        pad_id: padding value of ``codes``.
+        pin_memory: DataLoader ``pin_memory``.
+    """
+
+    def __init__(
+        self,
+        *,
+        train_shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        test_shards: str | list[str] | None = None,
+        predict_shards: str | list[str] | None = None,
+        token_shards: Mapping[str, str | list[str]] | None = None,
+        fields: Fields = "audio",
+        epoch_mode: Literal["exact", "resampled"] = "exact",
+        epoch_batches: int | None = None,
+        max_batch_seconds: float = 120.0,
+        max_batch_size: int = 64,
+        bucket_boundaries: list[float] | None = None,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        num_workers: int = 0,
+        sample_rate: int = 16000,
+        frame_rate: float = 25.0,
+        pad_id: int = -1,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        unknown = set(token_shards or {}) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"token_shards keys must be among {SPLITS}, got {sorted(unknown)}")
+        if epoch_mode == "resampled" and not epoch_batches:
+            raise ValueError("epoch_mode='resampled' needs epoch_batches")
+        self.shards = {
+            "train": train_shards,
+            "val": val_shards,
+            "test": test_shards,
+            "predict": predict_shards,
+        }
+        self.token_shards = dict(token_shards or {})
+        self.fields, self.epoch_mode, self.epoch_batches = fields, epoch_mode, epoch_batches
+        self.spec = BatchSpec(
+            max_batch_seconds=max_batch_seconds,
+            max_batch_size=max_batch_size,
+            bucket_boundaries=tuple(bucket_boundaries or ()),
+        )
+        self.buffer, self.seed, self.num_workers = shuffle_buffer, seed, num_workers
+        self.sample_rate, self.frame_rate, self.pad_id, self.pin_memory = (
+            sample_rate,
+            frame_rate,
+            pad_id,
+            pin_memory,
+        )
+        self.transform: Callable | None = None
+        self.collate: Callable | None = None
+        self.datasets: dict[str, ShardDataset] = {}
+        self._epoch = 0
+
+    def bind(self, transform: Callable | None = None, collate: Callable | None = None) -> SpeechDataModule:
+        """Attach a per-sample transform and a collate function (e.g. a stage's tokenizer).
+
+        Both are replaced on every call (``None`` restores the default), also on datasets already
+        built.
+
+        ``transform(sample) -> sample | None`` runs in the workers on each decoded sample (None
+        skips it, counted as ``transform_rejected``); ``collate(samples) -> batch`` replaces
+        :func:`~datamodules.pipeline.collate_samples` and receives ``sample_weight`` per sample.
+        Must be picklable when ``num_workers > 0`` with a spawn start method.
+        """
+        self.transform, self.collate = transform, collate
+        for ds in self.datasets.values():
+            ds.transform, ds.collate = transform, collate
+        return self
+
+    def _make(self, split: str) -> ShardDataset:
+        spec, tokens = self.shards[split], self.token_shards.get(split)
+        if self.fields == "both" and tokens is None:
+            raise ValueError(f"fields='both' needs token_shards[{split!r}]")
+        if self.fields == "tokens" and tokens is not None:
+            spec, tokens = tokens, None
+        train = split == "train"
+        ds = ShardDataset(
+            index=resolve_shards(spec),
+            token_index=resolve_shards(tokens) if tokens is not None else None,
+            fields=self.fields,
+            mode=self.epoch_mode if train else "exact",
+            spec=self.spec,
+            epoch_batches=self.epoch_batches if train else None,
+            shuffle=train,
+            buffer=self.buffer if train else 0,
+            seed=self.seed,
+            sample_rate=self.sample_rate,
+            frame_rate=self.frame_rate,
+            pad_id=self.pad_id,
+        )
+        ds.transform, ds.collate = self.transform, self.collate
+        if train:
+            ds.set_epoch(self._epoch)
+        return ds
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for split in splits.get(stage, SPLITS):
+            if self.shards[split] is not None and split not in self.datasets:
+                self.datasets[split] = self._make(split)
+        self._bind_distributed()
+
+    def _bind_distributed(self) -> None:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        for ds in self.datasets.values():
+            ds.set_distributed(rank=rank, world_size=world, num_workers=self.num_workers)
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else self.datasets["train"].epoch
+
+    def _loader(self, split: str) -> DataLoader | list:
+        if self.shards[split] is None:
+            return []
+        if split not in self.datasets:
+            self.setup(None)
+        self._bind_distributed()
+        return _EpochLoader(
+            self.datasets[split],
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,  # the epoch reaches workers only when they are re-created
+            pin_memory=self.pin_memory,
+            epoch_fn=self._current_epoch if split == "train" else None,
+        )
+
+    def train_dataloader(self):
+        return self._loader("train")
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+    def predict_dataloader(self):
+        return self._loader("predict")
+
+    def describe_data(self, split: str = "train") -> dict[str, Any]:
+        """What a split holds, for provenance: shard urls, sample counts, seconds and hashes."""
+        spec = self.shards.get(split)
+        if spec is None:
+            return {}
+        index = resolve_shards(spec)
+        return {
+            "split": split,
+            "spec": spec if isinstance(spec, str) else list(spec),
+            "samples": index.samples,
+            "seconds": round(index.seconds, 3),
+            "shards": [
+                {"url": path, "samples": info.samples, "seconds": info.seconds, "sha256": info.sha256}
+                for path, info in zip(index.paths(), index.shards)
+            ],
+        }
+
+    def batches_per_epoch(self, split: str = "train") -> int:
+        """Batches each rank runs in the current epoch of ``split`` (e.g. to size an LR schedule).
+
+        The loaders define no ``__len__`` (an exact epoch's count changes with the shuffle), so
+        Lightning iterates them to the end; this gives the count when a module needs it.
+        """
+        if split not in self.datasets:
+            raise ValueError(f"no {split!r} dataset; call setup() and give {split}_shards")
+        if split == "train":
+            self.datasets[split].set_epoch(self._current_epoch())
+        return self.datasets[split].num_batches()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.datasets["train"].epoch if "train" in self.datasets else self._epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._epoch = int(state_dict.get("epoch", 0))
+        if "train" in self.datasets:
+            self.datasets["train"].set_epoch(self._epoch)

@@ -1,0 +1,544 @@
+"""Stage 2: a decoder-only LM that writes semantic tokens (RVQ codes) for a text.
+
+Follows Speechless (Dao et al., INTERSPEECH 2025, arXiv:2505.17417) and Ichigo (arXiv:2410.15316):
+the prompt is the raw text in the chat template's user turn, the answer is the utterance's
+semantic tokens, and decoding is greedy by default. Two output forms:
+
+``one_level``
+    Ichigo's form. The sound, duration and start/end tokens of :mod:`models.codec` are added to the
+    LM vocabulary (embeddings resized) and the answer is the codec string of level-0 codes,
+    run-length compressed when ``use_durations`` (plain de-duplication hurt convergence in
+    Speechless; durations keep the sequence exact). ``<|sound_end|>`` ends the speech.
+
+``all_levels``
+    Stage 3 needs every RVQ level per frame, but spelling ``Q`` tokens per frame would multiply the
+    sequence by ``Q`` (8x). Instead one position carries one frame: its input is the *sum* of ``Q``
+    level embeddings (tables ``[K + 2, H]``: ``K`` codes, ``EOS = K``, ``PAD = K + 1`` which also
+    serves as the begin-of-speech input) and ``Q`` linear heads ``[H, K + 1]`` predict the levels.
+    With ``delay=True`` (default) level ``q`` is shifted right by ``q`` steps, MusicGen's delay
+    pattern (Copet et al. 2023, arXiv:2306.05284): when a position predicts level ``q`` of frame
+    ``t`` it has already seen levels ``< q`` of that frame, which matters for a *residual*
+    quantizer whose fine levels refine the coarse ones; it costs only ``Q - 1`` extra steps.
+    ``delay=False`` predicts the levels of a frame in parallel. Every head is trained to emit
+    ``EOS`` one step after its last frame; at generation head 0 decides the length (the other
+    heads' ``EOS`` is masked until their frame count reaches it, then forced), so levels never
+    disagree on ``T``.
+
+Both forms share one layout: prompts left-padded to ``P`` columns, answers right-padded to ``S``
+columns, explicit ``position_ids`` so padding never shifts positions, and the text part always
+embedded by the LM's own table (fed as ``inputs_embeds``). :meth:`SpeechLM.generate` is a manual
+batched decode loop over the HF ``DynamicCache``. The real default LM is ``google/gemma-3-270m``
+(:data:`DEFAULT_LM`); tests build a tiny ``Gemma3ForCausalLM`` via :func:`tiny_lm_config`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3TextConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from models.codec import SOUND_END, SOUND_START, duration_token, run_lengths, sound_token, sound_token_names
+
+__all__ = ["DEFAULT_LM", "IGNORE_INDEX", "SpeechLM", "tiny_lm_config"]
+
+DEFAULT_LM = "google/gemma-3-270m"
+IGNORE_INDEX = -100
+_CONFIG_NAME = "speech_lm.json"
+_WEIGHTS_NAME = "model.safetensors"
+
+
+def tiny_lm_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, **overrides: Any):
+    """A few-layer Gemma 3 text config with random weights, for tests and the demo.
+
+    Args:
+        vocab_size: Size of the tokenizer it will serve (before sound tokens are added).
+        hidden_size: ``H``.
+        num_layers: One sliding-window and one global layer by default, as in Gemma 3.
+        **overrides: Any other ``Gemma3TextConfig`` field.
+    """
+    layer_types = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["full_attention"] * (
+        num_layers % 2
+    )
+    kw: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        max_position_embeddings=4096,
+        sliding_window=64,
+        layer_types=layer_types,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    kw.update(overrides)
+    return Gemma3TextConfig(**kw)
+
+
+def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int | None, gen) -> torch.Tensor:
+    """Choose ids from ``logits [N, V]`` (``-inf`` marks disallowed) -> ``[N]``."""
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+class SpeechLM(nn.Module):
+    """Text -> semantic tokens decoder-only LM (see the module docstring for the two forms).
+
+    Args:
+        lm: A causal LM: hub id or local path, a ``PreTrainedModel``, or a config (random init).
+        tokenizer: Its tokenizer (id, path or object); needs a chat template or gets raw text.
+        num_levels: ``Q`` RVQ levels (``all_levels`` form; ``one_level`` uses level 0 only).
+        codebook_size: ``K`` codes per level.
+        output_form: ``"one_level"`` (Ichigo token strings) or ``"all_levels"`` (summed level
+            embeddings + ``Q`` heads).
+        use_durations: ``one_level``: run-length compress with duration tokens.
+        max_duration: Largest duration token.
+        delay: ``all_levels``: MusicGen delay pattern.
+        loss_on_prompt: Also train next-token prediction on the prompt (off: loss on speech only).
+        dtype: Weight dtype when ``lm`` is loaded from a path or id.
+    """
+
+    def __init__(
+        self,
+        *,
+        lm: str | PreTrainedModel | PretrainedConfig,
+        tokenizer: str | PreTrainedTokenizerBase,
+        num_levels: int = 8,
+        codebook_size: int = 2048,
+        output_form: Literal["one_level", "all_levels"] = "all_levels",
+        use_durations: bool = True,
+        max_duration: int = 49,
+        delay: bool = True,
+        loss_on_prompt: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if output_form not in ("one_level", "all_levels"):
+            raise ValueError(f"output_form must be 'one_level' or 'all_levels', got {output_form!r}")
+        if isinstance(lm, str):
+            lm = AutoModelForCausalLM.from_pretrained(lm, dtype=dtype)
+        elif isinstance(lm, PretrainedConfig):
+            lm = AutoModelForCausalLM.from_config(lm)
+        if isinstance(tokenizer, str):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        self.lm, self.tokenizer = lm, tokenizer
+        self.num_levels, self.codebook_size = num_levels, codebook_size
+        self.output_form, self.use_durations, self.max_duration = output_form, use_durations, max_duration
+        self.delay, self.loss_on_prompt = delay, loss_on_prompt
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        hidden = lm.config.get_text_config().hidden_size
+        if output_form == "one_level":
+            self._add_sound_tokens()
+        else:
+            # Scale the new tables like the LM's (scaled) text embeddings, split over Q summands, so
+            # the first steps do not see inputs orders of magnitude off what the LM was trained on.
+            with torch.no_grad():
+                emb = lm.get_input_embeddings()
+                probe = torch.arange(min(emb.num_embeddings, 1024), device=emb.weight.device)
+                std = float(emb(probe).float().std()) / num_levels**0.5
+            self.level_embeddings = nn.ModuleList(
+                nn.Embedding(codebook_size + 2, hidden) for _ in range(num_levels)
+            )
+            for e in self.level_embeddings:
+                nn.init.normal_(e.weight, std=std)
+            self.heads = nn.ModuleList(
+                nn.Linear(hidden, codebook_size + 1, bias=False) for _ in range(num_levels)
+            )
+
+    # ----------------------------------------------------------------------------------- setup
+    def _add_sound_tokens(self) -> None:
+        names = sound_token_names(
+            self.codebook_size, with_durations=self.use_durations, max_duration=self.max_duration
+        )
+        missing = [n for n in names if n not in self.tokenizer.get_vocab()]
+        if missing:
+            # A copy: the caller's tokenizer object may be shared (e.g. with stage 3's text side).
+            self.tokenizer = copy.deepcopy(self.tokenizer)
+            self.tokenizer.add_tokens(missing, special_tokens=True)
+        if len(self.tokenizer) > self.lm.get_input_embeddings().num_embeddings:
+            self.lm.resize_token_embeddings(len(self.tokenizer))
+        ids = self.tokenizer.convert_tokens_to_ids
+        self.start_id, self.end_id = ids(SOUND_START), ids(SOUND_END)
+        sound = torch.tensor([ids(sound_token(c)) for c in range(self.codebook_size)])
+        dur = [ids(duration_token(n)) for n in range(2, self.max_duration + 1)] if self.use_durations else []
+        # Allowed answer tokens in a fixed order: K sounds, durations 2..max, end.
+        self.register_buffer(
+            "answer_vocab",
+            torch.cat([sound, torch.tensor(dur, dtype=torch.long), torch.tensor([self.end_id])]),
+            persistent=False,
+        )
+
+    @classmethod
+    def from_pretrained_lm(cls, path_or_id: str = DEFAULT_LM, *, tokenizer: str | None = None, **kwargs):
+        """Wrap a pretrained causal LM (hub id or local path); the tokenizer defaults to the same path."""
+        return cls(lm=path_or_id, tokenizer=tokenizer or path_or_id, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    @property
+    def eos_id(self) -> int:
+        """End-of-speech id: ``<|sound_end|>`` (one_level) or per-head ``EOS = K`` (all_levels)."""
+        return self.end_id if self.output_form == "one_level" else self.codebook_size
+
+    # ----------------------------------------------------------------------------------- batching
+    def prompt_ids(self, text: str) -> list[int]:
+        """Token ids of the prompt: ``text`` as the user turn, ending with the model-turn header."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            return tok(prompt, add_special_tokens=False)["input_ids"]
+        return tok(text, add_special_tokens=True)["input_ids"]
+
+    def _answer_grids(self, codes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Answer inputs and targets ``[Q', S]`` for one utterance (``Q' = 1`` for one_level).
+
+        With ``codes=None`` only the first input step (begin of speech) is returned, for generation.
+        """
+        if self.output_form == "one_level":
+            if codes is None:
+                return torch.tensor([[self.start_id]]), torch.full((1, 1), IGNORE_INDEX)
+            seq = [self.start_id]
+            for code, n in run_lengths(
+                codes[0], max_duration=self.max_duration if self.use_durations else 1 << 30
+            ):
+                if n > 1 and self.use_durations:
+                    seq += [int(self.answer_vocab[self.codebook_size + n - 2]), int(self.answer_vocab[code])]
+                else:
+                    seq += [int(self.answer_vocab[code])] * n
+            seq.append(self.end_id)
+            t = torch.tensor(seq).unsqueeze(0)
+            return t[:, :-1], t[:, 1:]
+        q_n, pad = self.num_levels, self.codebook_size + 1
+        if codes is None:
+            return torch.full((q_n, 1), pad), torch.full((q_n, 1), IGNORE_INDEX)
+        n_frames, shift = codes.shape[1], (q_n - 1 if self.delay else 0)
+        y = torch.full((q_n, n_frames + 1 + shift), IGNORE_INDEX, dtype=torch.long)
+        for q in range(q_n):
+            off = q if self.delay else 0
+            y[q, off : off + n_frames] = codes[q]
+            y[q, off + n_frames] = self.codebook_size  # EOS
+        x = torch.cat([torch.full((q_n, 1), pad), y[:, :-1].masked_fill(y[:, :-1] == IGNORE_INDEX, pad)], 1)
+        return x, y
+
+    def build_batch(
+        self, texts: list[str], codes: list[torch.Tensor] | None = None, *, loss_on_prompt: bool | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Tokenize and pad a batch.
+
+        Args:
+            texts: ``B`` prompts.
+            codes: ``B`` code arrays ``[Q, T_i]`` (int; ``one_level`` reads row 0), or ``None`` to get
+                only the prompts plus the begin-of-speech step (generation prefill).
+            loss_on_prompt: Override the constructor's choice for this batch.
+
+        Returns:
+            ``input_ids [B, P]`` left-padded prompts; ``answer_inputs [B, Q', S]`` right-padded
+            (``Q' = 1`` for one_level, LM token ids; else per-level ids in ``[0, K + 1]``);
+            ``labels [B, Q', S]`` targets, ``-100`` where ignored; ``attention_mask [B, P + S]``;
+            ``position_ids [B, P + S]``; and ``prompt_labels [B, P]`` when ``loss_on_prompt``.
+        """
+        if codes is not None and len(codes) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(codes)} code arrays")
+        prompts = [self.prompt_ids(t) for t in texts]
+        grids = []
+        for i in range(len(texts)):
+            c = None
+            if codes is not None:
+                c = torch.as_tensor(codes[i], dtype=torch.long)
+                need = 1 if self.output_form == "one_level" else self.num_levels
+                if c.ndim != 2 or c.shape[0] < need:
+                    raise ValueError(f"codes[{i}] must be [Q>={need}, T], got {tuple(c.shape)}")
+                if c.numel() and (c.min() < 0 or c.max() >= self.codebook_size):
+                    raise ValueError(f"codes[{i}] out of range [0, {self.codebook_size})")
+            grids.append(self._answer_grids(c))
+        b, p_len, s_len = len(texts), max(map(len, prompts)), max(g[0].shape[1] for g in grids)
+        q_n, fill = (
+            grids[0][0].shape[0],
+            (self.pad_id if self.output_form == "one_level" else self.codebook_size + 1),
+        )
+        input_ids = torch.full((b, p_len), self.pad_id, dtype=torch.long)
+        answer_inputs = torch.full((b, q_n, s_len), fill, dtype=torch.long)
+        labels = torch.full((b, q_n, s_len), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros(b, p_len + s_len, dtype=torch.long)
+        for i, (ids, (x, y)) in enumerate(zip(prompts, grids, strict=True)):
+            input_ids[i, p_len - len(ids) :] = torch.tensor(ids)
+            answer_inputs[i, :, : x.shape[1]], labels[i, :, : y.shape[1]] = x, y
+            mask[i, p_len - len(ids) : p_len + x.shape[1]] = 1
+        batch = dict(
+            input_ids=input_ids,
+            answer_inputs=answer_inputs,
+            labels=labels,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+        )
+        if self.loss_on_prompt if loss_on_prompt is None else loss_on_prompt:
+            nxt = input_ids[:, 1:].masked_fill(mask[:, 1:p_len] == 0, IGNORE_INDEX)
+            batch["prompt_labels"] = torch.cat([nxt, torch.full((b, 1), IGNORE_INDEX)], 1)
+        return batch
+
+    # ----------------------------------------------------------------------------------- model
+    def _embed_answer(self, answer_inputs: torch.Tensor) -> torch.Tensor:
+        """``[B, Q', S]`` ids -> ``[B, S, H]`` input embeddings."""
+        if self.output_form == "one_level":
+            return self.lm.get_input_embeddings()(answer_inputs[:, 0])
+        return torch.stack([e(answer_inputs[:, q]) for q, e in enumerate(self.level_embeddings)]).sum(0)
+
+    def _lm_logits(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """LM-head logits (optionally restricted to rows ``weight``), with Gemma's final softcap."""
+        logits = self.lm.get_output_embeddings()(h) if weight is None else h @ weight.T
+        cap = getattr(self.lm.config.get_text_config(), "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def _speech_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``[B, S, H]`` -> ``[B, Q', S, V']`` (``V'`` = LM vocab or ``K + 1``)."""
+        if self.output_form == "one_level":
+            return self._lm_logits(h).unsqueeze(1)
+        return torch.stack([head(h) for head in self.heads], 1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Teacher-forced pass.
+
+        Returns:
+            ``loss`` (speech CE, plus prompt CE when ``prompt_labels`` is in the batch),
+            ``speech_loss``, ``level_loss [Q']``, ``logits [B, Q', S, V']``, ``correct [Q']`` and
+            ``total [Q']`` (argmax hits / counted targets per level over speech positions), and
+            ``prompt_loss`` when computed.
+        """
+        dev = self.device
+        input_ids, answer = batch["input_ids"].to(dev), batch["answer_inputs"].to(dev)
+        p_len = input_ids.shape[1]
+        embeds = torch.cat([self.lm.get_input_embeddings()(input_ids), self._embed_answer(answer)], 1)
+        h = self.lm.get_decoder()(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"].to(dev),
+            position_ids=batch["position_ids"].to(dev),
+            use_cache=False,
+        ).last_hidden_state
+        logits = self._speech_logits(h[:, p_len:])
+        labels = batch["labels"].to(dev)
+        ce = F.cross_entropy(logits.flatten(0, 2).float(), labels.flatten(), reduction="none").view(
+            labels.shape
+        )
+        valid = labels != IGNORE_INDEX
+        total = valid.sum((0, 2))
+        speech_loss = (ce * valid).sum() / total.sum().clamp(min=1)
+        out = dict(
+            speech_loss=speech_loss,
+            level_loss=(ce * valid).sum((0, 2)) / total.clamp(min=1),
+            logits=logits,
+            correct=((logits.argmax(-1) == labels) & valid).sum((0, 2)),
+            total=total,
+        )
+        loss = speech_loss
+        if "prompt_labels" in batch:
+            pl = batch["prompt_labels"].to(dev)
+            out["prompt_loss"] = F.cross_entropy(
+                self._lm_logits(h[:, :p_len]).flatten(0, 1).float(), pl.flatten(), ignore_index=IGNORE_INDEX
+            )
+            loss = loss + out["prompt_loss"]
+        out["loss"] = loss
+        return out
+
+    # ----------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        texts: list[str],
+        *,
+        max_frames: int,
+        min_frames: int = 0,
+        greedy: bool = True,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Batched synthesis with a KV cache; each sequence stops at its own end of speech.
+
+        Args:
+            texts: ``B`` prompts (any lengths; left-padded internally).
+            max_frames: Length guard: at most this many frames per utterance.
+            min_frames: End of speech is forbidden before this many frames (benchmarks use
+                ``min_frames == max_frames`` for fixed lengths).
+            greedy: Argmax decoding (Speechless default); else sample.
+            temperature: Sampling temperature.
+            top_k: Sample among the ``k`` best only.
+            seed: Seed for a private generator (sampling only).
+
+        Returns:
+            ``B`` int64 code tensors on the CPU: ``[Q, T_i]`` (all_levels) or ``[1, T_i]``
+            (one_level, durations expanded), ``T_i <= max_frames``.
+        """
+        if max_frames < 0:
+            raise ValueError(f"max_frames must be >= 0, got {max_frames}")
+        if not 0 <= min_frames <= max_frames:
+            raise ValueError(f"need 0 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
+        was_training = self.training
+        self.eval()
+        try:
+            batch = self.build_batch(texts, None, loss_on_prompt=False)
+            gen = None
+            if seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(seed)
+            pick = lambda logits: _pick(logits, greedy, temperature, top_k, gen)  # noqa: E731
+            step = self._decode_one_level if self.output_form == "one_level" else self._decode_all_levels
+            return step(batch, max_frames, min_frames, pick)
+        finally:
+            self.train(was_training)
+
+    def _prefill(self, batch: dict[str, torch.Tensor]):
+        dev = self.device
+        embeds = torch.cat(
+            [
+                self.lm.get_input_embeddings()(batch["input_ids"].to(dev)),
+                self._embed_answer(batch["answer_inputs"].to(dev)),
+            ],
+            1,
+        )
+        mask, pos = batch["attention_mask"].to(dev), batch["position_ids"].to(dev)
+        out = self.lm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True
+        )
+        return out.last_hidden_state[:, -1], out.past_key_values, mask, pos[:, -1:]
+
+    def _advance(self, embeds: torch.Tensor, cache, mask: torch.Tensor, pos: torch.Tensor):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        pos = pos + 1
+        out = self.lm.get_decoder()(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+        )
+        return out.last_hidden_state[:, -1], out.past_key_values, mask, pos
+
+    def _decode_one_level(self, batch, max_frames: int, min_frames: int, pick) -> list[torch.Tensor]:
+        dev, k = self.device, self.codebook_size
+        n_dur = len(self.answer_vocab) - k - 1
+        weight = self.lm.get_output_embeddings().weight[self.answer_vocab]  # [A, H]
+        h, cache, mask, pos = self._prefill(batch)
+        b = h.shape[0]
+        frames = torch.zeros(b, dtype=torch.long, device=dev)
+        pending = torch.zeros(b, dtype=torch.long, device=dev)  # run length set by a duration token
+        done = torch.full((b,), max_frames == 0, device=dev)
+        out = torch.zeros(b, max_frames, dtype=torch.long, device=dev)
+        durations = torch.arange(2, n_dur + 2, device=dev)
+        cols = torch.arange(max_frames, device=dev)
+        for _ in range(2 * max_frames + 1):  # a sound adds >= 1 frame; a duration needs a sound next
+            if bool(done.all()):
+                break
+            logits = self._lm_logits(h, weight).float()  # [B, A]
+            remaining = (max_frames - frames).unsqueeze(1)
+            ban = torch.zeros_like(logits, dtype=torch.bool)
+            ban[:, k : k + n_dur] = (durations.unsqueeze(0) > remaining) | (pending > 0).unsqueeze(1)
+            ban[:, -1] = (pending > 0) | (frames < min_frames)
+            choice = pick(logits.masked_fill(ban, float("-inf")))
+            is_sound = (choice < k) & ~done
+            run = torch.where(pending > 0, pending, torch.ones_like(pending))
+            write = (
+                is_sound.unsqueeze(1) & (cols >= frames.unsqueeze(1)) & (cols < (frames + run).unsqueeze(1))
+            )
+            out = torch.where(write, choice.unsqueeze(1), out)
+            frames = frames + torch.where(is_sound, run, 0)
+            is_dur = (choice >= k) & (choice < k + n_dur) & ~done
+            pending = torch.where(is_dur, choice - k + 2, torch.where(is_sound, 0, pending))
+            done = done | (choice == k + n_dur) | (frames >= max_frames)
+            h, cache, mask, pos = self._advance(
+                self.lm.get_input_embeddings()(self.answer_vocab[choice]).unsqueeze(1), cache, mask, pos
+            )
+        return [out[i, : int(frames[i])].unsqueeze(0).cpu() for i in range(b)]
+
+    def _decode_all_levels(self, batch, max_frames: int, min_frames: int, pick) -> list[torch.Tensor]:
+        dev, k, q_n = self.device, self.codebook_size, self.num_levels
+        eos, pad = k, k + 1
+        shift = (
+            torch.arange(q_n, device=dev) if self.delay else torch.zeros(q_n, dtype=torch.long, device=dev)
+        )
+        h, cache, mask, pos = self._prefill(batch)
+        b = h.shape[0]
+        length = torch.full((b,), -1, dtype=torch.long, device=dev)  # T per row, -1 until head 0 ends
+        out = torch.zeros(b, q_n, max_frames, dtype=torch.long, device=dev)
+        for s in range(max_frames + 1 + int(shift[-1])):
+            frame = s - shift  # [Q] frame index each level is at
+            logits = torch.stack([head(h) for head in self.heads], 1).float()  # [B, Q, K+1]
+            # Head 0 ends the utterance (forced at max_frames); the others may not end on their own.
+            logits[:, 1:, eos] = float("-inf")
+            if frame[0] >= 0 and frame[0] >= max_frames:
+                logits[:, 0, :eos] = float("-inf")
+            elif frame[0] < min_frames:
+                logits[:, 0, eos] = float("-inf")
+            choice = pick(logits.flatten(0, 1)).view(b, q_n)
+            if frame[0] >= 0:
+                length = torch.where((length < 0) & (choice[:, 0] == eos), int(frame[0]), length)
+            known = (length >= 0).unsqueeze(1)
+            f = frame.unsqueeze(0).expand(b, q_n)
+            choice = torch.where(known & (f == length.unsqueeze(1)), eos, choice)
+            choice = torch.where((f < 0) | (known & (f > length.unsqueeze(1))), pad, choice)
+            for q in range(q_n):  # every row is at the same frame of level q
+                fq = int(frame[q])
+                if 0 <= fq < max_frames:
+                    out[:, q, fq] = torch.where(choice[:, q] < k, choice[:, q], out[:, q, fq])
+            if bool(((length >= 0) & (s >= length + shift[-1])).all()):
+                break
+            embeds = torch.stack([e(choice[:, q]) for q, e in enumerate(self.level_embeddings)]).sum(0)
+            h, cache, mask, pos = self._advance(embeds.unsqueeze(1), cache, mask, pos)
+        return [out[i, :, : int(length[i])].cpu() for i in range(b)]
+
+    # ----------------------------------------------------------------------------------- persistence
+    def config_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load` needs besides weights and tokenizer."""
+        return dict(
+            num_levels=self.num_levels,
+            codebook_size=self.codebook_size,
+            output_form=self.output_form,
+            use_durations=self.use_durations,
+            max_duration=self.max_duration,
+            delay=self.delay,
+            loss_on_prompt=self.loss_on_prompt,
+            lm_config=self.lm.config.to_dict(),
+        )
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``speech_lm.json``, ``model.safetensors`` and ``tokenizer/`` (no pickles)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        save_model(self, str(directory / _WEIGHTS_NAME))  # handles tied embeddings
+        (directory / _CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> SpeechLM:
+        """Rebuild a :meth:`save`-d model (no hub access, no pickle)."""
+        directory = Path(directory)
+        cfg = json.loads((directory / _CONFIG_NAME).read_text())
+        lm_cfg = dict(cfg.pop("lm_config"))
+        lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(lm_cfg.pop("model_type"), **lm_cfg))
+        model = cls(lm=lm, tokenizer=AutoTokenizer.from_pretrained(directory / "tokenizer"), **cfg)
+        load_model(model, str(directory / _WEIGHTS_NAME), device=str(device))
+        return model.to(device)

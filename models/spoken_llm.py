@@ -1,0 +1,527 @@
+"""Stage 3: Gemma 4 + LoRA answering spoken instructions (plain torch + transformers + peft).
+
+Follows Speechless (Dao et al., INTERSPEECH 2025, arXiv:2505.17417), stage 3, with two ways of
+giving the LLM the semantic tokens:
+
+- ``input_mode="embeddings"`` (default): the RVQ reconstructs the Gemma 4 audio encoder's own
+  pre-projection space, so codes [N, Q, T] -> ``rvq.decode`` -> states [N, T, D] -> the model's own
+  ``audio_tower.output_proj`` -> ``embed_audio`` -> the ``<|audio|>`` slots of the prompt, exactly where
+  ``Gemma4Model`` scatters real audio. Real speech at inference takes the audio tower up to
+  ``output_proj`` (optionally through the RVQ round trip it was trained with) and then the same path.
+- ``input_mode="tokens"``: Ichigo-style sound tokens (``<|sound_0123|>``) added to the vocabulary of
+  any causal LM; the new embedding rows are trained with peft's ``trainable_token_indices`` (a
+  sparse delta on the frozen embedding, tied to ``lm_head``), the rest of the vocabulary stays frozen.
+
+Only LoRA (plus the new token rows, plus ``embed_audio`` when asked) trains. An optional CTC loss
+through the frozen ``lm_head`` on the audio positions (the DiffusionGemma ASR trick) pushes a frozen
+backbone to read the audio; ``ctc_weight`` > 0 enables it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoFeatureExtractor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+from models.chat_format import IGNORE_INDEX, build_prompt, collate_padded, end_of_turn_id
+
+__all__ = ["DEFAULT_LORA_TARGETS", "SpokenLLM", "default_sound_tokens"]
+
+# Attention and MLP projections of the language model only: the audio/vision towers keep their weights.
+DEFAULT_LORA_TARGETS = (
+    r"^(?!.*(?:audio_tower|vision_tower|embed_audio|embed_vision)).*"
+    r"\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def default_sound_tokens(codebook_size: int) -> list[str]:
+    """Ichigo's token strings: ``<|sound_start|>``, ``<|sound_end|>``, ``<|sound_0000|>``.. for one level."""
+    return ["<|sound_start|>", "<|sound_end|>"] + [f"<|sound_{i:04d}|>" for i in range(codebook_size)]
+
+
+def _runs(mask: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Contiguous True runs of a [B, L] mask as (row, start, end), row-major: one per audio segment."""
+    runs = []
+    for b, row in enumerate(mask.tolist()):
+        start = None
+        for i, v in enumerate([*row, False]):
+            if v and start is None:
+                start = i
+            elif not v and start is not None:
+                runs.append((b, start, i))
+                start = None
+    return runs
+
+
+class SpokenLLM(nn.Module):
+    """A causal LM (Gemma 4 by default) with LoRA that reads spoken instructions.
+
+    Args:
+        model: Hub id or local folder (``google/gemma-4-E4B-it``; tests use ``build_tiny_gemma4``).
+        input_mode: ``"embeddings"`` (codes through Gemma 4's audio embedder) or ``"tokens"`` (sound tokens).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator.
+        lora_dropout: Dropout on the LoRA input.
+        lora_target_modules: Module-name regex (full match) or list of names for LoRA.
+        dtype: Weights dtype, ``"bf16"``, ``"fp16"`` or ``"fp32"``.
+        gradient_checkpointing: Recompute activations in the backward pass.
+        num_levels: RVQ levels Q the codes must have.
+        codebook_size: Entries per codebook K; codes must lie in ``[0, K)``.
+        sound_tokens: Token strings added in ``tokens`` mode (default ``default_sound_tokens(codebook_size)``).
+        ctc_weight: Weight of the CTC loss on the audio positions (needs ``ctc_targets`` in the batch).
+        train_audio_embedder: Also train ``embed_audio`` (saved with the adapter as a peft module to save).
+        attn_implementation: Passed to ``from_pretrained`` (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        input_mode: Literal["embeddings", "tokens"] = "embeddings",
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | str = DEFAULT_LORA_TARGETS,
+        dtype: Literal["bf16", "fp16", "fp32"] = "bf16",
+        gradient_checkpointing: bool = False,
+        num_levels: int = 8,
+        codebook_size: int = 2048,
+        sound_tokens: list[str] | None = None,
+        ctc_weight: float = 0.0,
+        train_audio_embedder: bool = False,
+        attn_implementation: str | None = None,
+    ) -> None:
+        super().__init__()
+        if input_mode not in ("embeddings", "tokens"):
+            raise ValueError(f"input_mode must be 'embeddings' or 'tokens', got {input_mode!r}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.model_name = str(model)
+        self.input_mode = input_mode
+        self.num_levels = num_levels
+        self.codebook_size = codebook_size
+        self.ctc_weight = float(ctc_weight)
+        self.torch_dtype = _DTYPES[dtype]
+        self._load_kwargs = {"dtype": self.torch_dtype}
+        if attn_implementation:
+            self._load_kwargs["attn_implementation"] = attn_implementation
+        # A tuple hides the frozen RVQ from parameters() and state_dict(): it is never trained or saved here.
+        self._rvq: tuple[nn.Module, ...] = ()
+        self._feature_extractor = None
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
+        base = AutoModelForCausalLM.from_pretrained(self.model_name, **self._load_kwargs)
+        base.requires_grad_(False)
+        self.new_token_ids: list[int] = []
+        if input_mode == "tokens":
+            self.new_token_ids = self._add_sound_tokens(
+                base, sound_tokens or default_sound_tokens(codebook_size)
+            )
+        elif not self._has_audio_path(base):
+            raise ValueError(f"{self.model_name} has no audio tower/embedder: use input_mode='tokens'")
+        if gradient_checkpointing:
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                base.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        lora_config = LoraConfig(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=lora_target_modules,
+            trainable_token_indices={"embed_tokens": self.new_token_ids} if self.new_token_ids else None,
+            modules_to_save=["embed_audio"] if train_audio_embedder else None,
+            task_type="CAUSAL_LM",
+        )
+        self.peft_model = get_peft_model(base, lora_config)
+        self.pad_id = self._text_config().pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.stop_ids = sorted({end_of_turn_id(self.tokenizer)} | ({self.tokenizer.eos_token_id} - {None}))
+
+    # ----------------------------------------------------------------------------------------- setup
+    @property
+    def base(self) -> nn.Module:
+        """The underlying transformers model, LoRA layers injected (a property: no second state_dict prefix)."""
+        return self.peft_model.get_base_model()
+
+    def _text_config(self):
+        return self.base.config.get_text_config()
+
+    @staticmethod
+    def _has_audio_path(base: nn.Module) -> bool:
+        inner = getattr(base, "model", None)
+        return (
+            getattr(inner, "audio_tower", None) is not None
+            and getattr(inner, "embed_audio", None) is not None
+        )
+
+    def _add_sound_tokens(self, base: nn.Module, tokens: Sequence[str]) -> list[int]:
+        vocab = self.tokenizer.get_vocab()
+        missing = [t for t in tokens if t not in vocab]
+        if missing:
+            self.tokenizer.add_tokens(missing, special_tokens=False)
+        ids = self.tokenizer.convert_tokens_to_ids(list(tokens))
+        if len(self.tokenizer) > base.get_input_embeddings().num_embeddings:
+            # Mean-initialised rows (transformers' default) start the new tokens inside the embedding cloud.
+            base.resize_token_embeddings(len(self.tokenizer))
+        return sorted(set(ids))
+
+    def attach_rvq(self, rvq: nn.Module) -> None:
+        """Attach the frozen stage-1 RVQ (``decode(codes [B, Q, T]) -> [B, T, D]``); never trained or saved."""
+        rvq.requires_grad_(False)
+        rvq.eval()
+        self._rvq = (rvq,)
+
+    @property
+    def rvq(self) -> nn.Module:
+        if not self._rvq:
+            raise RuntimeError("no RVQ attached: call attach_rvq(rvq) before feeding codes")
+        rvq = self._rvq[0]
+        param = next(iter(rvq.parameters()), None)
+        param = next(iter(rvq.buffers()), None) if param is None else param
+        if param is not None and param.device != self.device:
+            rvq.to(self.device)
+        return rvq
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.get_input_embeddings().weight.device
+
+    @property
+    def feature_extractor(self):
+        if self._feature_extractor is None:
+            self._feature_extractor = AutoFeatureExtractor.from_pretrained(self.model_name)
+        return self._feature_extractor
+
+    # ------------------------------------------------------------------------------- audio → LLM space
+    def project_states(self, states: torch.Tensor) -> torch.Tensor:
+        """Encoder-space states [..., D] -> Gemma 4 ``output_proj`` -> ``embed_audio`` -> [..., H]."""
+        inner = self.base.model
+        proj = inner.audio_tower.output_proj
+        return inner.embed_audio(inputs_embeds=proj(states.to(proj.weight.dtype)))
+
+    def embed_codes(self, codes: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes -> audio embeddings of the valid frames, segment by segment.
+
+        Args:
+            codes: [N, Q, T] long; frames past ``lengths`` may hold the RVQ's pad code ``-1``.
+            lengths: [N] valid frames per segment; ``None`` means frames whose first level is ``>= 0``.
+
+        Returns:
+            [n_valid, H] in segment order: what fills the ``<|audio|>`` slots.
+        """
+        if codes.ndim != 3 or codes.shape[1] != self.num_levels:
+            raise ValueError(f"codes must be [N, {self.num_levels}, T], got {tuple(codes.shape)}")
+        n, _, t = codes.shape
+        if lengths is None:
+            valid = codes[:, 0] >= 0  # [N, T]
+        else:
+            valid = torch.arange(t, device=codes.device)[None] < lengths.to(codes.device)[:, None]
+        used = codes.transpose(1, 2)[valid]  # [n_valid, Q]
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= self.codebook_size):
+            raise ValueError(
+                f"valid codes outside [0, {self.codebook_size}): min {int(used.min())}, max {int(used.max())}"
+            )
+        with torch.no_grad():
+            states = self.rvq.decode(codes.clamp_min(0).to(self.device))  # [N, T, D]; pads dropped below
+        return self.project_states(states)[valid.to(self.device)]
+
+    def encoder_states(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real audio through the frozen Gemma 4 audio tower up to (not through) ``output_proj``.
+
+        Args:
+            input_features: Log-mel features [N, F, 128] from the feature extractor.
+            input_features_mask: [N, F], True/1 on real frames.
+
+        Returns:
+            Pre-projection states [N, T, D] (25 frames/s) and their validity mask [N, T] (bool).
+        """
+        tower = self.base.model.audio_tower
+        captured: list[torch.Tensor] = []
+        hook = tower.output_proj.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
+        try:
+            with torch.no_grad():
+                out = tower(
+                    input_features.to(self.device, self.torch_dtype),
+                    input_features_mask.to(self.device).bool(),
+                )
+        finally:
+            hook.remove()
+        return captured[0], out.attention_mask.bool()
+
+    def embed_features(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor, *, rvq_round_trip: bool = False
+    ) -> torch.Tensor:
+        """Real audio -> audio tower -> (RVQ encode/decode, as in training) -> projection: [n_valid, H]."""
+        states, valid = self.encoder_states(input_features, input_features_mask)
+        if rvq_round_trip:
+            with torch.no_grad():
+                codes = self.rvq.encode(states.float(), valid)
+                codes = getattr(codes, "codes", codes)  # a result object or the codes tensor [N, Q, T]
+                states = self.rvq.decode(codes.clamp_min(0))  # padded frames (-1) are dropped below
+        return self.project_states(states)[valid]
+
+    def _audio_embeddings(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        if batch.get("codes") is not None:
+            return self.embed_codes(batch["codes"], batch.get("code_lengths"))
+        if batch.get("input_features") is not None:
+            return self.embed_features(
+                batch["input_features"],
+                batch["input_features_mask"],
+                rvq_round_trip=batch.get("rvq_round_trip", False),
+            )
+        return None
+
+    # --------------------------------------------------------------------------------- LLM inputs
+    def _inputs(self, batch: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """Token ids + audio -> model kwargs (``inputs_embeds`` etc.) and the audio mask [B, L]."""
+        input_ids = batch["input_ids"].to(self.device)
+        kwargs: dict[str, Any] = {}
+        for key in ("attention_mask", "position_ids"):
+            if batch.get(key) is not None:
+                kwargs[key] = batch[key].to(self.device)
+        if self.input_mode == "tokens":
+            if batch.get("codes") is not None or batch.get("input_features") is not None:
+                raise ValueError("tokens mode takes sound tokens in input_ids, not codes or audio features")
+            return {"input_ids": input_ids, **kwargs}, None
+
+        audio_id = self.base.config.audio_token_id
+        positions = batch.get("audio_positions")
+        positions = (input_ids == audio_id) if positions is None else positions.to(self.device).bool()
+        audio = self._audio_embeddings(batch)
+        n_slots = int(positions.sum())
+        if (audio is None and n_slots) or (audio is not None and audio.shape[0] != n_slots):
+            got = 0 if audio is None else audio.shape[0]
+            raise ValueError(f"{n_slots} audio slots in input_ids but {got} audio frames given")
+        ids = input_ids.masked_fill(positions, self.pad_id)
+        embeds = self.base.get_input_embeddings()(ids)  # [B, L, H]
+        if self._text_config().hidden_size_per_layer_input:
+            # Gemma 4's per-layer embeddings see the pad token at audio slots, as in Gemma4Model.forward.
+            kwargs["per_layer_inputs"] = self.base.model.language_model.get_per_layer_inputs(ids, embeds)
+        if audio is not None:
+            embeds = embeds.masked_scatter(positions[..., None].expand_as(embeds), audio.to(embeds.dtype))
+        return {"inputs_embeds": embeds, **kwargs}, positions
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.base.get_output_embeddings()(hidden)
+        cap = getattr(self._text_config(), "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    # ------------------------------------------------------------------------------------- training
+    def forward(self, batch: dict[str, Any], *, return_logits: bool = False) -> dict[str, torch.Tensor]:
+        """Loss on the response tokens (+ optional CTC on audio positions).
+
+        Args:
+            batch: ``input_ids`` [B, L], ``labels`` [B, L] (``IGNORE_INDEX`` off the response); either
+                ``attention_mask`` [B, L] (padded) or ``position_ids`` [B, L] restarting per example (packed,
+                no mask); optional ``audio_positions`` [B, L]; audio as ``codes`` [N, Q, T] (+ ``code_lengths``
+                [N]) or ``input_features`` [N, F, 128] + ``input_features_mask`` [N, F], N = audio segments
+                in row-major order; for CTC ``ctc_targets`` [N, S] (transcript ids, padded with ``IGNORE_INDEX``).
+            return_logits: Also return the full logits [B, L, V].
+
+        Returns:
+            ``loss`` (scalar: ``ce`` + ``ctc_weight`` x ``ctc``), ``ce``, ``n_tokens`` (labelled tokens),
+            ``ctc`` when enabled, ``logits`` [B, L, V] when asked.
+        """
+        inputs, audio_positions = self._inputs(batch)
+        hidden = self.base.model(**inputs, use_cache=False, return_dict=True).last_hidden_state  # [B, L, H]
+        labels = batch["labels"].to(self.device)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX  # [B, L-1]
+        n_tokens = keep.sum()
+        logits = self._logits(hidden[:, :-1][keep])  # only labelled positions: the vocabulary is large
+        ce = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_tokens.clamp(min=1)
+        out = {"ce": ce, "n_tokens": n_tokens, "loss": ce}
+        if self.ctc_weight > 0 and audio_positions is not None and batch.get("ctc_targets") is not None:
+            out["ctc"] = self._ctc(hidden, audio_positions, batch["ctc_targets"].to(self.device))
+            out["loss"] = ce + self.ctc_weight * out["ctc"]
+        if return_logits:
+            out["logits"] = self._logits(hidden)
+        return out
+
+    def _ctc(self, hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """CTC of each audio segment's final hidden states through the frozen ``lm_head`` (blank = pad)."""
+        runs = _runs(positions)
+        if len(runs) != targets.shape[0]:
+            raise ValueError(f"{len(runs)} audio segments but {targets.shape[0]} ctc_targets rows")
+        frames = [hidden[b, s:e] for b, s, e in runs]
+        log_probs = nn.utils.rnn.pad_sequence([self._logits(f).float() for f in frames]).log_softmax(
+            -1
+        )  # [T, N, V]
+        target_lengths = (targets != IGNORE_INDEX).sum(1)
+        return F.ctc_loss(
+            log_probs,
+            targets.clamp(min=0),
+            torch.tensor([f.shape[0] for f in frames], device=hidden.device),
+            target_lengths,
+            blank=self.pad_id,
+            zero_infinity=True,
+        )
+
+    # ------------------------------------------------------------------------------------ inference
+    def prompts_from_text(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Text (or sound-token) instructions -> a left-padded generation batch."""
+        rows = [build_prompt(self.tokenizer, instruction_text=p, audio_frames=None) for p in prompts]
+        return collate_padded(rows, pad_id=self.pad_id, side="left")
+
+    def prompts_from_audio(
+        self,
+        waveforms: Sequence[np.ndarray],
+        *,
+        instruction_text: str | None = None,
+        sampling_rate: int = 16_000,
+    ) -> dict[str, torch.Tensor]:
+        """16 kHz mono waveforms -> a left-padded generation batch with Gemma 4 audio features."""
+        feats = self.feature_extractor(
+            [np.asarray(w, dtype=np.float32) for w in waveforms],
+            sampling_rate=sampling_rate,
+            return_tensors="pt",
+        )
+        _, valid = self.encoder_states(feats["input_features"], feats["input_features_mask"])
+        rows = [
+            build_prompt(self.tokenizer, instruction_text=instruction_text, audio_frames=int(n))
+            for n in valid.sum(1).tolist()
+        ]
+        batch = collate_padded(rows, pad_id=self.pad_id, side="left")
+        batch.update(input_features=feats["input_features"], input_features_mask=feats["input_features_mask"])
+        return batch
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch_or_prompts: dict[str, Any] | Sequence[str],
+        max_new_tokens: int = 64,
+        greedy: bool = True,
+        **kwargs,
+    ) -> list[str]:
+        """Answer a left-padded prompt batch (see ``prompts_from_*``, ``build_prompt``) or a list of text prompts.
+
+        Returns:
+            One decoded answer per row, special tokens removed.
+        """
+        batch = (
+            self.prompts_from_text(batch_or_prompts)
+            if not isinstance(batch_or_prompts, dict)
+            else batch_or_prompts
+        )
+        if batch["input_ids"].shape[0] > 1 and batch.get("attention_mask") is None:
+            raise ValueError("batched generation needs a left-padded attention_mask")
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch.get("attention_mask")
+        attention_mask = (
+            torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        )
+        positions, audio = None, None
+        if self.input_mode == "embeddings":
+            inputs, positions = self._inputs({k: v for k, v in batch.items() if k != "position_ids"})
+            audio = inputs["inputs_embeds"][positions]  # [n_audio, H]
+        was_training = self.training
+        self.eval()
+        try:
+            with self._inject_audio(positions, audio):
+                out = self.peft_model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=not greedy,
+                    eos_token_id=self.stop_ids,
+                    pad_token_id=self.pad_id,
+                    **kwargs,
+                )
+        finally:
+            self.train(was_training)
+        out = out[:, input_ids.shape[1] :]  # generate echoes the prompt
+        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
+
+    @contextmanager
+    def _inject_audio(self, positions: torch.Tensor | None, audio: torch.Tensor | None):
+        """Write the audio embeddings into the prefill's token embeddings during ``generate``.
+
+        Gemma 4's ``prepare_inputs_for_generation`` does not forward ``inputs_embeds``, so ``generate`` gets
+        the ids (audio slots hold ``<|audio|>``, which ``Gemma4Model`` embeds as pad) and this one-shot hook
+        on the embedding layer replaces those slots, once, in the prefill call.
+        """
+        if positions is None or audio is None or not bool(positions.any()):
+            yield
+            return
+        done = [False]
+
+        def hook(_module, _args, output):
+            if done[0] or output.shape[:2] != positions.shape:
+                return output
+            done[0] = True
+            return output.masked_scatter(positions[..., None].expand_as(output), audio.to(output.dtype))
+
+        handle = self.base.get_input_embeddings().register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+        if not done[0]:
+            raise RuntimeError("generate never embedded the prompt: the audio was not injected")
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the trained weights (LoRA, new token rows, a trained embedder), detached, by parameter name."""
+        return {n: p.detach().clone() for n, p in self.peft_model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load ``trainable_state_dict()`` output; the key sets must match exactly."""
+        params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
+        if missing or unexpected:
+            raise KeyError(f"trainable state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                if params[name].shape != value.shape:
+                    raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(params[name].shape)}")
+                params[name].copy_(value)
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write the adapter in PEFT format (``adapter_model.safetensors`` + ``adapter_config.json``) and tokenizer."""
+        directory = Path(directory)
+        self.peft_model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        return directory
+
+    def export_merged(
+        self, directory: str | Path, *, dtype: Literal["bf16", "fp16", "fp32"] | None = None
+    ) -> Path:
+        """Merge LoRA (and token rows) into a fresh copy of the base and save a Hugging Face folder.
+
+        The copy is reloaded from ``model`` so this module keeps training; the folder holds safetensors
+        weights, config, tokenizer and (when the source has one) processor / feature extractor, and loads
+        with ``AutoModelForCausalLM`` / ``Gemma4ForConditionalGeneration.from_pretrained`` or vLLM.
+        """
+        directory = Path(directory)
+        kwargs = {**self._load_kwargs, **({"dtype": _DTYPES[dtype]} if dtype else {})}
+        base = AutoModelForCausalLM.from_pretrained(self.model_name, **kwargs)
+        if len(self.tokenizer) > base.get_input_embeddings().num_embeddings:
+            base.resize_token_embeddings(len(self.tokenizer))
+        with tempfile.TemporaryDirectory() as tmp:
+            self.peft_model.save_pretrained(tmp, safe_serialization=True)
+            merged = PeftModel.from_pretrained(base, tmp).merge_and_unload()
+        merged.save_pretrained(directory, safe_serialization=True)
+        for loader in (AutoProcessor, AutoFeatureExtractor):
+            try:
+                loader.from_pretrained(self.model_name).save_pretrained(directory)
+                break
+            except (OSError, ValueError, TypeError, KeyError):
+                continue  # a source without a processor (text-only LM) still exports
+        self.tokenizer.save_pretrained(directory)  # last: carries the added sound tokens
+        return directory

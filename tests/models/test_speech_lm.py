@@ -1,0 +1,214 @@
+"""Stage-2 model: loss masking, overfit-then-generate, batched == per-sample decoding, save/load."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import AutoTokenizer  # noqa: E402
+
+from models.codec import codes_to_string, sound_token_names  # noqa: E402
+from models.speech_lm import IGNORE_INDEX, SpeechLM, tiny_lm_config  # noqa: E402
+from models.text_tokenizer import train_tokenizer  # noqa: E402
+
+Q, K = 3, 16
+TEXTS = ["hello world", "akwaaba, me din de Kofi na me fi Kumasi"]
+CODES = [
+    torch.tensor(
+        [[1, 1, 1, 2, 3, 3, 3, 3, 3, 3, 3, 4], [5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6, 7], [0, 0, 1, 1] * 3]
+    ),
+    torch.tensor([[9, 8, 7, 7, 7], [1, 2, 3, 4, 5], [6, 6, 6, 6, 6]]),
+]
+FORMS = [("one_level", True), ("all_levels", True), ("all_levels", False)]  # (form, delay)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(
+        ["hello world, this is a test", "akwaaba me din de kofi", "Kumasi na Accra"] * 5, vocab_size=300
+    )
+
+
+def make_model(tokenizer, form, delay=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    return SpeechLM(
+        lm=tiny_lm_config(len(tokenizer)),
+        tokenizer=tokenizer,
+        num_levels=Q,
+        codebook_size=K,
+        output_form=form,
+        max_duration=5,
+        delay=delay,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer):
+    """One tiny model per form, overfit on two (text, codes) pairs."""
+    torch.set_num_threads(1)  # tiny dims: threads only add contention on a shared CPU
+    models = {}
+    for form, delay in FORMS:
+        model = make_model(tokenizer, form, delay)
+        batch = model.build_batch(TEXTS, CODES)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(80):  # about 25-50 steps needed at this seed; the rest is margin
+            model(batch)["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            models[(form, delay)] = (model, model(batch))
+    return models
+
+
+@pytest.mark.parametrize("form,delay", FORMS)
+def test_overfit_then_greedy_generate_reproduces_codes(trained, form, delay):
+    model, out = trained[(form, delay)]
+    assert torch.equal(out["correct"], out["total"]) and out["total"].sum() > 0
+    generated = model.generate(TEXTS, max_frames=30)
+    for gen, ref in zip(generated, CODES, strict=True):
+        expected = ref[:1] if form == "one_level" else ref
+        assert gen.dtype == torch.long and torch.equal(gen, expected)
+
+
+@pytest.mark.parametrize("form,delay", FORMS)
+def test_batched_generate_equals_per_sample(tokenizer, form, delay):
+    # An untrained model rarely ends early, so every step of the left-padded cache is exercised.
+    model = make_model(tokenizer, form, delay, seed=3)
+    texts = ["a", TEXTS[1], "Kumasi na Accra na hello world hello world"]  # three prompt lengths
+    batched = model.generate(texts, max_frames=10)
+    single = [model.generate([t], max_frames=10)[0] for t in texts]
+    assert [b.shape for b in batched] == [s.shape for s in single]
+    assert all(torch.equal(b, s) for b, s in zip(batched, single, strict=True))
+
+
+def test_prompt_is_masked_from_the_loss(tokenizer):
+    model = make_model(tokenizer, "one_level")
+    batch = model.build_batch(TEXTS, CODES)
+    # Targets are exactly the compressed codec string after <|sound_start|>, nothing from the prompt.
+    for i, codes in enumerate(CODES):
+        ids = model.tokenizer(
+            codes_to_string(codes[0], compress=True, max_duration=5), add_special_tokens=False
+        )["input_ids"]
+        labels = batch["labels"][i, 0]
+        assert labels[labels != IGNORE_INDEX].tolist() == ids[1:]
+    # The loss equals HF's own causal-LM loss with every prompt position labelled -100 (catches any
+    # off-by-one between the prompt and answer columns).
+    out = model(batch)
+    p_len = batch["input_ids"].shape[1]
+    full_ids = torch.cat([batch["input_ids"], batch["answer_inputs"][:, 0]], 1)
+    full_labels = torch.full_like(full_ids, IGNORE_INDEX)
+    full_labels[:, p_len + 1 :] = batch["labels"][:, 0, :-1]
+    logits = model.lm(
+        input_ids=full_ids, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    ).logits
+    ref = F.cross_entropy(logits[:, p_len:].flatten(0, 1), batch["labels"][:, 0].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out["loss"], ref)
+    # The opt-in prompt loss adds a term and leaves the speech loss as it was.
+    on = model(model.build_batch(TEXTS, CODES, loss_on_prompt=True))
+    assert on["prompt_loss"] > 0 and torch.allclose(on["loss"], on["speech_loss"] + on["prompt_loss"])
+    torch.testing.assert_close(on["speech_loss"], out["loss"])
+
+
+def test_all_levels_loss_ignores_prompt_targets(tokenizer):
+    model = make_model(tokenizer, "all_levels")
+    batch = model.build_batch(TEXTS, CODES)
+    labels = batch["labels"]
+    # Delay pattern: level q of frame t sits at step t + q; every head ends with EOS = K.
+    assert labels.shape == (2, Q, 12 + Q)
+    for q in range(Q):
+        assert labels[0, q, q : q + 12].tolist() == CODES[0][q].tolist() and labels[0, q, q + 12] == K
+    out = model(batch)
+    assert out["total"].tolist() == [12 + 1 + 5 + 1] * Q
+    # No gradient reaches logits at ignored (padding / delay-filler) positions.
+    grads = torch.autograd.grad(out["loss"], out["logits"])[0]
+    ignored = (labels == IGNORE_INDEX).unsqueeze(-1).expand_as(grads)
+    assert grads[ignored].abs().max() == 0 and grads[~ignored].abs().max() > 0
+
+
+@pytest.mark.parametrize("form", ["one_level", "all_levels"])
+def test_generation_stops_at_max_frames_without_end_of_speech(tokenizer, form):
+    model = make_model(tokenizer, form, seed=1)
+    if form == "one_level":
+        inner, end_col = model._lm_logits, torch.tensor([len(model.answer_vocab) - 1])
+
+        def no_end(h, weight=None):  # decoding restricts logits to the answer vocabulary, end last
+            logits = inner(h, weight)
+            return logits if weight is None else logits.index_fill(-1, end_col, -1e9)
+
+        model._lm_logits = no_end
+    else:
+        hook = model.heads[0].register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([K]), -1e9))
+    out = model.generate(TEXTS, max_frames=7)
+    assert [o.shape[-1] for o in out] == [7, 7]
+    assert all(int(o.max()) < K for o in out)
+    if form == "all_levels":
+        hook.remove()
+
+
+def test_sampling_is_seeded(tokenizer):
+    model = make_model(tokenizer, "all_levels", seed=2)
+    a = model.generate(TEXTS, max_frames=8, greedy=False, top_k=5, seed=7)
+    b = model.generate(TEXTS, max_frames=8, greedy=False, top_k=5, seed=7)
+    c = model.generate(TEXTS, max_frames=8, greedy=False, top_k=5, seed=8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+@pytest.mark.parametrize("form,delay", FORMS[:2])
+def test_save_load_round_trip(trained, tmp_path, form, delay):
+    model = trained[(form, delay)][0]
+    model.save(tmp_path)
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
+    loaded = SpeechLM.load(tmp_path)
+    assert loaded.output_form == form and loaded.num_levels == Q
+    for a, b in zip(model.generate(TEXTS, max_frames=30), loaded.generate(TEXTS, max_frames=30), strict=True):
+        assert torch.equal(a, b)
+    sd, ld = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == ld.keys() and all(torch.equal(sd[k], ld[k]) for k in sd)
+
+
+def test_bad_codes_raise(tokenizer):
+    model = make_model(tokenizer, "all_levels")
+    with pytest.raises(ValueError, match="out of range"):
+        model.build_batch(["x"], [torch.full((Q, 3), K)])
+    with pytest.raises(ValueError, match=r"\[Q>=3, T\]"):
+        model.build_batch(["x"], [torch.zeros(2, 3, dtype=torch.long)])
+    with pytest.raises(ValueError, match="texts but"):
+        model.build_batch(["x", "y"], [torch.zeros(Q, 3, dtype=torch.long)])
+
+
+def test_tokenizer_round_trip_and_chat_template(tokenizer, tmp_path):
+    tok = train_tokenizer(["abc def"] * 3, vocab_size=280, special_tokens=sound_token_names(4))
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "ɛyɛ"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == "<bos><start_of_turn>user\nɛyɛ<end_of_turn>\n<start_of_turn>model\n"
+    s = codes_to_string([1, 1, 3], compress=True)
+    ids = tok(s, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 5  # start, duration, sound, sound, end: each one token, never split
+    tok.save_pretrained(tmp_path)
+    back = AutoTokenizer.from_pretrained(tmp_path)
+    assert (
+        back(prompt, add_special_tokens=False)["input_ids"]
+        == tok(prompt, add_special_tokens=False)["input_ids"]
+    )
+    assert back.decode(back("héllo ɛ wörld")["input_ids"], skip_special_tokens=True) == "héllo ɛ wörld"
+    assert back.unk_token_id not in back("日本語 🎵")["input_ids"]  # byte-level: any text encodes
+    assert (
+        back.padding_side == "left"
+        and back.pad_token == "<pad>"
+        and back("x")["input_ids"][0] == back.bos_token_id
+    )
+
+
+@pytest.mark.parametrize("form", ["one_level", "all_levels"])
+def test_min_frames_fixes_the_length(trained, form):
+    model = trained[(form, True)][0]  # trained to stop after 12 and 5 frames
+    assert [c.shape[-1] for c in model.generate(TEXTS, max_frames=30)] == [12, 5]
+    assert [c.shape[-1] for c in model.generate(TEXTS, max_frames=9, min_frames=9)] == [9, 9]
+    with pytest.raises(ValueError):
+        model.generate(TEXTS, max_frames=3, min_frames=4)
