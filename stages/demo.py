@@ -83,7 +83,7 @@ def metrics_of(run_dir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", choices=["demo", "fsdd"], default="demo")
-    parser.add_argument("--stages", default="1", help="which stages to run, e.g. 1 (default)")
+    parser.add_argument("--stages", default="1", help="which stages to run: 1 (default), or 12 to add stage 2 (slower, see README)")
     args = parser.parse_args(argv)
     t0 = time.time()
     data = ROOT / "data" / args.corpus
@@ -133,6 +133,45 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("val/mse", "val/cosine", "val/utilisation", "val/perplexity"):
             print(f"  {key:<18} {chosen.get(key, float('nan')):.4f}")
         print(f"  artifact: {artifacts}/stage1/current  tokens: data/{args.corpus}/tokens/")
+    if "2" in args.stages:
+        import json as _json
+
+        from stages.stage2 import make_tiny_lm
+
+        lm_dir = data / "models" / "stage2_lm"
+        if not (lm_dir / "config.json").exists():
+            texts = [_json.loads(line)["text"] for line in open(data / "tokens" / "train" / "semantic_tokens.jsonl")]
+            for split in ("train", "val", "test"):
+                for line in open(data / "raw" / f"instructions_{split}.jsonl"):
+                    rec = _json.loads(line)
+                    texts += [rec["instruction"], rec["response"]]
+            make_tiny_lm(lm_dir, texts)
+        config2 = "configs/demo/stage2_speechless.yaml"
+        lightning("fit", "--config", config2)
+        runs2 = ROOT / "runs" / args.corpus / "stage2"
+        summary2 = metrics_of(runs2)
+        ckpts = summary2.get("candidates", {})
+        ckpt = ckpts.get("best") or ckpts.get("averaged") or next(iter(ckpts.values()), None)
+        if ckpt:
+            lightning("test", "--config", config2, "--ckpt_path", ckpt, "--trainer.logger", "false")
+        lightning(
+            "predict", "--config", config2,
+            "--model.init_args.artifact", f"{artifacts}/stage2/current",
+            "--data", "datamodules.text.InstructionDataModule",
+            "--data.init_args.path", f"data/{args.corpus}/raw/instructions_train.jsonl",
+            "--trainer.logger", "false",
+            "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
+            "--trainer.callbacks.output_dir", f"data/{args.corpus}/synthetic/train",
+            "--trainer.callbacks.prefix", "synthetic",
+            "--trainer.callbacks.jsonl_name", "synthetic.jsonl",
+        )
+        chosen2 = summary2.get("metrics", {}).get("best") or next(iter(summary2.get("metrics", {}).values()), {})
+        print("\n== stage 2 (best checkpoint, validation speakers) ==")
+        for key in ("val/loss", "val/acc", "val/gen_cosine", "val/len_error", "val/word_match"):
+            print(f"  {key:<18} {chosen2.get(key, float('nan')):.4f}")
+        print(f"  word match {chosen2.get('val/word_match', float('nan')):.2f} vs chance "
+              f"{chosen2.get('val/word_match_chance', float('nan')):.2f}")
+        print(f"  artifact: {artifacts}/stage2/current  synthetic tokens: data/{args.corpus}/synthetic/train/")
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     return 0
 

@@ -1,0 +1,154 @@
+"""Text instructions for stage-2 synthesis (``lightning predict`` writes synthetic speech tokens).
+
+Follows Speechless (Dao et al., INTERSPEECH 2025, arXiv:2505.17417): the stage-2 LM turns the text
+instructions of an instruction data set into semantic tokens, which stage 3 trains on instead of
+recorded speech. Input is a JSONL file (one object per line) or a Hugging Face dataset saved on
+disk (``datasets.save_to_disk``); field names are configurable.
+
+The predict loader splits the instructions across ranks by contiguous blocks, so every instruction
+is predicted exactly once; the shorter ranks are padded with ``sample_weight == 0`` copies so all
+ranks run the same number of batches (the writers skip weight-0 samples).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["InstructionDataModule", "load_instructions", "rank_slice"]
+
+
+def load_instructions(
+    path: str | Path, *, instruction_field: str = "instruction", response_field: str = "response",
+    id_field: str = "id", split: str | None = None,
+) -> list[dict[str, Any]]:
+    """Read instruction records as ``{"id", "instruction", "response", ...}`` dicts.
+
+    Args:
+        path: a ``.jsonl`` file, or a folder written by ``datasets`` ``save_to_disk``.
+        instruction_field, response_field, id_field: source field names (``id`` falls back to
+            ``"<line or row number>"`` when the field is absent).
+        split: the split of a saved ``DatasetDict``.
+
+    Raises:
+        ValueError: a record without an instruction, a duplicate id, or an unreadable line.
+    """
+    path = Path(path)
+    if path.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split is None:
+                raise ValueError(f"{path} holds splits {list(ds)}: set split")
+            ds = ds[split]
+        rows = list(ds)
+    else:
+        rows = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
+    records, seen = [], set()
+    for n, row in enumerate(rows):
+        text = row.get(instruction_field)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}: record {n} has no {instruction_field!r} text")
+        key = str(row.get(id_field, n))
+        if key in seen:
+            raise ValueError(f"{path}: duplicate id {key!r}")
+        seen.add(key)
+        extra = {k: v for k, v in row.items() if k not in (instruction_field, response_field, id_field)}
+        records.append({**extra, "id": key, "instruction": text, "response": row.get(response_field, "")})
+    return records
+
+
+def rank_slice(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
+    """Indices of rank ``rank``'s contiguous block and the padded per-rank count.
+
+    Returns:
+        ``(indices, per_rank)``: every index in ``range(n)`` lands on exactly one rank; ``per_rank =
+        ceil(n / world_size)`` is the length every rank pads to.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    per_rank = math.ceil(n / world_size) if n else 0
+    return list(range(min(rank * per_rank, n), min((rank + 1) * per_rank, n))), per_rank
+
+
+class _Items(Dataset):
+    def __init__(self, items: list[tuple[dict[str, Any], float]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, Any], float]:
+        return self.items[i]
+
+
+def _collate(items: list[tuple[dict[str, Any], float]]) -> dict[str, Any]:
+    return {
+        "keys": [r["id"] for r, _ in items],
+        "texts": [r["instruction"] for r, _ in items],
+        "meta": [dict(r) for r, _ in items],
+        "sample_weight": torch.tensor([w for _, w in items], dtype=torch.float32),
+    }
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Predict batches of instruction texts: ``{"keys": [B], "texts": [B], "meta": [B] dicts with
+    id/instruction/response/..., "sample_weight": [B]}`` (0 on padding copies).
+
+    Args:
+        path: JSONL file or saved HF dataset folder.
+        instruction_field, response_field, id_field: field names in the source.
+        split: split of a saved ``DatasetDict``.
+        batch_size: texts per batch.
+        rank, world_size: override the trainer's (tests, or splitting by hand); by default
+            :meth:`setup` reads ``trainer.global_rank`` and ``trainer.world_size``.
+        limit: keep only the first ``limit`` records (smoke runs).
+    """
+
+    def __init__(
+        self, *, path: str, instruction_field: str = "instruction", response_field: str = "response",
+        id_field: str = "id", split: str | None = None, batch_size: int = 16,
+        rank: int | None = None, world_size: int | None = None, limit: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.path, self.split, self.batch_size, self.limit = path, split, batch_size, limit
+        self.fields = dict(instruction_field=instruction_field, response_field=response_field, id_field=id_field)
+        self.rank, self.world_size = rank, world_size
+        self.records: list[dict[str, Any]] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        self.records = load_instructions(self.path, split=self.split, **self.fields)
+        if self.limit is not None:
+            self.records = self.records[: self.limit]
+        trainer = getattr(self, "trainer", None)
+        if self.rank is None:
+            self.rank = trainer.global_rank if trainer is not None else 0
+        if self.world_size is None:
+            self.world_size = trainer.world_size if trainer is not None else 1
+
+    def predict_dataloader(self) -> DataLoader:
+        if not self.records:
+            self.setup("predict")
+        indices, per_rank = rank_slice(len(self.records), self.rank, self.world_size)
+        items = [(self.records[i], 1.0) for i in indices]
+        # Padding copies (weight 0) keep the batch count equal on every rank.
+        filler = self.records[indices[0] if indices else 0] if self.records else None
+        items += [(filler, 0.0)] * (per_rank - len(indices)) if filler is not None else []
+        return DataLoader(_Items(items), batch_size=self.batch_size, shuffle=False, collate_fn=_collate)

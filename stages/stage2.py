@@ -1,0 +1,280 @@
+"""Stage 2: the text -> semantic-token LM (the Speechless recipe, stage 2), and synthesis with it.
+
+Follows Speechless (Dao et al., INTERSPEECH 2025, arXiv:2505.17417): a decoder-only LM is trained
+with teacher forcing to write the stage-1 RVQ codes of an utterance given its transcript (loss on
+speech tokens only), then synthesizes semantic tokens for the text instructions of an instruction
+data set, which stage 3 trains on. The model itself is :class:`models.speech_lm.SpeechLM`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric, SumMetric
+
+from models.speech_lm import SpeechLM
+from stages.promotion import ArtifactModule, load_artifact
+
+__all__ = ["SpeechlessStage", "aligned_cosine", "make_tiny_lm", "word_match"]
+
+
+def aligned_cosine(gen: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Mean per-frame cosine after linearly interpolating ``gen [T_g, D]`` to ``real [T_r, D]``'s length.
+
+    An empty generation scores 0 (no speech is as far from the target as orthogonal speech).
+    """
+    if gen.shape[0] == 0 or real.shape[0] == 0:
+        return real.new_zeros(())
+    if gen.shape[0] != real.shape[0]:
+        gen = F.interpolate(gen.T[None].float(), size=real.shape[0], mode="linear", align_corners=True)[0].T
+    return F.cosine_similarity(gen.float(), real.float(), dim=-1).mean()
+
+
+def word_match(items: list[tuple[str, torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+    """Fraction of texts whose generated states are closest (aligned cosine) to their own real states.
+
+    Args:
+        items: ``(text, generated states [T_g, D], real states [T_r, D])`` per utterance.
+
+    Returns:
+        ``(fraction of texts matched, number of texts)``; a text matches when the mean aligned
+        cosine of its generations to the real utterances of the same text is higher than to the real
+        utterances of every other text. Chance is ``1 / number of texts``.
+    """
+    gens: dict[str, list[torch.Tensor]] = {}
+    reals: dict[str, list[torch.Tensor]] = {}
+    for text, g, r in items:
+        gens.setdefault(text, []).append(g)
+        reals.setdefault(text, []).append(r)
+    words = sorted(gens)
+    if len(words) < 2:
+        return float("nan"), len(words)
+    hits = 0
+    for w in words:
+        score = {
+            v: torch.stack([aligned_cosine(g, r) for g in gens[w] for r in reals[v]]).mean().item() for v in words
+        }
+        hits += all(score[w] > score[v] for v in words if v != w)
+    return hits / len(words), len(words)
+
+
+def make_tiny_lm(out_dir: str | Path, texts: list[str], *, vocab_size: int = 400, hidden_size: int = 64,
+                 num_layers: int = 2, seed: int = 0) -> Path:
+    """Write a random-weight tiny Gemma 3 LM and a BPE tokenizer trained on ``texts`` (demo, tests).
+
+    The folder loads like a hub id: ``SpeechLM(lm=out_dir, tokenizer=out_dir, ...)``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from models.speech_lm import tiny_lm_config
+    from models.text_tokenizer import train_tokenizer
+
+    out = Path(out_dir)
+    tok = train_tokenizer(texts, vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    lm = AutoModelForCausalLM.from_config(tiny_lm_config(len(tok), hidden_size=hidden_size, num_layers=num_layers))
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    lm.save_pretrained(out)
+    return out
+
+
+class SpeechlessStage(LightningModule):
+    """Trains a :class:`SpeechLM` on (text, RVQ codes) token shards; synthesizes codes in ``predict``.
+
+    Validation and test also *generate* (greedy by default) the codes of every batch text and
+    compare them to the real ones in the stage-1 quantizer's state space: both code sequences are
+    decoded with the frozen stage-1 RVQ (the "real states" are the RVQ decode of the real codes; the
+    speech encoder is not re-run), the generated states are linearly interpolated to the real length
+    and the per-frame cosine is averaged (``val/gen_cosine``); ``val/len_error`` is the mean
+    ``|T_gen - T_real|`` in frames; ``{val,test}/word_match`` is the fraction of held-out texts whose
+    generations are closer to their own real utterances than to any other text's (chance = 1 / number
+    of texts; computed per rank).
+
+    Args:
+        lm: the text -> token LM; may be omitted when ``artifact`` is given.
+        stage1_artifact: promoted stage-1 artifact (``artifacts/stage1/current``); its quantizer is
+            frozen and must have the LM's ``num_levels`` and ``codebook_size``.
+        artifact: a promoted stage-2 artifact to start from (e.g. to synthesize): replaces ``lm``.
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps (then constant).
+        gen_max_frames: length guard for generation (frames).
+        greedy, temperature, top_k: decoding (Speechless decodes greedily).
+    """
+
+    summary_metrics = ["val/loss", "val/acc", "val/gen_cosine", "val/len_error", "val/word_match"]
+
+    def __init__(
+        self, *, lm: SpeechLM | None = None, stage1_artifact: str, artifact: str | None = None,
+        lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 0, gen_max_frames: int = 250,
+        greedy: bool = True, temperature: float = 1.0, top_k: int | None = None,
+    ) -> None:
+        super().__init__()
+        self._parents: list[dict[str, Any]] = []
+        if artifact is not None:
+            loaded = load_artifact(artifact, names=["lm"])
+            self._parents.append({"path": str(loaded["path"]), "sha256": loaded["config"].get("sha256", "")})
+            lm = loaded["modules"]["lm"]
+        if lm is None:
+            raise ValueError("stage 2 needs model.init_args.lm or model.init_args.artifact")
+        s1 = load_artifact(stage1_artifact, names=["quantizer"])
+        quantizer = s1["modules"]["quantizer"]
+        info = s1["config"].get("info", {})
+        levels = info.get("num_quantizers", quantizer.num_quantizers)
+        size = info.get("codebook_size", quantizer.codebook_size)
+        if (levels, size) != (lm.num_levels, lm.codebook_size):
+            raise ValueError(
+                f"stage-1 artifact {stage1_artifact} has {levels} levels x {size} codes but the SpeechLM "
+                f"has num_levels={lm.num_levels}, codebook_size={lm.codebook_size}: make them agree"
+            )
+        self._parents.insert(0, {"path": str(s1["path"]), "sha256": s1["config"].get("sha256", "")})
+        self.stage1_info = info
+        self.lm = lm
+        self.lm.train()  # HF loaders return eval-mode models; Lightning keeps module modes as found
+        self.quantizer = quantizer.requires_grad_(False).eval()
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.gen_max_frames, self.greedy, self.temperature, self.top_k = gen_max_frames, greedy, temperature, top_k
+        n_out = 1 if lm.output_form == "one_level" else lm.num_levels
+        for split in ("val", "test"):
+            setattr(self, f"{split}_loss", MeanMetric())
+            setattr(self, f"{split}_correct", SumMetric())
+            setattr(self, f"{split}_total", SumMetric())
+            setattr(self, f"{split}_level_correct", torch.nn.ModuleList(SumMetric() for _ in range(n_out)))
+            setattr(self, f"{split}_level_total", torch.nn.ModuleList(SumMetric() for _ in range(n_out)))
+            setattr(self, f"{split}_gen_cosine", MeanMetric())
+            setattr(self, f"{split}_len_error", MeanMetric())
+        self._items: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.quantizer.eval()  # frozen: never update EMA codebooks or dead-code statistics
+        return self
+
+    # ---- inputs -------------------------------------------------------------------------------
+    @staticmethod
+    def _real(batch: dict) -> tuple[list[str], list[torch.Tensor]]:
+        """Texts and trimmed codes ``[Q, T_i]`` of the weight > 0 samples."""
+        weight = batch.get("sample_weight")
+        keep = [i for i in range(len(batch["meta"])) if weight is None or float(weight[i]) > 0]
+        texts = [batch["meta"][i]["text"] for i in keep]
+        codes = [batch["codes"][i, :, : int(batch["code_lengths"][i])].cpu() for i in keep]
+        return texts, codes
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        texts, codes = self._real(batch)
+        if not texts:  # a padding batch: a zero loss that still touches every parameter (DDP sync)
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        out = self.lm(self.lm.build_batch(texts, codes, loss_on_prompt=False))
+        acc = out["correct"].sum() / out["total"].sum().clamp(min=1)
+        self.log_dict({"train/loss": out["loss"], "train/acc": acc}, prog_bar=True, batch_size=len(texts))
+        return out["loss"]
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def _states(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[Q, T]`` codes -> ``[T, D]`` stage-1 RVQ states."""
+        if codes.shape[1] == 0:
+            return torch.zeros(0, self.quantizer.dim, device=self.device)
+        return self.quantizer.decode(codes[None].to(self.device))[0]
+
+    def _eval_step(self, batch: dict, prefix: str) -> None:
+        texts, codes = self._real(batch)
+        if not texts:
+            return
+        out = self.lm(self.lm.build_batch(texts, codes, loss_on_prompt=False))
+        m = lambda name: getattr(self, f"{prefix}_{name}")  # noqa: E731
+        m("loss").update(out["loss"].detach(), weight=out["total"].sum())
+        m("correct").update(out["correct"].sum())
+        m("total").update(out["total"].sum())
+        for q in range(len(out["correct"])):
+            m("level_correct")[q].update(out["correct"][q])
+            m("level_total")[q].update(out["total"][q])
+        gen = self.lm.generate(texts, max_frames=self.gen_max_frames, greedy=self.greedy,
+                               temperature=self.temperature, top_k=self.top_k)
+        for text, g, r in zip(texts, gen, codes, strict=True):
+            gs, rs = self._states(g), self._states(r)
+            m("gen_cosine").update(aligned_cosine(gs, rs))
+            m("len_error").update(abs(g.shape[1] - r.shape[1]))
+            self._items.append((text, gs.cpu(), rs.cpu()))
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        m = lambda name: getattr(self, f"{prefix}_{name}")  # noqa: E731
+        if m("total").compute() == 0:
+            return
+        self.log(f"{prefix}/loss", m("loss").compute())
+        self.log(f"{prefix}/acc", m("correct").compute() / m("total").compute().clamp(min=1))
+        for q, (c, t) in enumerate(zip(m("level_correct"), m("level_total"), strict=True)):
+            self.log(f"{prefix}/acc_l{q}", c.compute() / t.compute().clamp(min=1))
+        self.log(f"{prefix}/gen_cosine", m("gen_cosine").compute())
+        self.log(f"{prefix}/len_error", m("len_error").compute())
+        frac, n_words = word_match(self._items)
+        if n_words >= 2:
+            self.log(f"{prefix}/word_match", frac)
+            self.log(f"{prefix}/word_match_chance", 1.0 / n_words)
+            if prefix == "test" and self.global_rank == 0:
+                print(f"[stage2] test/word_match {frac:.3f} over {n_words} words (chance {1 / n_words:.3f})", flush=True)
+        self._items = []
+        for name in ("loss", "correct", "total", "gen_cosine", "len_error"):
+            m(name).reset()
+        for metric in [*m("level_correct"), *m("level_total")]:
+            metric.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # ---- synthesis ----------------------------------------------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Codes for instruction texts, for :class:`stages.writers.ShardPredictionWriter` (kind tokens).
+
+        Returns:
+            ``{"keys": [B], "meta": [B] (instruction, response, text, ...), "codes": list of
+            LongTensor [Q, T_i], "weights": [B]}``; weight-0 padding copies are not generated.
+        """
+        weights = [float(w) for w in batch["sample_weight"]]
+        live = [i for i, w in enumerate(weights) if w > 0]
+        gen = self.lm.generate([batch["texts"][i] for i in live], max_frames=self.gen_max_frames,
+                               greedy=self.greedy, temperature=self.temperature, top_k=self.top_k) if live else []
+        q_n = 1 if self.lm.output_form == "one_level" else self.lm.num_levels
+        codes = [torch.zeros(q_n, 0, dtype=torch.long) for _ in weights]
+        for i, g in zip(live, gen, strict=True):
+            codes[i] = g
+        meta = [{**m, "text": t} for m, t in zip(batch["meta"], batch["texts"], strict=True)]
+        return {"keys": batch["keys"], "meta": meta, "codes": codes, "weights": weights}
+
+    # ---- promotion ----------------------------------------------------------------------------
+    def artifact_modules(self, config: dict[str, Any]) -> dict[str, ArtifactModule]:
+        """The SpeechLM in its own pickle-free folder (``lm/``), rebuilt by ``SpeechLM.load``."""
+        return {"lm": ArtifactModule("models.speech_lm.SpeechLM.load", {"directory": "@artifact/lm"}, save=self.lm.save)}
+
+    def artifact_info(self) -> dict[str, Any]:
+        return {
+            "num_levels": self.lm.num_levels,
+            "codebook_size": self.lm.codebook_size,
+            "output_form": self.lm.output_form,
+            "delay": self.lm.delay,
+            "stage1": self._parents[0],
+        }
+
+    def parent_artifacts(self) -> list[dict[str, Any]]:
+        return list(self._parents)
+
+    # ---- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.lm.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        warm = max(self.warmup_steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,158 @@
+"""Stage 2 (text -> semantic tokens): training masks, artifact checks, synthesis, promotion round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from datamodules.shards import ShardWriter
+from datamodules.speech import SpeechDataModule
+from datamodules.text import InstructionDataModule
+from models.rvq import ResidualVQ
+from models.speech_lm import SpeechLM
+from stages.promotion import load_artifact, promote
+from stages.stage2 import SpeechlessStage, make_tiny_lm, word_match
+from stages.writers import ShardPredictionWriter
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+torch.set_num_threads(2)
+
+WORDS = ["zero", "one", "two"]
+Q, K = 2, 8
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=16, num_quantizers=Q, codebook_size=K)
+    promote(
+        stage="stage1",
+        modules={"quantizer": _spec(rvq)},
+        metrics={"val/cosine": 1.0},
+        artifacts_dir=root / "artifacts",
+        info={"num_quantizers": Q, "codebook_size": K, "dim": 16},
+    )
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(root / "tokens", prefix="tokens", max_samples=100, kind="tokens")
+    for n in range(12):
+        w = n % len(WORDS)
+        codes = np.stack([np.full(3 + w, w + q, dtype=np.int16) for q in range(Q)])  # learnable per word
+        writer.write({"__key__": f"u{n:03d}", "json": {"text": WORDS[w]}, "codes.npy": codes},
+                     seconds=0.04 * codes.shape[1])
+    writer.close()
+    with open(root / "instructions.jsonl", "w") as f:
+        for n in range(5):
+            f.write(json.dumps({"id": f"i{n}", "instruction": WORDS[n % 3], "response": "ok"}) + "\n")
+    lm_dir = make_tiny_lm(root / "lm", WORDS * 5 + ["ok"], vocab_size=300, hidden_size=32)
+    del rng
+    return root, lm_dir
+
+
+def _spec(rvq: ResidualVQ):
+    from stages.promotion import ArtifactModule
+
+    return ArtifactModule(
+        "models.rvq.ResidualVQ", {"dim": 16, "num_quantizers": Q, "codebook_size": K}, rvq.state_dict()
+    )
+
+
+def _stage(world, **kw) -> SpeechlessStage:
+    root, lm_dir = world
+    torch.manual_seed(0)
+    lm = SpeechLM(lm=str(lm_dir), tokenizer=str(lm_dir), num_levels=kw.pop("num_levels", Q), codebook_size=K,
+                  loss_on_prompt=kw.pop("loss_on_prompt", False))
+    return SpeechlessStage(lm=lm, stage1_artifact=str(root / "artifacts/stage1/current"), gen_max_frames=8, **kw)
+
+
+def _data(world) -> SpeechDataModule:
+    root, _ = world
+    return SpeechDataModule(train_shards=str(root / "tokens"), val_shards=str(root / "tokens"),
+                            test_shards=str(root / "tokens"), fields="tokens", max_batch_size=6,
+                            max_batch_seconds=100.0)
+
+
+def _batch(world) -> dict:
+    dm = _data(world)
+    dm.setup("fit")
+    return next(iter(dm.val_dataloader()))
+
+
+def test_mismatched_artifact_is_a_clear_error(world):
+    with pytest.raises(ValueError, match="levels"):
+        _stage(world, num_levels=3)
+
+
+def test_loss_is_on_speech_only_and_padding_is_dropped(world):
+    stage = _stage(world, loss_on_prompt=True)  # the LM's own default must not leak into stage 2
+    batch = _batch(world)
+    loss = stage.training_step(batch, 0)
+    texts, codes = stage._real(batch)
+    with_prompt = stage.lm(stage.lm.build_batch(texts, codes, loss_on_prompt=True))
+    torch.testing.assert_close(loss, with_prompt["speech_loss"])
+    assert with_prompt["loss"] > loss + 1e-3  # the prompt term would have been counted
+    padded = dict(batch, sample_weight=torch.zeros_like(batch["sample_weight"]))
+    zero = stage.training_step(padded, 0)
+    assert float(zero) == 0.0 and zero.requires_grad
+
+
+def test_word_match_counts_own_word_closest():
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    right = [("a", a, a), ("b", b, b)]
+    swapped = [("a", b, a), ("b", a, b)]
+    assert word_match(right) == (1.0, 2)
+    assert word_match(swapped) == (0.0, 2)
+
+
+def test_instruction_ranks_cover_each_once(world):
+    root, _ = world
+    seen, batches = [], []
+    for rank in range(2):
+        dm = InstructionDataModule(path=str(root / "instructions.jsonl"), batch_size=2, rank=rank, world_size=2)
+        dm.setup("predict")
+        loader = list(dm.predict_dataloader())
+        batches.append(len(loader))
+        for b in loader:
+            seen += [k for k, w in zip(b["keys"], b["sample_weight"], strict=True) if w > 0]
+    assert sorted(seen) == [f"i{n}" for n in range(5)]
+    assert batches[0] == batches[1]
+
+
+def test_fit_promote_reload_and_synthesize(world, tmp_path):
+    root, _ = world
+    stage = _stage(world, lr=3e-3)
+    trainer = Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(stage, datamodule=_data(world))
+    metrics = trainer.callback_metrics
+    for key in ("val/loss", "val/acc", "val/acc_l0", "val/gen_cosine", "val/len_error", "val/word_match"):
+        assert key in metrics, key
+    result = promote(stage="stage2", modules=stage.artifact_modules({}), metrics={"val/loss": 1.0},
+                     artifacts_dir=tmp_path / "artifacts", info=stage.artifact_info())
+    assert (result.path / "lm" / "model.safetensors").exists()
+    loaded = load_artifact(tmp_path / "artifacts/stage2/current")["modules"]["lm"]
+    texts = ["zero", "two", "one"]
+    expected = stage.lm.generate(texts, max_frames=8)
+    got = loaded.generate(texts, max_frames=8)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)
+
+    # Synthesis over 2 ranks (rank passed explicitly): every instruction written exactly once.
+    synth = SpeechlessStage(artifact=str(tmp_path / "artifacts/stage2/current"),
+                            stage1_artifact=str(root / "artifacts/stage1/current"), gen_max_frames=8)
+    out = tmp_path / "synthetic"
+    for rank in range(2):
+        dm = InstructionDataModule(path=str(root / "instructions.jsonl"), batch_size=2, rank=rank, world_size=2)
+        writer = ShardPredictionWriter(output_dir=str(out / f"r{rank}"), kind="tokens", prefix="synthetic",
+                                       jsonl_name="synthetic.jsonl")
+        Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False).predict(
+            synth, datamodule=dm, return_predictions=False
+        )
+    records = [json.loads(line) for r in range(2) for line in open(out / f"r{r}" / "synthetic.jsonl")]
+    assert sorted(r["id"] for r in records) == [f"i{n}" for n in range(5)]
+    assert all(len(r["codes"]) == Q and r["text"] in WORDS for r in records)
