@@ -177,7 +177,7 @@ def _jsonl(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def _text_instructions() -> list[dict[str, str]]:
+def text_instructions() -> list[dict[str, str]]:
     templates = (
         ("after", "What comes after {w}?", next_digit),
         ("follows", "Which number follows {w}?", next_digit),
@@ -288,7 +288,7 @@ def build_demo_corpus(
     atomic_write_text(
         out / "speakers.tsv", _tsv([("speaker", "voice", "pitch", "rate_wpm", "split"), *speaker_rows])
     )
-    atomic_write_text(out / "text_instructions.jsonl", _jsonl(_text_instructions()))
+    atomic_write_text(out / "text_instructions.jsonl", _jsonl(text_instructions()))
 
     seconds = {s: round(sum(lengths[j["key"]] for j in rows[s]) / sample_rate, 3) for s in SPLITS}
     meta = {

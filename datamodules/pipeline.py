@@ -143,7 +143,8 @@ def decode_sample(raw: dict[str, Any], *, fields: str, sample_rate: int, frame_r
 
     Args:
         raw: ``{"__key__": str, ext: bytes}`` as :func:`read_shard` yields it.
-        fields: ``"audio"`` (needs ``flac``), ``"tokens"`` (needs ``codes.npy``) or ``"both"``.
+        fields: ``"audio"`` (needs ``flac``), ``"tokens"`` (needs ``codes.npy``), ``"both"``, or
+            ``"states"`` (cached encoder states ``states.npy`` ``[T, D]``, stage 1's fast path).
         sample_rate: the rate every ``flac`` must have (shards are prepared at 16 kHz).
         frame_rate: token frames per second, for token samples whose json has no ``duration``.
 
@@ -179,6 +180,19 @@ def decode_sample(raw: dict[str, Any], *, fields: str, sample_rate: int, frame_r
             raise SampleError("empty_audio")
         out["audio"] = np.ascontiguousarray(audio, dtype=np.float32)
         out["seconds"] = audio.shape[0] / sample_rate
+    if fields == "states":
+        if "states.npy" not in raw:
+            raise SampleError("missing_states")
+        try:
+            states = np.load(io.BytesIO(raw["states.npy"]), allow_pickle=False)
+        except Exception as e:  # numpy raises ValueError/OSError/EOFError on bad headers
+            raise SampleError("bad_states", str(e)) from None
+        if states.ndim != 2 or states.dtype.kind != "f" or states.shape[0] == 0:
+            raise SampleError("bad_states", f"expected a non-empty float [T, D] array, got {states.dtype} {states.shape}")
+        if not np.isfinite(states).all():
+            raise SampleError("bad_states", "non-finite values")
+        out["states"] = states
+        out["seconds"] = float(meta.get("duration") or states.shape[0] / frame_rate)
     if fields in ("tokens", "both"):
         if "codes.npy" not in raw:
             raise SampleError("missing_codes")
@@ -283,7 +297,8 @@ def collate_samples(samples: Sequence[dict[str, Any]], *, pad_id: int = -1) -> d
     Returns:
         ``keys`` list[str], ``meta`` list[dict], ``sample_weight`` ``[B]`` float32, and when present
         ``audio`` ``[B, N]`` float32 with ``audio_lengths`` ``[B]`` long, ``codes`` ``[B, Q, T]``
-        long with ``code_lengths`` ``[B]`` long.
+        long with ``code_lengths`` ``[B]`` long, ``states`` ``[B, T, D]`` float32 with
+        ``state_lengths`` ``[B]`` long.
     """
     batch: dict[str, Any] = {
         "keys": [s["__key__"] for s in samples],
@@ -296,6 +311,12 @@ def collate_samples(samples: Sequence[dict[str, Any]], *, pad_id: int = -1) -> d
         for i, s in enumerate(samples):
             audio[i, : lengths[i]] = torch.from_numpy(s["audio"])
         batch["audio"], batch["audio_lengths"] = audio, torch.tensor(lengths, dtype=torch.long)
+    if "states" in samples[0]:
+        lengths = [s["states"].shape[0] for s in samples]
+        states = torch.zeros(len(samples), max(lengths), samples[0]["states"].shape[1], dtype=torch.float32)
+        for i, s in enumerate(samples):
+            states[i, : lengths[i]] = torch.from_numpy(s["states"].astype(np.float32))
+        batch["states"], batch["state_lengths"] = states, torch.tensor(lengths, dtype=torch.long)
     if "codes" in samples[0]:
         levels = {s["codes"].shape[0] for s in samples}
         if len(levels) != 1:

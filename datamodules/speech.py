@@ -45,7 +45,7 @@ __all__ = ["ShardDataset", "SpeechDataModule"]
 
 log = logging.getLogger(__name__)
 
-Fields = Literal["audio", "tokens", "both"]
+Fields = Literal["audio", "tokens", "both", "states"]
 SPLITS = ("train", "val", "test", "predict")
 
 
@@ -104,8 +104,8 @@ class ShardDataset(IterableDataset):
         frame_rate: float = 25.0,
         pad_id: int = -1,
     ) -> None:
-        if fields not in ("audio", "tokens", "both"):
-            raise ValueError(f"fields must be 'audio', 'tokens' or 'both', got {fields!r}")
+        if fields not in ("audio", "tokens", "both", "states"):
+            raise ValueError(f"fields must be 'audio', 'tokens', 'both' or 'states', got {fields!r}")
         if mode not in ("exact", "resampled"):
             raise ValueError(f"mode must be 'exact' or 'resampled', got {mode!r}")
         if mode == "resampled" and (epoch_batches is None or epoch_batches < 1):

@@ -385,17 +385,32 @@ class SpokenLLM(nn.Module):
         *,
         instruction_text: str | None = None,
         sampling_rate: int = 16_000,
+        pieces_per_item: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """16 kHz mono waveforms -> a left-padded generation batch with Gemma 4 audio features."""
+        """16 kHz mono waveforms -> a left-padded generation batch with Gemma 4 audio features.
+
+        Args:
+            waveforms: ``[N_i]`` float arrays, each at most 30 s (the feature extractor's window).
+            instruction_text: text before the audio in the user turn.
+            sampling_rate: their rate (16 kHz).
+            pieces_per_item: for audio longer than 30 s cut into consecutive pieces: how many
+                consecutive waveforms form one prompt; their frames fill one audio block in order, so
+                the whole recording is heard, never truncated. Default: one waveform per prompt.
+        """
         feats = self.feature_extractor(
             [np.asarray(w, dtype=np.float32) for w in waveforms],
             sampling_rate=sampling_rate,
             return_tensors="pt",
         )
         _, valid = self.encoder_states(feats["input_features"], feats["input_features_mask"])
+        frames = valid.sum(1).tolist()
+        groups = list(pieces_per_item) if pieces_per_item is not None else [1] * len(frames)
+        if sum(groups) != len(frames):
+            raise ValueError(f"pieces_per_item sums to {sum(groups)} but {len(frames)} waveforms were given")
+        starts = np.cumsum([0, *groups])
         rows = [
-            build_prompt(self.tokenizer, instruction_text=instruction_text, audio_frames=int(n))
-            for n in valid.sum(1).tolist()
+            build_prompt(self.tokenizer, instruction_text=instruction_text, audio_frames=int(sum(frames[a:b])))
+            for a, b in zip(starts[:-1], starts[1:])
         ]
         batch = collate_padded(rows, pad_id=self.pad_id, side="left")
         batch.update(input_features=feats["input_features"], input_features_mask=feats["input_features_mask"])

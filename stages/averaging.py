@@ -1,7 +1,8 @@
 """Checkpoint averaging: a fit ends with best, final and averaged weights.
 
 The Twi stage-1 release ships best, final and averaged RVQ checkpoints and recommends the averaged
-one. :class:`CheckpointAveraging` keeps the module's floating-point weights at each validation
+one. ``final.ckpt`` is written at the end of ``fit`` (``last.ckpt`` is only as recent as the last
+validation). :class:`CheckpointAveraging` keeps the module's floating-point weights at each validation
 (the last ``n``), or averages the ``n`` best checkpoints that ``ModelCheckpoint`` kept, and writes
 ``averaged.ckpt`` beside them at the end of ``fit``. The CLI then validates best, final and averaged
 alike (``SpeechlessCLI.after_fit``) and writes ``checkpoint_metrics.json``.
@@ -54,6 +55,7 @@ class CheckpointAveraging(Callback):
         self.n, self.mode, self.filename = n, mode, filename
         self._ring: deque[dict[str, torch.Tensor]] = deque(maxlen=n)
         self.path: str | None = None
+        self.final_path: str | None = None
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.mode == "last" and trainer.state.fn == "fit" and not trainer.sanity_checking:
@@ -69,9 +71,15 @@ class CheckpointAveraging(Callback):
         return [torch.load(p, map_location="cpu", weights_only=True)["state_dict"] for p, _ in best[: self.n]]
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        sources = self._sources(trainer)
         ckpt = _model_checkpoint(trainer)
-        if not sources or ckpt is None or ckpt.dirpath is None:
+        if ckpt is None or ckpt.dirpath is None:
+            return
+        # ``last.ckpt`` is written at validation time, so it is stale when the last epoch did not
+        # validate: ``final.ckpt`` holds the weights the fit really ended with.
+        self.final_path = os.path.join(ckpt.dirpath, "final.ckpt")
+        trainer.save_checkpoint(self.final_path, weights_only=False)
+        sources = self._sources(trainer)
+        if not sources:
             return
         averaged = average_state_dicts(sources)
         current = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
@@ -92,6 +100,9 @@ def checkpoint_candidates(trainer: Trainer) -> dict[str, str]:
         if ckpt.last_model_path:
             out["final"] = ckpt.last_model_path
     for cb in trainer.callbacks:
-        if isinstance(cb, CheckpointAveraging) and cb.path and os.path.exists(cb.path):
-            out["averaged"] = cb.path
+        if isinstance(cb, CheckpointAveraging):
+            if cb.final_path and os.path.exists(cb.final_path):
+                out["final"] = cb.final_path
+            if cb.path and os.path.exists(cb.path):
+                out["averaged"] = cb.path
     return out

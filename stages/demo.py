@@ -10,14 +10,15 @@
    checkpoints validated, gated promotion to ``artifacts/stage1/current``), then tokenization of
    every split with ``lightning predict`` from the promoted artifact.
 
-``--corpus fsdd`` runs the same on ``../shared/data/fsdd`` (four speakers train, one validates, the
-sixth is held out), writing under ``data/fsdd``, ``runs/fsdd`` and ``artifacts/fsdd``.
+``--corpus fsdd`` runs the same on ``../shared/data/fsdd`` (five speakers train, the sixth is held out
+for the final test), writing under ``data/fsdd``, ``runs/fsdd`` and ``artifacts/fsdd``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shlex
 import subprocess
 import sys
@@ -49,13 +50,18 @@ def lightning(*args: str) -> int:
     return run([sys.executable, "-m", "stages", *args])
 
 
-def fsdd_manifest(out: Path, *, test_speaker: str = "yweweler", val_speaker: str = "nicolas") -> Path:
-    """A manifest over ``../shared/data/fsdd`` with a speaker-disjoint ``split`` column."""
+def fsdd_manifest(out: Path, *, test_speaker: str = "yweweler", val_takes: int = 5) -> Path:
+    """A manifest over ``../shared/data/fsdd``: five speakers train, the sixth is held out for test.
+
+    Validation (checkpoint choice) uses the last ``val_takes`` takes of each training speaker, so the
+    held-out speaker is never seen before the final test.
+    """
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with open(FSDD / "manifest.tsv") as f:
         for row in csv.DictReader(f, delimiter="\t"):
-            split = "test" if row["speaker"] == test_speaker else "val" if row["speaker"] == val_speaker else "train"
+            take = int(Path(row["audio"]).stem.rsplit("_", 1)[1])
+            split = "test" if row["speaker"] == test_speaker else "val" if take >= 50 - val_takes else "train"
             rows.append({**row, "audio": str(FSDD / row["audio"]), "split": split})
     path = out / "manifest.tsv"
     with open(path, "w", newline="") as f:
@@ -75,6 +81,56 @@ def corpus_config(base: Path, corpus: str, out: Path, replace: dict[str, str]) -
     return out
 
 
+def for_corpus(config: str, corpus: str, artifacts: str) -> str:
+    """The shipped demo config, or a copy with its paths moved to another corpus."""
+    if corpus == "demo":
+        return config
+    out = ROOT / "runs" / corpus / Path(config).name
+    return str(corpus_config(
+        ROOT / config, corpus, out,
+        {"data/demo/": f"data/{corpus}/", "runs/demo": f"runs/{corpus}",
+         "artifacts_dir: artifacts": f"artifacts_dir: {artifacts}", "artifacts/stage1/": f"{artifacts}/stage1/"},
+    ).relative_to(ROOT))
+
+
+def write_task_files(raw: Path) -> None:
+    """The closed task's text side (spoken digit -> next digit) for a corpus that lacks it (fsdd)."""
+    from datamodules.demo_corpus import next_digit, text_instructions
+
+    if (raw / "instructions_train.jsonl").exists():
+        return
+    with open(raw / "manifest.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    for split in ("train", "val", "test"):
+        with open(raw / f"instructions_{split}.jsonl", "w") as f:
+            for row in rows:
+                if row["split"] == split:
+                    rec = {"id": Path(row["audio"]).stem, "instruction": row["text"], "response": next_digit(row["text"])}
+                    f.write(json.dumps(rec) + "\n")
+    with open(raw / "text_instructions.jsonl", "w") as f:
+        for rec in text_instructions():
+            f.write(json.dumps(rec) + "\n")
+
+
+def task_texts(data: Path) -> list[str]:
+    """Texts a tiny demo tokenizer is trained on: instructions, responses and text-only pairs."""
+    texts = []
+    for name in ("instructions_train.jsonl", "instructions_val.jsonl", "instructions_test.jsonl", "text_instructions.jsonl"):
+        for line in open(data / "raw" / name):
+            rec = json.loads(line)
+            texts += [rec["instruction"], rec["response"]]
+    return texts
+
+
+def report(title: str, run_dir: Path, prefer: str, keys: tuple[str, ...]) -> None:
+    summary = metrics_of(run_dir)
+    metrics = summary.get("metrics", {})
+    chosen = metrics.get(prefer) or next(iter(metrics.values()), {})
+    print(f"\n== {title} ==")
+    for key in keys:
+        print(f"  {key:<22} {chosen.get(key, float('nan')):.4f}")
+
+
 def metrics_of(run_dir: Path) -> dict[str, Any]:
     files = sorted(run_dir.glob("version_*/checkpoint_metrics.json"), key=lambda p: p.stat().st_mtime)
     return yaml.safe_load(files[-1].read_text()) if files else {}
@@ -83,7 +139,7 @@ def metrics_of(run_dir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", choices=["demo", "fsdd"], default="demo")
-    parser.add_argument("--stages", default="1", help="which stages to run: 1 (default), or 12 to add stage 2 (slower, see README)")
+    parser.add_argument("--stages", default="123", help="which stages to run (default: 123, the whole pipeline)")
     args = parser.parse_args(argv)
     t0 = time.time()
     data = ROOT / "data" / args.corpus
@@ -108,70 +164,67 @@ def main(argv: list[str] | None = None) -> int:
         save_tiny_gemma4_audio(encoder_dir, seed=0)
 
     # 4. stage 1
-    config = Path("configs/demo/stage1_rvq.yaml")
-    artifacts = "artifacts"
-    if args.corpus != "demo":
-        artifacts = f"artifacts/{args.corpus}"
-        config = corpus_config(
-            ROOT / config, args.corpus, ROOT / "runs" / args.corpus / "stage1_rvq.yaml",
-            {"data/demo/": f"data/{args.corpus}/", "runs/demo": f"runs/{args.corpus}", "artifacts_dir: artifacts": f"artifacts_dir: {artifacts}"},
-        ).relative_to(ROOT)
+    artifacts = "artifacts" if args.corpus == "demo" else f"artifacts/{args.corpus}"
+    config1, config2, config3 = (for_corpus(f"configs/demo/{name}.yaml", args.corpus, artifacts)
+                                 for name in ("stage1_rvq", "stage2_speechless", "stage3_llm"))
     if "1" in args.stages:
-        lightning("fit", "--config", str(config))
+        lightning("fit", "--config", config1)
         for split in ("train", "val", "test"):
             lightning(
-                "predict", "--config", str(config),
+                "predict", "--config", config1,
                 "--model.init_args.artifact", f"{artifacts}/stage1/current",
                 "--data.init_args.predict_shards", f"data/{args.corpus}/shards/{split}",
                 "--trainer.logger", "false",
                 "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
                 "--trainer.callbacks.output_dir", f"data/{args.corpus}/tokens/{split}",
             )
-        summary = metrics_of(ROOT / "runs" / args.corpus / "stage1")
-        chosen = summary.get("metrics", {}).get("averaged") or next(iter(summary.get("metrics", {}).values()), {})
-        print("\n== stage 1 (averaged checkpoint, validation speakers) ==")
-        for key in ("val/mse", "val/cosine", "val/utilisation", "val/perplexity"):
-            print(f"  {key:<18} {chosen.get(key, float('nan')):.4f}")
+        report("stage 1 (averaged checkpoint, validation speakers)", ROOT / "runs" / args.corpus / "stage1",
+               "averaged", ("val/mse", "val/cosine", "val/utilisation", "val/perplexity"))
         print(f"  artifact: {artifacts}/stage1/current  tokens: data/{args.corpus}/tokens/")
-    if "2" in args.stages:
-        import json as _json
 
+    # 5. stage 2: text -> semantic tokens, then synthetic spoken instructions
+    if "2" in args.stages:
         from stages.stage2 import make_tiny_lm
 
+        write_task_files(data / "raw")
         lm_dir = data / "models" / "stage2_lm"
         if not (lm_dir / "config.json").exists():
-            texts = [_json.loads(line)["text"] for line in open(data / "tokens" / "train" / "semantic_tokens.jsonl")]
-            for split in ("train", "val", "test"):
-                for line in open(data / "raw" / f"instructions_{split}.jsonl"):
-                    rec = _json.loads(line)
-                    texts += [rec["instruction"], rec["response"]]
-            make_tiny_lm(lm_dir, texts)
-        config2 = "configs/demo/stage2_speechless.yaml"
+            make_tiny_lm(lm_dir, task_texts(data), hidden_size=128, num_layers=4)
         lightning("fit", "--config", config2)
         runs2 = ROOT / "runs" / args.corpus / "stage2"
-        summary2 = metrics_of(runs2)
-        ckpts = summary2.get("candidates", {})
-        ckpt = ckpts.get("best") or ckpts.get("averaged") or next(iter(ckpts.values()), None)
-        if ckpt:
-            lightning("test", "--config", config2, "--ckpt_path", ckpt, "--trainer.logger", "false")
-        lightning(
-            "predict", "--config", config2,
-            "--model.init_args.artifact", f"{artifacts}/stage2/current",
-            "--data", "datamodules.text.InstructionDataModule",
-            "--data.init_args.path", f"data/{args.corpus}/raw/instructions_train.jsonl",
-            "--trainer.logger", "false",
-            "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
-            "--trainer.callbacks.output_dir", f"data/{args.corpus}/synthetic/train",
-            "--trainer.callbacks.prefix", "synthetic",
-            "--trainer.callbacks.jsonl_name", "synthetic.jsonl",
-        )
-        chosen2 = summary2.get("metrics", {}).get("best") or next(iter(summary2.get("metrics", {}).values()), {})
-        print("\n== stage 2 (best checkpoint, validation speakers) ==")
-        for key in ("val/loss", "val/acc", "val/gen_cosine", "val/len_error", "val/word_match"):
-            print(f"  {key:<18} {chosen2.get(key, float('nan')):.4f}")
-        print(f"  word match {chosen2.get('val/word_match', float('nan')):.2f} vs chance "
-              f"{chosen2.get('val/word_match_chance', float('nan')):.2f}")
-        print(f"  artifact: {artifacts}/stage2/current  synthetic tokens: data/{args.corpus}/synthetic/train/")
+        chosen = json.loads((ROOT / artifacts / "stage2" / "current" / "provenance.json").read_text())["checkpoint"]
+        lightning("test", "--config", config2, "--ckpt_path", chosen, "--trainer.logger", "false")
+        for split in ("train", "val"):
+            lightning(
+                "predict", "--config", config2,
+                "--model.init_args.artifact", f"{artifacts}/stage2/current",
+                "--model.init_args.greedy", "false", "--model.init_args.temperature", "0.8",
+                "--data", "datamodules.text.InstructionDataModule",
+                "--data.init_args.path", f"data/{args.corpus}/raw/instructions_{split}.jsonl",
+                "--trainer.logger", "false",
+                "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
+                "--trainer.callbacks.output_dir", f"data/{args.corpus}/synthetic/{split}",
+                "--trainer.callbacks.prefix", "synthetic",
+                "--trainer.callbacks.jsonl_name", "synthetic.jsonl",
+            )
+        report("stage 2 (promoted checkpoint, validation speakers)", runs2, "best",
+               ("val/loss", "val/acc", "val/gen_cosine", "val/len_error", "val/word_match", "val/word_match_chance"))
+        print(f"  artifact: {artifacts}/stage2/current  synthetic spoken instructions: data/{args.corpus}/synthetic/")
+
+    # 6. stage 3: Gemma 4 + LoRA on synthetic speech only; answers real speech of held-out speakers
+    if "3" in args.stages:
+        from stages.stage3 import build_demo_llm
+
+        llm_dir = data / "models" / "gemma4_stage3"
+        if not (llm_dir / "config.json").exists():
+            build_demo_llm(llm_dir, encoder_dir=data / "models" / "gemma4_audio", texts=task_texts(data))
+        lightning("fit", "--config", config3)
+        report("stage 3 (promoted checkpoint, real speech of validation speakers)", ROOT / "runs" / args.corpus / "stage3",
+               "best", ("val/loss", "val/spoken_accuracy"))
+        run([str(bin_dir / "speechless-infer"), "--artifact", f"{artifacts}/stage3/current",
+             "--stage1", f"{artifacts}/stage1/current", "--shards", f"data/{args.corpus}/shards/test",
+             "--closed-task", "next_digit", "--batch-size", "40", "--max-new-tokens", "4",
+             "--output", f"runs/{args.corpus}/stage3_test_answers.jsonl"])
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     return 0
 

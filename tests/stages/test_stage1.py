@@ -126,3 +126,21 @@ def test_tokenization_on_two_ranks_writes_each_input_once(fitted, tiny_corpus, t
     assert len(ids) == len(set(ids)) == 30
     index = json.loads((out / "index.json").read_text())
     assert index["samples"] == 30 and len({s["url"] for s in index["shards"]}) >= 2
+
+
+def test_cached_states_are_the_fast_path(fitted, tiny_corpus, tmp_path):
+    """predict_output=states writes state shards once; stage 1 then trains from them without the encoder."""
+    config = fitted["config"]
+    for split in ("train", "val"):
+        cli(["predict", "--config", str(config), "--model.init_args.predict_output", "states",
+             "--data.init_args.predict_shards", str(tiny_corpus[split]), "--trainer.logger", "false",
+             "--trainer.callbacks+=stages.writers.ShardPredictionWriter", "--trainer.callbacks.kind", "states",
+             "--trainer.callbacks.output_dir", str(tmp_path / "states" / split)])
+    index = json.loads((tmp_path / "states" / "train" / "index.json").read_text())
+    assert index["kind"] == "states" and index["samples"] == 30
+    cli(["fit", "--config", str(config), "--model.init_args.encoder", "null", "--data.init_args.fields", "states",
+         "--data.init_args.train_shards", str(tmp_path / "states" / "train"),
+         "--data.init_args.val_shards", str(tmp_path / "states" / "val"),
+         "--trainer.logger.init_args.save_dir", str(tmp_path / "run")])
+    summary = json.loads((tmp_path / "run" / "stage1" / "version_0" / "checkpoint_metrics.json").read_text())
+    assert summary["metrics"]["final"]["val/cosine"] > 0.5

@@ -1,0 +1,244 @@
+"""Stage-3 data: synthetic spoken instructions (token shards) mixed with text-only instructions.
+
+Follows Speechless (Dao et al., INTERSPEECH 2025, arXiv:2505.17417), stage 3: the LLM is tuned on
+instructions whose speech was *synthesized* as semantic tokens by stage 2, with text-only pairs mixed in
+so it keeps following written instructions. A token shard sample is ``json`` (``instruction``,
+``response``, ``n_frames``, or only ``text`` for plain tokenized speech) plus ``codes.npy`` ``[Q, T]``.
+
+The tokenizer is bound late (:meth:`InstructionDataModule.bind`, called by the LightningModule that owns
+it), so this module never imports ``models/``: the example builder is injected as a callable. Batches are
+length-bucketed (sorted within a window of batches) so padding stays small.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.shards import iter_tar_samples, resolve_shards
+
+__all__ = ["CLOSED_TASKS", "DIGITS", "InstructionDataModule", "InstructionDataset", "next_digit", "split_for_ranks"]
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def next_digit(text: str) -> str:
+    """The demo's closed task: the English digit word after ``text`` (``"nine"`` -> ``"zero"``)."""
+    word = text.strip().lower()
+    if word not in DIGITS:
+        raise ValueError(f"next_digit: {text!r} is not a digit word {DIGITS}")
+    return DIGITS[(DIGITS.index(word) + 1) % 10]
+
+
+CLOSED_TASKS: dict[str, Callable[[str], str]] = {"next_digit": next_digit}
+
+
+def read_token_shards(
+    spec: str, *, instruction_key: str, response_key: str | None, closed_task: str | None
+) -> list[dict[str, Any]]:
+    """Token shards -> ``[{"key", "instruction", "response", "codes" [Q, T] long}]``.
+
+    The response is ``json[response_key]`` or ``CLOSED_TASKS[closed_task](json[instruction_key])``.
+
+    Raises:
+        ValueError: When a sample lacks the key, or neither/both of ``response_key``/``closed_task`` are set.
+    """
+    if (response_key is None) == (closed_task is None):
+        raise ValueError("set exactly one of response_key or closed_task")
+    if closed_task is not None and closed_task not in CLOSED_TASKS:
+        raise ValueError(f"closed_task must be one of {sorted(CLOSED_TASKS)}, got {closed_task!r}")
+    out = []
+    for path in resolve_shards(spec).paths():
+        for raw in iter_tar_samples(path):
+            meta = json.loads(raw["json"])
+            if "codes.npy" not in raw or instruction_key not in meta:
+                raise ValueError(f"{path}:{raw['__key__']} lacks codes.npy or json[{instruction_key!r}]")
+            if response_key is not None and response_key not in meta:
+                raise ValueError(f"{path}:{raw['__key__']} lacks json[{response_key!r}]")
+            codes = np.load(io.BytesIO(raw["codes.npy"]), allow_pickle=False)
+            response = (
+                meta[response_key] if response_key else CLOSED_TASKS[closed_task](meta[instruction_key])
+            )
+            out.append({
+                "key": raw["__key__"],
+                "instruction": meta[instruction_key],
+                "response": response,
+                "codes": torch.as_tensor(codes, dtype=torch.long),
+            })  # fmt: skip
+    return out
+
+
+def read_text_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Text-only pairs, one JSON object a line with ``instruction`` and ``response``."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        if "instruction" not in obj or "response" not in obj:
+            raise ValueError(f"{path}:{i + 1}: needs 'instruction' and 'response'")
+        rows.append({"key": obj.get("id", f"text-{i}"), "instruction": obj["instruction"], "response": obj["response"]})
+    return rows
+
+
+class InstructionDataset(Dataset):
+    """Spoken rows (with ``codes``) and text rows, tokenized on access by the bound ``build``."""
+
+    def __init__(self, rows: list[dict[str, Any]], *, build: Callable[[dict[str, Any]], dict]) -> None:
+        self.rows, self.build = rows, build
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        example = self.build(row)
+        if "codes" in row:
+            example["codes"] = row["codes"]
+        return example
+
+
+def bucket_batches(lengths: list[int], *, batch_size: int, seed: int, window: int = 16) -> list[list[int]]:
+    """Shuffle, then sort each window of ``window x batch_size`` by length and cut it into batches.
+
+    Returns:
+        Batches of indices; every index appears exactly once.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    span = window * batch_size
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def split_for_ranks(batches: list[list[int]], world_size: int) -> list[list[list[int]]]:
+    """Deal batches to ranks so every example is used exactly once and every rank runs as many batches.
+
+    When the batch count does not divide by ``world_size``, the largest batches are halved until it
+    does (nothing is dropped or repeated). The rank passed in comes from the trainer, not the
+    environment.
+    """
+    batches = [list(b) for b in batches]
+    if sum(len(b) for b in batches) < world_size:
+        raise ValueError(f"{sum(len(b) for b in batches)} examples cannot feed {world_size} ranks")
+    while len(batches) % world_size:
+        i = max(range(len(batches)), key=lambda j: len(batches[j]))
+        big = batches.pop(i)
+        batches[i:i] = [big[: len(big) // 2], big[len(big) // 2 :]]
+    return [batches[r::world_size] for r in range(world_size)]
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Synthetic spoken instructions + text instructions for stage 3.
+
+    Args:
+        train_shards: Token shards of spoken instructions (a folder, brace pattern or list; ``index.json``).
+        val_shards: Token shards for the validation loss.
+        text_jsonl: Text-only instruction pairs mixed into training.
+        text_ratio: Text-only examples per spoken example in an epoch (0.25: one text per four spoken);
+            the text pool is sampled with replacement when it is smaller than needed.
+        instruction_key: Key of the instruction text in a shard's json (what stage 2 spoke).
+        response_key: Key of the answer in a shard's json (stage-2 synthetic shards: ``response``).
+        closed_task: Derive the answer from the instruction instead (``next_digit``) for token shards
+            that only carry a transcript.
+        spoken_instruction_text: Optional text placed before the audio in the user turn.
+        batch_size: Examples per batch.
+        num_workers: DataLoader workers.
+        seed: Shuffling and mixing seed (the epoch is added).
+    """
+
+    def __init__(
+        self,
+        *,
+        train_shards: str,
+        val_shards: str | None = None,
+        text_jsonl: str | None = None,
+        text_ratio: float = 0.0,
+        instruction_key: str = "instruction",
+        response_key: str | None = "response",
+        closed_task: str | None = None,
+        spoken_instruction_text: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if text_ratio < 0:
+            raise ValueError(f"text_ratio must be >= 0, got {text_ratio}")
+        if text_ratio > 0 and not text_jsonl:
+            raise ValueError("text_ratio > 0 needs text_jsonl")
+        self.train_shards, self.val_shards, self.text_jsonl = train_shards, val_shards, text_jsonl
+        self.text_ratio = text_ratio
+        self.read_kwargs = {"instruction_key": instruction_key, "response_key": response_key, "closed_task": closed_task}
+        self.spoken_instruction_text = spoken_instruction_text
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self._build: Callable | None = None
+        self._collate: Callable | None = None
+        self._rows: dict[str, list[dict[str, Any]]] = {}
+
+    def bind(self, *, build_example: Callable[..., dict], collate: Callable[[list[dict]], dict]) -> InstructionDataModule:
+        """Late binding of the tokenizer: ``build_example(instruction_text=, audio_frames=, response=)``."""
+
+        def build(row: dict[str, Any]) -> dict:
+            if "codes" in row:
+                return build_example(
+                    instruction_text=self.spoken_instruction_text,
+                    audio_frames=int(row["codes"].shape[-1]),
+                    response=row["response"],
+                )
+            return build_example(instruction_text=row["instruction"], audio_frames=None, response=row["response"])
+
+        self._build, self._collate = build, collate
+        return self
+
+    def setup(self, stage: str | None = None) -> None:
+        if "train" not in self._rows:
+            self._rows["train"] = read_token_shards(self.train_shards, **self.read_kwargs)
+            self._rows["text"] = read_text_jsonl(self.text_jsonl) if self.text_jsonl else []
+        if self.val_shards and "val" not in self._rows:
+            self._rows["val"] = read_token_shards(self.val_shards, **self.read_kwargs)
+
+    def _epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
+
+    def _train_rows(self, epoch: int) -> list[dict[str, Any]]:
+        spoken, text = self._rows["train"], self._rows["text"]
+        n_text = round(self.text_ratio * len(spoken))
+        if not n_text:
+            return list(spoken)
+        rng = random.Random(self.seed + epoch)
+        picks = rng.sample(text, n_text) if n_text <= len(text) else [rng.choice(text) for _ in range(n_text)]
+        return spoken + picks
+
+    def _loader(self, rows: list[dict[str, Any]], *, seed: int) -> DataLoader:
+        if self._build is None:
+            raise RuntimeError("InstructionDataModule.bind(...) must be called (the LightningModule does it)")
+        dataset = InstructionDataset(rows, build=self._build)
+        lengths = [int(r["codes"].shape[-1]) + 4 * len(r["response"]) if "codes" in r else 4 * len(r["instruction"]) for r in rows]
+        batches = bucket_batches(lengths, batch_size=self.batch_size, seed=seed)
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        batches = split_for_ranks(batches, world)[rank]
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=self._collate, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = self._epoch()
+        return self._loader(self._train_rows(epoch), seed=self.seed + epoch)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self._rows["val"], seed=self.seed) if self.val_shards else []

@@ -1,0 +1,156 @@
+"""``speechless-infer``: answer spoken instructions with a promoted stage-3 model, optionally scored.
+
+Inference follows Speechless (Dao et al., INTERSPEECH 2025, arXiv:2505.17417): speech -> Gemma 4 audio
+encoder -> (RVQ round trip, as in training, when ``--stage1`` is given) -> Gemma 4 + LoRA -> text, greedy.
+Scoring follows DiffusionGemma ASR / Whisper practice: WER and CER (torchmetrics) after Whisper's
+``EnglishTextNormalizer`` for transcription prompts, exact match of the first word for closed tasks.
+
+Long recordings are cut at silence into pieces of at most 30 s (Gemma 4's audio window) whose frames
+fill one audio block in order, so the whole recording is heard. Inputs: ``--audio`` files, a ``--manifest`` (JSONL with ``audio`` and optional ``reference``/``text``,
+paths relative to the manifest), or ``--shards`` (audio shards; ``json.text`` is the transcript).
+One JSON line per utterance goes to stdout (or ``--output``); scores are printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+__all__ = ["load_inputs", "main", "score"]
+
+
+def _read_wave(source: Any) -> np.ndarray:
+    wave, rate = sf.read(source, dtype="float32", always_2d=True)
+    wave = wave.mean(1)
+    if rate != 16_000:
+        import soxr
+
+        wave = soxr.resample(wave, rate, 16_000).astype(np.float32)
+    return wave
+
+
+def load_inputs(*, audio: list[str], manifest: str | None, shards: str | None) -> list[dict[str, Any]]:
+    """``[{"id", "wave" (16 kHz float32 [N]), "text" (transcript or None), "reference" (or None)}]``."""
+    items = [{"id": p, "wave": _read_wave(p), "text": None, "reference": None} for p in audio]
+    if manifest:
+        base = Path(manifest).parent
+        for i, line in enumerate(Path(manifest).read_text().splitlines()):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "audio" not in row:
+                raise ValueError(f"{manifest}:{i + 1}: needs 'audio'")
+            path = Path(row["audio"]) if Path(row["audio"]).is_absolute() else base / row["audio"]
+            items.append({"id": row.get("id", str(path)), "wave": _read_wave(path),
+                          "text": row.get("text", row.get("instruction")), "reference": row.get("reference", row.get("response"))})  # fmt: skip
+    if shards:
+        from datamodules.shards import iter_tar_samples, resolve_shards
+
+        for path in resolve_shards(shards).paths():
+            for raw in iter_tar_samples(path):
+                meta = json.loads(raw["json"])
+                items.append({"id": raw["__key__"], "wave": _read_wave(io.BytesIO(raw["flac"])),
+                              "text": meta.get("text"), "reference": None})  # fmt: skip
+    if not items:
+        raise ValueError("no input: give --audio, --manifest or --shards")
+    return items
+
+
+def score(answers: list[str], references: list[str], *, mode: str) -> dict[str, float]:
+    """``exact`` -> ``{"accuracy"}``; ``transcription`` -> ``{"wer", "cer"}`` on normalised text."""
+    if mode == "exact":
+        from stages.stage3 import exact_match
+
+        return {"accuracy": float(np.mean([exact_match(a, r) for a, r in zip(answers, references, strict=True)]))}
+    from torchmetrics.text import CharErrorRate, WordErrorRate
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    norm = EnglishTextNormalizer()
+    hyp, ref = [norm(a) for a in answers], [norm(r) for r in references]
+    return {"wer": float(WordErrorRate()(hyp, ref)), "cer": float(CharErrorRate()(hyp, ref))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="speechless-infer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifact", help="promoted stage-3 folder (uses its merged export)")
+    parser.add_argument("--model", help="or: a base model / merged folder (hub id or path)")
+    parser.add_argument("--stage1", help="stage-1 artifact: RVQ round trip of the speech, as in training")
+    parser.add_argument("--audio", nargs="*", default=[])
+    parser.add_argument("--manifest")
+    parser.add_argument("--shards")
+    parser.add_argument("--prompt", help="text before the audio in the user turn")
+    parser.add_argument("--closed-task", help="reference = task(transcript), scored by exact match (next_digit)")
+    parser.add_argument("--transcribe", action="store_true", help="score answers as transcripts (WER/CER)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--output")
+    args = parser.parse_args(argv)
+
+    from datamodules.audio import split_at_silence
+    from models.spoken_llm import SpokenLLM
+    from stages.promotion import load_artifact, resolve_artifact
+
+    info: dict[str, Any] = {}
+    if args.artifact:
+        root = resolve_artifact(args.artifact)
+        info = json.loads((root / "config.json").read_text())["info"]
+        source = str(root / info.get("merged", "llm/merged"))
+        spec = json.loads((root / "config.json").read_text())["modules"]["llm"]["init_args"]
+    elif args.model:
+        source, spec = args.model, {}
+    else:
+        parser.error("give --artifact or --model")
+    llm = SpokenLLM(
+        model=source, dtype=args.dtype or spec.get("dtype", "bf16"), lora_r=1,
+        num_levels=info.get("num_levels", spec.get("num_levels", 8)),
+        codebook_size=info.get("codebook_size", spec.get("codebook_size", 2048)),
+    )  # fmt: skip  (the fresh LoRA is zero-initialised: the merged weights answer unchanged)
+    if args.stage1:
+        llm.attach_rvq(load_artifact(args.stage1, names=["quantizer"])["modules"]["quantizer"])
+    items = load_inputs(audio=args.audio, manifest=args.manifest, shards=args.shards)
+    if args.closed_task:
+        from datamodules.instructions import CLOSED_TASKS
+
+        for it in items:
+            it["reference"] = CLOSED_TASKS[args.closed_task](it["text"])
+    elif args.transcribe:
+        for it in items:
+            it["reference"] = it["text"]
+
+    out = open(args.output, "w") if args.output else sys.stdout
+    answers = []
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start : start + args.batch_size]
+        # Audio over the 30 s window is cut at silence and heard whole, never truncated.
+        pieces = [[it["wave"][a:b] for a, b in split_at_silence(it["wave"], 16_000, max_seconds=30.0)] for it in chunk]
+        batch = llm.prompts_from_audio(
+            [p for item_pieces in pieces for p in item_pieces],
+            instruction_text=args.prompt,
+            pieces_per_item=[len(item_pieces) for item_pieces in pieces],
+        )
+        batch["rvq_round_trip"] = bool(args.stage1)
+        for it, answer in zip(chunk, llm.generate(batch, max_new_tokens=args.max_new_tokens), strict=True):
+            answers.append(answer)
+            out.write(json.dumps({"id": it["id"], "answer": answer.strip(), "reference": it["reference"]}) + "\n")
+    scored = [(a, it["reference"]) for a, it in zip(answers, items, strict=True) if it["reference"] is not None]
+    if scored:
+        mode = "exact" if args.closed_task else "transcription"
+        metrics = score([a for a, _ in scored], [r for _, r in scored], mode=mode)
+        chance = " (chance 0.100)" if args.closed_task == "next_digit" else ""
+        print(f"[infer] {len(scored)} scored: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + chance,
+              file=sys.stderr)  # fmt: skip
+    if args.output:
+        out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

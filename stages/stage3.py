@@ -1,0 +1,299 @@
+"""Stage 3: fine-tune Gemma 4 (LoRA) on synthetic spoken instructions, answer real speech.
+
+Follows Speechless (Dao et al., INTERSPEECH 2025, arXiv:2505.17417), stage 3: the instructions' semantic
+tokens (stage 2) are dequantized by the frozen stage-1 RVQ into the Gemma 4 audio encoder's own
+pre-projection space and enter the LLM through its native audio path (``models.spoken_llm.SpokenLLM``);
+only LoRA trains, on the response tokens. Validation also feeds *real* speech of held-out speakers
+through the audio tower and scores greedy answers against a closed task (the demo: next digit).
+
+Checkpoints hold only the trainable weights (``DESIGN.md``: a LoRA checkpoint holds the adapter); the
+promoted artifact holds the PEFT adapter and a merged Hugging Face export.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import soundfile as sf
+import torch
+from lightning import LightningModule
+from torchmetrics import MeanMetric
+
+from datamodules.instructions import CLOSED_TASKS
+from datamodules.shards import iter_tar_samples, resolve_shards
+from models.chat_format import build_example, collate_padded
+from models.spoken_llm import SpokenLLM
+from stages.promotion import ArtifactModule, load_artifact
+
+__all__ = ["SpokenInstructionStage", "build_demo_llm", "collate_instructions", "exact_match"]
+
+
+def build_demo_llm(path: str | Path, *, encoder_dir: str | Path, seed: int = 0, texts: list[str] | None = None) -> Path:
+    """A tiny random Gemma 4 whose audio tower *is* the stage-1 demo encoder (config and weights).
+
+    The stage-1 RVQ was trained on that encoder's pre-projection states, so real speech through this
+    model's audio tower lands where the RVQ's codes decode to.
+
+    Args:
+        path: Output folder.
+        encoder_dir: The stage-1 encoder folder (a saved ``Gemma4AudioModel``).
+        seed: Seed of the random text weights.
+        texts: Tokenizer training text.
+
+    Returns:
+        The folder (model, tokenizer, feature extractor).
+    """
+    from transformers import Gemma4AudioModel, Gemma4ForConditionalGeneration
+
+    from models.gemma4_tiny import build_tiny_gemma4
+
+    path = build_tiny_gemma4(path, seed=seed, texts=texts)
+    encoder = Gemma4AudioModel.from_pretrained(str(encoder_dir))
+    model = Gemma4ForConditionalGeneration.from_pretrained(str(path))
+    config = model.config
+    config.audio_config = encoder.config
+    torch.manual_seed(seed)
+    rebuilt = Gemma4ForConditionalGeneration(config).eval()
+    missing, unexpected = rebuilt.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if ".audio_tower." not in k and "embed_audio" not in k},
+        strict=False,
+    )
+    if unexpected or [k for k in missing if ".audio_tower." not in k and "embed_audio" not in k]:
+        raise RuntimeError(f"text weights did not carry over: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    rebuilt.model.audio_tower.load_state_dict(encoder.state_dict())
+    rebuilt.generation_config = model.generation_config
+    rebuilt.save_pretrained(path)
+    return path
+
+
+def collate_instructions(examples: list[dict[str, Any]], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """``build_example`` outputs (+ ``codes`` [Q, T_i] for spoken ones) -> a right-padded batch.
+
+    Returns:
+        ``input_ids``/``labels``/``attention_mask``/``audio_positions`` [B, L]; with spoken rows also
+        ``codes`` [N, Q, T] (padded with -1) and ``code_lengths`` [N], N = spoken rows in batch order.
+    """
+    batch = collate_padded(examples, pad_id=pad_id)
+    spoken = [e["codes"] for e in examples if "codes" in e]
+    if spoken:
+        q, t = spoken[0].shape[0], max(c.shape[-1] for c in spoken)
+        codes = torch.full((len(spoken), q, t), -1, dtype=torch.long)
+        for i, c in enumerate(spoken):
+            codes[i, :, : c.shape[-1]] = c
+        batch["codes"] = codes
+        batch["code_lengths"] = torch.tensor([c.shape[-1] for c in spoken])
+    return batch
+
+
+def exact_match(answer: str, reference: str) -> bool:
+    """First word of the answer, lower-cased and stripped of punctuation, equals the reference."""
+    words = answer.strip().lower().split()
+    return bool(words) and words[0].strip(".,!?;:'\"") == reference.strip().lower()
+
+
+class SpokenInstructionStage(LightningModule):
+    """Gemma 4 + LoRA answering spoken instructions (Speechless stage 3).
+
+    Args:
+        llm: The wrapped LLM (``models.spoken_llm.SpokenLLM``), built from the config.
+        stage1_artifact: Promoted stage-1 folder; its RVQ is attached frozen (levels/codebook must match).
+        lr: AdamW peak learning rate of the LoRA weights.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps, then cosine decay to 10 % over the run.
+        eval_audio_shards: Audio shards of real speech (held-out speakers) scored at each validation end.
+        eval_closed_task: How the reference answer follows from a shard's ``json.text`` (``next_digit``).
+        eval_instruction_text: Text placed before the audio in the eval prompt (as in training).
+        eval_max_samples: Cap on scored utterances (``None``: all).
+        eval_batch_size: Utterances per ``generate`` call.
+        rvq_round_trip: Pass real speech through RVQ encode/decode before the LLM, as in training.
+    """
+
+    summary_metrics = ["val/loss", "val/spoken_accuracy"]
+
+    def __init__(
+        self,
+        *,
+        llm: SpokenLLM,
+        stage1_artifact: str | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        eval_audio_shards: str | None = None,
+        eval_closed_task: str = "next_digit",
+        eval_instruction_text: str | None = None,
+        eval_max_samples: int | None = None,
+        eval_batch_size: int = 16,
+        rvq_round_trip: bool = True,
+    ) -> None:
+        super().__init__()
+        self.llm = llm
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.eval_audio_shards, self.eval_instruction_text = eval_audio_shards, eval_instruction_text
+        if eval_closed_task not in CLOSED_TASKS:
+            raise ValueError(f"eval_closed_task must be one of {sorted(CLOSED_TASKS)}, got {eval_closed_task!r}")
+        self.eval_task = CLOSED_TASKS[eval_closed_task]
+        self.eval_max_samples, self.eval_batch_size = eval_max_samples, eval_batch_size
+        self.rvq_round_trip = rvq_round_trip
+        # Checkpoints carry only the adapter: the frozen base reloads from its source.
+        self.strict_loading = False
+        self._parents: list[dict[str, Any]] = []
+        if stage1_artifact is not None:
+            self._attach_stage1(stage1_artifact)
+        self.val_loss = MeanMetric()
+
+    def _attach_stage1(self, path: str) -> None:
+        loaded = load_artifact(path, names=["quantizer"])
+        rvq = loaded["modules"]["quantizer"]
+        got = (rvq.num_quantizers, rvq.codebook_size)
+        want = (self.llm.num_levels, self.llm.codebook_size)
+        if got != want:
+            raise ValueError(
+                f"stage-1 artifact {path} has {got[0]} levels x {got[1]} codes but the LLM expects "
+                f"{want[0]} x {want[1]}: set llm.init_args.num_levels/codebook_size to match"
+            )
+        if self.llm.input_mode == "embeddings":
+            width = self.llm.base.model.audio_tower.output_proj.in_features
+            if rvq.dim != width:
+                raise ValueError(f"stage-1 RVQ dim {rvq.dim} != the audio tower's pre-projection width {width}")
+        self.llm.attach_rvq(rvq)
+        self._parents = [{"path": str(loaded["path"]), "sha256": loaded["config"].get("sha256", "")}]
+
+    # ---- data binding ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "bind"):
+            datamodule.bind(
+                build_example=partial(build_example, self.llm.tokenizer),
+                collate=partial(collate_instructions, pad_id=self.llm.pad_id),
+            )
+
+    # ---- training ----------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.llm(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/response_tokens", out["n_tokens"].float(), batch_size=bs)
+        if batch.get("attention_mask") is not None:  # share of pad tokens: length bucketing keeps it small
+            self.log("train/padding_fraction", 1 - batch["attention_mask"].float().mean(), batch_size=bs)
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.llm(batch)
+        self.val_loss.update(out["ce"].detach(), weight=out["n_tokens"].float())
+        self.log("val/loss", self.val_loss, batch_size=batch["input_ids"].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.eval_audio_shards or self.trainer.sanity_checking:
+            return
+        accuracy, n = self.spoken_accuracy()
+        self.log("val/spoken_accuracy", accuracy)
+        if self.trainer.is_global_zero:
+            print(f"\n[stage3] epoch {self.current_epoch}: spoken accuracy {accuracy:.3f} on {n} real "
+                  f"utterances (chance {1 / 10:.3f})", flush=True)  # fmt: skip
+
+    def _eval_samples(self) -> list[tuple[Any, str]]:
+        samples = []
+        for path in resolve_shards(self.eval_audio_shards).paths():
+            for raw in iter_tar_samples(path):
+                wave, rate = sf.read(io.BytesIO(raw["flac"]), dtype="float32")
+                if rate != 16_000:
+                    raise ValueError(f"{path}:{raw['__key__']} is {rate} Hz; audio shards are 16 kHz")
+                samples.append((wave, self.eval_task(json.loads(raw["json"])["text"])))
+        return samples[: self.eval_max_samples] if self.eval_max_samples else samples
+
+    @torch.no_grad()
+    def spoken_accuracy(self) -> tuple[float, int]:
+        """Greedy answers to real speech from ``eval_audio_shards`` vs the closed task: (accuracy, n)."""
+        samples = self._eval_samples()
+        # Every rank scores a disjoint slice; the sum is reduced below.
+        rank, world = self.global_rank, self.trainer.world_size if self._trainer else 1
+        mine = samples[rank::world]
+        correct = 0
+        for start in range(0, len(mine), self.eval_batch_size):
+            chunk = mine[start : start + self.eval_batch_size]
+            batch = self.llm.prompts_from_audio([w for w, _ in chunk], instruction_text=self.eval_instruction_text)
+            batch["rvq_round_trip"] = self.rvq_round_trip
+            answers = self.llm.generate(batch, max_new_tokens=4)
+            correct += sum(exact_match(a, ref) for a, (_, ref) in zip(answers, chunk, strict=True))
+        total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=self.device)
+        if self._trainer is not None and world > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        return float(total[0] / total[1].clamp(min=1)), int(total[1])
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.llm.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+
+        def schedule(step: int) -> float:
+            if step < self.warmup_steps:
+                return (step + 1) / self.warmup_steps
+            progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints: the adapter only -------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {f"llm.peft_model.{k}": v for k, v in self.llm.trainable_state_dict().items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefix = "llm.peft_model."
+        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        # Exact key check here: strict_loading=False below must not hide a wrong adapter.
+        self.llm.load_trainable_state_dict(state)
+
+    # ---- promotion ---------------------------------------------------------------------------
+    def artifact_modules(self, config: dict[str, Any]) -> dict[str, ArtifactModule]:
+        """The PEFT adapter and a merged Hugging Face export, each in its own subfolder of ``llm/``."""
+        spec = config.get("model", {}).get("init_args", {}).get("llm") or {}
+
+        def save(directory: Path) -> None:
+            self.llm.save_adapter(directory / "adapter")
+            self.llm.export_merged(directory / "merged")
+
+        return {
+            "llm": ArtifactModule(
+                spec.get("class_path", "models.spoken_llm.SpokenLLM"), spec.get("init_args", {}), save=save
+            )
+        }
+
+    def artifact_info(self) -> dict[str, Any]:
+        return {
+            "base_model": self.llm.model_name,
+            "input_mode": self.llm.input_mode,
+            "num_levels": self.llm.num_levels,
+            "codebook_size": self.llm.codebook_size,
+            "adapter": "llm/adapter",
+            "merged": "llm/merged",
+        }
+
+    def parent_artifacts(self) -> list[dict[str, Any]]:
+        return list(self._parents)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stages.stage3 build-demo-model``: the demo's tiny stage-3 Gemma 4 (see ``build_demo_llm``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("command", choices=["build-demo-model"])
+    parser.add_argument("--out", default="data/demo/models/gemma4_stage3")
+    parser.add_argument("--encoder-dir", default="data/demo/models/gemma4_audio")
+    parser.add_argument("--text-jsonl", default="data/demo/raw/text_instructions.jsonl")
+    args = parser.parse_args(argv)
+    rows = [json.loads(line) for line in Path(args.text_jsonl).read_text().splitlines() if line.strip()]
+    texts = [f"{r['instruction']} {r['response']}" for r in rows]
+    print(build_demo_llm(args.out, encoder_dir=args.encoder_dir, texts=texts))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""Stage 3 LightningModule: response-only loss, a LoRA training run, adapter-only checkpoints, real config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning import Trainer
+
+from datamodules.instructions import InstructionDataModule, next_digit
+from datamodules.shards import ShardWriter
+from models.chat_format import IGNORE_INDEX, build_example
+from models.gemma4_tiny import build_tiny_gemma4
+from models.rvq import ResidualVQ
+from models.spoken_llm import SpokenLLM
+from stages.promotion import ArtifactModule, promote
+from stages.stage3 import SpokenInstructionStage, collate_instructions
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[2]
+Q, K = 2, 16
+
+
+@pytest.fixture(scope="module")
+def setup_dir(tmp_path_factory):
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("stage3")
+    model = build_tiny_gemma4(root / "llm", seed=0)
+    rvq = ResidualVQ(dim=32, num_quantizers=Q, codebook_size=K, kmeans_init=False)  # tiny audio tower width
+    init = {"dim": 32, "num_quantizers": Q, "codebook_size": K, "kmeans_init": False}
+    artifact = promote(
+        stage="stage1",
+        modules={"quantizer": ArtifactModule("models.rvq.ResidualVQ", init, rvq.state_dict())},
+        metrics={},
+        artifacts_dir=root / "artifacts",
+    ).path
+    rng = np.random.default_rng(0)
+    with ShardWriter(root / "tokens", prefix="tokens", kind="tokens") as writer:
+        for i in range(8):
+            word = ("zero", "one", "two", "three")[i % 4]
+            codes = rng.integers(0, K, size=(Q, 5 + i)).astype(np.int64)
+            writer.write({"__key__": f"u{i}", "json": {"text": word, "n_frames": codes.shape[1]}, "codes.npy": codes}, seconds=0.5)
+    return {"root": root, "model": model, "artifact": artifact, "tokens": root / "tokens"}
+
+
+def make_stage(setup_dir, **kwargs) -> SpokenInstructionStage:
+    llm = SpokenLLM(model=str(setup_dir["model"]), dtype="fp32", num_levels=Q, codebook_size=K, lora_r=4, lora_dropout=0.0)
+    return SpokenInstructionStage(llm=llm, stage1_artifact=str(setup_dir["artifact"]), lr=1e-2, **kwargs)
+
+
+def spoken_batch(stage: SpokenInstructionStage) -> dict:
+    tok = stage.llm.tokenizer
+    codes = [torch.randint(0, K, (Q, 6)), torch.randint(0, K, (Q, 4))]
+    examples = [
+        {**build_example(tok, instruction_text=None, audio_frames=6, response="two"), "codes": codes[0]},
+        build_example(tok, instruction_text="What comes after three?", audio_frames=None, response="four"),
+        {**build_example(tok, instruction_text=None, audio_frames=4, response="nine"), "codes": codes[1]},
+    ]
+    return collate_instructions(examples, pad_id=stage.llm.pad_id)
+
+
+def test_stage1_mismatch_is_a_clear_error(setup_dir):
+    llm = SpokenLLM(model=str(setup_dir["model"]), dtype="fp32", num_levels=Q + 1, codebook_size=K, lora_r=4)
+    with pytest.raises(ValueError, match="levels"):
+        SpokenInstructionStage(llm=llm, stage1_artifact=str(setup_dir["artifact"]))
+
+
+def test_loss_is_on_the_response_only(setup_dir):
+    stage = make_stage(setup_dir)
+    batch = spoken_batch(stage)
+    assert batch["codes"].shape == (2, Q, 6) and batch["code_lengths"].tolist() == [6, 4]
+    assert int(batch["codes"][1, :, 4:].max()) == -1  # padded frames of the shorter segment
+    tok = stage.llm.tokenizer
+    for row, answer in zip(batch["labels"], ("two", "four", "nine"), strict=True):
+        labelled = row[row != IGNORE_INDEX].tolist()
+        # The answer and the end-of-turn token, nothing of the prompt or the audio.
+        assert tok.decode(labelled, skip_special_tokens=True).strip() == answer
+        assert len(labelled) <= len(tok(answer, add_special_tokens=False)["input_ids"]) + 2
+    loss = stage.training_step(batch, 0)
+    out = stage.llm(batch, return_logits=True)
+    logits, labels = out["logits"][:, :-1], batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    expected = F.cross_entropy(logits[keep].float(), labels[keep])
+    assert torch.allclose(loss, expected, atol=1e-5)
+    everything = F.cross_entropy(logits[batch["attention_mask"][:, 1:].bool()].float(),
+                                 batch["input_ids"][:, 1:][batch["attention_mask"][:, 1:].bool()])  # fmt: skip
+    assert not torch.allclose(loss, everything, atol=1e-3)  # the prompt really is out of the loss
+
+
+def test_fit_trains_lora_and_checkpoint_holds_only_the_adapter(setup_dir, tmp_path):
+    stage = make_stage(setup_dir)
+    frozen_before = stage.llm.base.model.language_model.layers[0].mlp.gate_proj.base_layer.weight.clone()
+    lora_before = {k: v.clone() for k, v in stage.llm.trainable_state_dict().items()}
+    data = InstructionDataModule(
+        train_shards=str(setup_dir["tokens"]), val_shards=str(setup_dir["tokens"]),
+        instruction_key="text", response_key=None, closed_task="next_digit", batch_size=4,
+    )  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(stage, datamodule=data)
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
+    after = stage.llm.trainable_state_dict()
+    assert any(not torch.equal(after[k], lora_before[k]) for k in after)
+    assert torch.equal(frozen_before, stage.llm.base.model.language_model.layers[0].mlp.gate_proj.base_layer.weight)
+
+    ckpt = tmp_path / "adapter.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert set(saved) == {f"llm.peft_model.{k}" for k in after}
+    assert all("lora_" in k for k in saved)
+
+    fresh = make_stage(setup_dir)
+    assert any(not torch.equal(fresh.llm.trainable_state_dict()[k], after[k]) for k in after)
+    resumed = Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    resumed.fit(fresh, datamodule=data, ckpt_path=ckpt)  # max_steps reached: restores, trains nothing more
+    assert resumed.global_step == 4
+    restored = fresh.llm.trainable_state_dict()
+    assert all(torch.equal(restored[k], after[k]) for k in after)
+
+
+def test_wrong_adapter_is_refused(setup_dir):
+    stage = make_stage(setup_dir)
+    with pytest.raises(KeyError, match="trainable state mismatch"):
+        stage.on_load_checkpoint({"state_dict": {"llm.peft_model.nope": torch.zeros(1)}})
+
+
+def test_next_digit_wraps_and_rejects():
+    assert next_digit("Nine") == "zero"
+    with pytest.raises(ValueError):
+        next_digit("eleven")
+
+
+def test_real_config_resolves_without_download():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "stages", "fit", "--config", "configs/stage3_llm.yaml", "--print_config"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout
+    for needle in ("google/gemma-4-E4B-it", "lora_r: 16", "precision: bf16-mixed", "DDPStrategy",
+                   "gradient_checkpointing: true", "stages.stage3.SpokenInstructionStage"):  # fmt: skip
+        assert needle in text, needle
+
+
+def test_infer_scores_exact_match_and_normalised_wer():
+    from stages.infer import score
+
+    assert score(["Eight.", "one two", ""], ["eight", "two", "three"], mode="exact") == {"accuracy": 1 / 3}
+    wer = score(["Hello, World!", "colour"], ["hello world", "color"], mode="transcription")
+    assert wer["wer"] == 0.0 and wer["cer"] == 0.0  # punctuation, case and British spelling normalised
+    assert score(["hello there"], ["hello world"], mode="transcription")["wer"] == 0.5
+
+
+def test_batches_split_over_ranks_exactly_once():
+    from datamodules.instructions import bucket_batches, split_for_ranks
+
+    batches = bucket_batches(list(range(37)), batch_size=4, seed=0)  # 10 batches, 37 examples
+    for world in (1, 2, 3, 4):
+        per_rank = split_for_ranks(batches, world)
+        assert len({len(r) for r in per_rank}) == 1
+        seen = sorted(i for rank in per_rank for b in rank for i in b)
+        assert seen == list(range(37))
