@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
     encoder_dir = data / "models" / "gemma4_audio"
     if not (encoder_dir / "config.json").exists():
-        save_tiny_gemma4_audio(encoder_dir, seed=0)
+        # One layer and 32 subsampling channels keep a random encoder's states word-discriminative.
+        save_tiny_gemma4_audio(encoder_dir, seed=0, num_hidden_layers=1, subsampling_conv_channels=[128, 32])
 
     # 4. stage 1
     artifacts = "artifacts" if args.corpus == "demo" else f"artifacts/{args.corpus}"
