@@ -32,6 +32,7 @@ __all__ = [
     "load_audio",
     "resample",
     "split_at_silence",
+    "trim_silence",
 ]
 
 TARGET_RATE = 16000
@@ -243,3 +244,29 @@ def decode_flac(data: bytes) -> tuple[np.ndarray, int]:
     """
     x, rate, _ = load_audio(data)
     return x, rate
+
+
+def trim_silence(
+    x: np.ndarray, rate: int, *, threshold_db: float = -35.0, frame_seconds: float = 0.025, pad_seconds: float = 0.05
+) -> tuple[int, int]:
+    """Bounds ``(start, end)`` of ``x`` without its leading and trailing silence.
+
+    A 25 ms frame is silent when its RMS is ``threshold_db`` below the loudest frame's; ``pad_seconds``
+    of context is kept on each side. Speech inside the bounds is never touched, and all-quiet audio
+    keeps its full length (``check_audio`` decides about silence).
+
+    Returns:
+        Sample indices with ``0 <= start < end <= len(x)``.
+    """
+    frame = max(1, int(frame_seconds * rate))
+    n = len(x) // frame
+    if n < 2:
+        return 0, len(x)
+    rms = np.sqrt(np.mean(np.square(x[: n * frame].reshape(n, frame), dtype=np.float64), axis=1))
+    loud = np.flatnonzero(rms >= rms.max() * 10 ** (threshold_db / 20))
+    if loud.size == 0:
+        return 0, len(x)
+    pad = int(pad_seconds * rate)
+    start = max(0, loud[0] * frame - pad)
+    end = min(len(x), (loud[-1] + 1) * frame + pad)
+    return int(start), int(end)

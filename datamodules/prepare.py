@@ -57,6 +57,7 @@ from datamodules.audio import (
     load_audio,
     resample,
     split_at_silence,
+    trim_silence,
 )
 from datamodules.shards import INDEX_NAME, ShardWriter, atomic_write_text
 
@@ -348,6 +349,7 @@ class _Options:
     require_text: bool
     max_seconds: float
     min_piece_seconds: float
+    trim_silence: bool = False
 
 
 @dataclass
@@ -398,6 +400,11 @@ def _process(item: Item, opts: _Options) -> _Outcome:
     for name, value in item.extra.items():
         meta.setdefault(name, value)
     y = resample(x, rate, TARGET_RATE)
+    if opts.trim_silence:
+        start, end = trim_silence(y, TARGET_RATE)
+        if (start, end) != (0, len(y)):
+            meta["trimmed"] = [round(start / TARGET_RATE, 3), round((len(y) - end) / TARGET_RATE, 3)]
+            y = y[start:end]
     clipped = int(np.count_nonzero(np.abs(y) > 1.0))
     if clipped:
         out.warnings.append(("clipped", f"{clipped} samples beyond full scale clipped to 16-bit"))
@@ -482,6 +489,7 @@ def prepare(
     max_bytes: int = 256 * 1024**2,
     max_seconds: float = 30.0,
     min_piece_seconds: float = 1.0,
+    trim_silence: bool = False,
     workers: int | None = None,
     progress: bool = True,
 ) -> PrepareSummary:
@@ -503,6 +511,8 @@ def prepare(
         max_samples, max_bytes: shard size caps.
         max_seconds: longer recordings are cut at silence into pieces at most this long.
         min_piece_seconds: the shortest piece such a cut leaves.
+        trim_silence: cut leading and trailing silence (frames 35 dB below the loudest, 50 ms kept);
+            the cut seconds are recorded as ``trimmed: [head, tail]``. Off by default.
         workers: processes decoding in parallel (default: every CPU core).
         progress: show a progress bar on stderr.
 
@@ -559,7 +569,9 @@ def prepare(
     for name in split_names:
         summary.splits[name] = {"inputs": 0, "kept": 0, "samples": 0, "seconds": 0.0, "shards": 0}
     skipped_rows: list[str] = []
-    opts = _Options(require_text=require_text, max_seconds=max_seconds, min_piece_seconds=min_piece_seconds)
+    opts = _Options(
+        require_text=require_text, max_seconds=max_seconds, min_piece_seconds=min_piece_seconds, trim_silence=trim_silence
+    )
     workers = min(workers or os.cpu_count() or 1, max(1, len(items)))
     jobs = items if audio_stream is None else _with_audio(items, audio_stream)
     try:
@@ -717,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-seconds", type=float, default=30.0, help="longer audio is cut at silence (default: 30)"
+    )
+    p.add_argument(
+        "--trim-silence", action="store_true", help="cut leading/trailing silence (35 dB below the peak frame)"
     )
     p.add_argument("--workers", type=int, help="decoding processes (default: all CPU cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--corpus fsdd needs {FSDD}")
         manifest = fsdd_manifest(data / "raw").relative_to(ROOT)
     run([str(bin_dir / "speechless-prepare"), "--manifest", str(manifest), "--out", f"data/{args.corpus}/shards",
-         "--language", "en", "--no-progress"], ok_codes=(0, 3))
+         "--language", "en", "--trim-silence", "--no-progress"], ok_codes=(0, 3))
 
     # 3. tiny random-weight models through the real loading code
     from models.gemma4_configs import save_tiny_gemma4_audio

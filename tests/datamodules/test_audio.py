@@ -145,3 +145,16 @@ def test_flac_round_trip_and_clipping():
     y, _ = decode_flac(encode_flac(loud))
     # Clipped to full scale, not wrapped around to the opposite sign.
     assert y[0] > 0.999 and y[1] == -1.0 and abs(y[2] - 0.25) <= PCM16_STEP
+
+
+def test_trim_silence_keeps_speech_and_a_little_context():
+    from datamodules.audio import trim_silence
+
+    rate = 16000
+    t = np.arange(rate // 2) / rate
+    tone = (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    x = np.concatenate([np.zeros(rate, np.float32), tone, 1e-4 * np.ones(rate // 4, np.float32)])
+    start, end = trim_silence(x, rate)
+    assert abs(start - (rate - 800)) <= 400  # 50 ms of context before the tone, within a frame
+    assert abs(end - (rate + rate // 2 + 800)) <= 400
+    assert trim_silence(np.zeros(rate, np.float32), rate) == (0, rate)  # all quiet: untouched
