@@ -157,6 +157,8 @@ class InstructionDataModule(L.LightningDataModule):
             that only carry a transcript.
         spoken_instruction_text: Optional text placed before the audio in the user turn.
         batch_size: Examples per batch.
+        bucket_window: Batches whose examples are sorted by length together: larger windows pad less
+            but give more uniform batches (all text-only or all spoken).
         num_workers: DataLoader workers.
         seed: Shuffling and mixing seed (the epoch is added).
     """
@@ -175,6 +177,7 @@ class InstructionDataModule(L.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        bucket_window: int = 16,
     ) -> None:
         super().__init__()
         if text_ratio < 0:
@@ -186,6 +189,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.read_kwargs = {"instruction_key": instruction_key, "response_key": response_key, "closed_task": closed_task}
         self.spoken_instruction_text = spoken_instruction_text
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.bucket_window = bucket_window
         self._build: Callable | None = None
         self._collate: Callable | None = None
         self._rows: dict[str, list[dict[str, Any]]] = {}
@@ -229,8 +233,10 @@ class InstructionDataModule(L.LightningDataModule):
         if self._build is None:
             raise RuntimeError("InstructionDataModule.bind(...) must be called (the LightningModule does it)")
         dataset = InstructionDataset(rows, build=self._build)
-        lengths = [int(r["codes"].shape[-1]) + 4 * len(r["response"]) if "codes" in r else 4 * len(r["instruction"]) for r in rows]
-        batches = bucket_batches(lengths, batch_size=self.batch_size, seed=seed)
+        # Bucket by the real token count of each built example (prompt + audio slots + response), so a
+        # short text-only pair is never batched with a long spoken one.
+        lengths = [len(self._build(r)["input_ids"]) for r in rows]
+        batches = bucket_batches(lengths, batch_size=self.batch_size, seed=seed, window=self.bucket_window)
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         batches = split_for_ranks(batches, world)[rank]
