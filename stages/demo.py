@@ -36,9 +36,8 @@ FSDD = ROOT.parent / "shared" / "data" / "fsdd"
 
 def run(cmd: list[str], *, ok_codes: tuple[int, ...] = (0,)) -> int:
     """Run one step as a user would, echoing the command."""
-    shown = [Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd)]
-    if shown[:3] == ["python", "-m", "stages"] or (Path(cmd[0]).name.startswith("python") and cmd[1:3] == ["-m", "stages"]):
-        shown = ["lightning", *cmd[3:]]
+    # `python -m stages ...` is the `lightning` command; show it the way a user types it.
+    shown = ["lightning", *cmd[3:]] if cmd[1:3] == ["-m", "stages"] else [Path(cmd[0]).name, *cmd[1:]]
     print(f"\n$ {shlex.join(shown)}", flush=True)
     code = subprocess.call(cmd, cwd=ROOT)
     if code not in ok_codes:
