@@ -380,6 +380,8 @@ class SpeechLM(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         seed: int | None = None,
+        eos_rule: Literal["argmax", "median"] = "argmax",
+        cfg_scale: float = 1.0,
     ) -> list[torch.Tensor]:
         """Batched synthesis with a KV cache; each sequence stops at its own end of speech.
 
@@ -392,6 +394,18 @@ class SpeechLM(nn.Module):
             temperature: Sampling temperature.
             top_k: Sample among the ``k`` best only.
             seed: Seed for a private generator (sampling only).
+            eos_rule: How a *greedy* decode decides the end of speech. ``"argmax"`` ends when
+                end-of-speech is the single most likely output, as Ichigo/Speechless do; when a
+                word's durations vary widely, end-of-speech rarely beats every code at any one step
+                and greedy runs on to ``max_frames``. ``"median"`` ends at the first step where the
+                model's own probability that speech is still going on, ``prod_t (1 - P_t(end))``,
+                drops below 1/2: the median length of the model's length distribution. Sampling
+                always samples the end like any other output.
+            cfg_scale: Classifier-free guidance (Ho & Salimans 2022; as in AudioGen/MusicGen):
+                logits ``u + cfg_scale * (c - u)`` of the prompted (``c``) and the empty-prompt
+                (``u``) model, run as one doubled batch. ``1`` is plain decoding. Useful only for a
+                model trained with some empty prompts (``SpeechlessStage(text_dropout=...)``);
+                it pushes generations towards what is specific to the text.
 
         Returns:
             ``B`` int64 code tensors on the CPU: ``[Q, T_i]`` (all_levels) or ``[1, T_i]``
@@ -401,16 +415,23 @@ class SpeechLM(nn.Module):
             raise ValueError(f"max_frames must be >= 0, got {max_frames}")
         if not 0 <= min_frames <= max_frames:
             raise ValueError(f"need 0 <= min_frames <= max_frames, got {min_frames}, {max_frames}")
+        if eos_rule not in ("argmax", "median"):
+            raise ValueError(f"eos_rule must be 'argmax' or 'median', got {eos_rule!r}")
+        if cfg_scale <= 0:
+            raise ValueError(f"cfg_scale must be > 0, got {cfg_scale}")
         was_training = self.training
         self.eval()
         try:
-            batch = self.build_batch(texts, None, loss_on_prompt=False)
+            guided = cfg_scale != 1.0 and len(texts) > 0
+            # Guidance doubles the batch: rows B.. are the same decode with an empty prompt.
+            batch = self.build_batch(texts + [""] * len(texts) if guided else texts, None, loss_on_prompt=False)
             gen = None
             if seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(seed)
             pick = lambda logits: _pick(logits, greedy, temperature, top_k, gen)  # noqa: E731
             step = self._decode_one_level if self.output_form == "one_level" else self._decode_all_levels
-            return step(batch, max_frames, min_frames, pick)
+            return step(batch, max_frames, min_frames, pick, median=(eos_rule == "median" and greedy),
+                        cfg_scale=cfg_scale if guided else None)
         finally:
             self.train(was_training)
 
@@ -437,12 +458,41 @@ class SpeechLM(nn.Module):
         )
         return out.last_hidden_state[:, -1], out.past_key_values, mask, pos
 
-    def _decode_one_level(self, batch, max_frames: int, min_frames: int, pick) -> list[torch.Tensor]:
+    @staticmethod
+    def _guide(logits: torch.Tensor, cfg_scale: float | None) -> torch.Tensor:
+        """Rows ``[c; u]`` (``2B``) -> guided ``u + s (c - u)`` (``B``); unchanged without guidance."""
+        if cfg_scale is None:
+            return logits
+        cond, uncond = logits.chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+
+    @staticmethod
+    def _twice(x: torch.Tensor, cfg_scale: float | None) -> torch.Tensor:
+        """The next inputs of ``B`` rows, repeated for the unprompted half under guidance."""
+        return x if cfg_scale is None else torch.cat([x, x])
+
+    @staticmethod
+    def _median_stop(logits: torch.Tensor, eos: int, survival: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update ``survival`` (P(speech goes on)) with this step's end hazard; force/forbid the end.
+
+        Returns the masked ``logits`` (end forced where survival fell below 1/2, forbidden elsewhere)
+        and the new survival.
+        """
+        survival = survival * (1 - logits.float().softmax(-1)[:, eos])
+        stop = (survival < 0.5).unsqueeze(1)
+        is_eos = torch.zeros_like(logits, dtype=torch.bool)
+        is_eos[:, eos] = True
+        return logits.masked_fill(stop ^ is_eos, float("-inf")), survival
+
+    def _decode_one_level(
+        self, batch, max_frames: int, min_frames: int, pick, median: bool = False, cfg_scale: float | None = None
+    ) -> list[torch.Tensor]:
         dev, k = self.device, self.codebook_size
         n_dur = len(self.answer_vocab) - k - 1
         weight = self.lm.get_output_embeddings().weight[self.answer_vocab]  # [A, H]
         h, cache, mask, pos = self._prefill(batch)
-        b = h.shape[0]
+        b = h.shape[0] // (1 if cfg_scale is None else 2)
+        survival = torch.ones(b, device=dev)
         frames = torch.zeros(b, dtype=torch.long, device=dev)
         pending = torch.zeros(b, dtype=torch.long, device=dev)  # run length set by a duration token
         done = torch.full((b,), max_frames == 0, device=dev)
@@ -452,12 +502,18 @@ class SpeechLM(nn.Module):
         for _ in range(2 * max_frames + 1):  # a sound adds >= 1 frame; a duration needs a sound next
             if bool(done.all()):
                 break
-            logits = self._lm_logits(h, weight).float()  # [B, A]
+            logits = self._guide(self._lm_logits(h, weight).float(), cfg_scale)  # [B, A]
             remaining = (max_frames - frames).unsqueeze(1)
             ban = torch.zeros_like(logits, dtype=torch.bool)
             ban[:, k : k + n_dur] = (durations.unsqueeze(0) > remaining) | (pending > 0).unsqueeze(1)
             ban[:, -1] = (pending > 0) | (frames < min_frames)
-            choice = pick(logits.masked_fill(ban, float("-inf")))
+            logits = logits.masked_fill(ban, float("-inf"))
+            if median:  # the end hazard is read only where the end is allowed (after a sound)
+                free = ~ban[:, -1]
+                stopped, new_survival = self._median_stop(logits, logits.shape[1] - 1, survival)
+                logits = torch.where(free.unsqueeze(1), stopped, logits)
+                survival = torch.where(free & ~done, new_survival, survival)
+            choice = pick(logits)
             is_sound = (choice < k) & ~done
             run = torch.where(pending > 0, pending, torch.ones_like(pending))
             write = (
@@ -469,29 +525,35 @@ class SpeechLM(nn.Module):
             pending = torch.where(is_dur, choice - k + 2, torch.where(is_sound, 0, pending))
             done = done | (choice == k + n_dur) | (frames >= max_frames)
             h, cache, mask, pos = self._advance(
-                self.lm.get_input_embeddings()(self.answer_vocab[choice]).unsqueeze(1), cache, mask, pos
+                self._twice(self.lm.get_input_embeddings()(self.answer_vocab[choice]).unsqueeze(1), cfg_scale),
+                cache, mask, pos,
             )
         return [out[i, : int(frames[i])].unsqueeze(0).cpu() for i in range(b)]
 
-    def _decode_all_levels(self, batch, max_frames: int, min_frames: int, pick) -> list[torch.Tensor]:
+    def _decode_all_levels(
+        self, batch, max_frames: int, min_frames: int, pick, median: bool = False, cfg_scale: float | None = None
+    ) -> list[torch.Tensor]:
         dev, k, q_n = self.device, self.codebook_size, self.num_levels
         eos, pad = k, k + 1
         shift = (
             torch.arange(q_n, device=dev) if self.delay else torch.zeros(q_n, dtype=torch.long, device=dev)
         )
         h, cache, mask, pos = self._prefill(batch)
-        b = h.shape[0]
+        b = h.shape[0] // (1 if cfg_scale is None else 2)
         length = torch.full((b,), -1, dtype=torch.long, device=dev)  # T per row, -1 until head 0 ends
         out = torch.zeros(b, q_n, max_frames, dtype=torch.long, device=dev)
+        survival = torch.ones(b, device=dev)  # P(speech has not ended yet) under head 0's EOS hazard
         for s in range(max_frames + 1 + int(shift[-1])):
             frame = s - shift  # [Q] frame index each level is at
-            logits = torch.stack([head(h) for head in self.heads], 1).float()  # [B, Q, K+1]
+            logits = self._guide(torch.stack([head(h) for head in self.heads], 1).float(), cfg_scale)  # [B, Q, K+1]
             # Head 0 ends the utterance (forced at max_frames); the others may not end on their own.
             logits[:, 1:, eos] = float("-inf")
             if frame[0] >= 0 and frame[0] >= max_frames:
                 logits[:, 0, :eos] = float("-inf")
             elif frame[0] < min_frames:
                 logits[:, 0, eos] = float("-inf")
+            elif median and frame[0] >= 0:
+                logits[:, 0], survival = self._median_stop(logits[:, 0], eos, survival)
             choice = pick(logits.flatten(0, 1)).view(b, q_n)
             if frame[0] >= 0:
                 length = torch.where((length < 0) & (choice[:, 0] == eos), int(frame[0]), length)
@@ -506,7 +568,7 @@ class SpeechLM(nn.Module):
             if bool(((length >= 0) & (s >= length + shift[-1])).all()):
                 break
             embeds = torch.stack([e(choice[:, q]) for q, e in enumerate(self.level_embeddings)]).sum(0)
-            h, cache, mask, pos = self._advance(embeds.unsqueeze(1), cache, mask, pos)
+            h, cache, mask, pos = self._advance(self._twice(embeds.unsqueeze(1), cfg_scale), cache, mask, pos)
         return [out[i, :, : int(length[i])].cpu() for i in range(b)]
 
     # ----------------------------------------------------------------------------------- persistence

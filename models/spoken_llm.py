@@ -33,6 +33,7 @@ from torch import nn
 from transformers import AutoFeatureExtractor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
 from models.chat_format import IGNORE_INDEX, build_prompt, collate_padded, end_of_turn_id
+from models.encoders.base import center_frames, level_gain
 
 __all__ = ["DEFAULT_LORA_TARGETS", "SpokenLLM", "default_sound_tokens"]
 
@@ -118,6 +119,9 @@ class SpokenLLM(nn.Module):
             self._load_kwargs["attn_implementation"] = attn_implementation
         # A tuple hides the frozen RVQ from parameters() and state_dict(): it is never trained or saved here.
         self._rvq: tuple[nn.Module, ...] = ()
+        # The stage-1 encoder's per-utterance normalisation, applied to real audio (set_audio_normalization).
+        self.level_db: float | None = None
+        self.center_states = False
         self._feature_extractor = None
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_name)
@@ -196,6 +200,15 @@ class SpokenLLM(nn.Module):
             rvq.to(self.device)
         return rvq
 
+    def set_audio_normalization(self, *, level_db: float | None = None, center_states: bool = False) -> None:
+        """Apply the stage-1 encoder's per-utterance normalisation to real audio (see ``FrozenEncoder``).
+
+        The RVQ was fit on states made this way, so real speech must be made the same way before the
+        round trip. Audio cut into pieces (over 30 s) is normalised piece by piece.
+        """
+        self.level_db = None if level_db is None else float(level_db)
+        self.center_states = bool(center_states)
+
     @property
     def device(self) -> torch.device:
         return self.base.get_input_embeddings().weight.device
@@ -262,7 +275,8 @@ class SpokenLLM(nn.Module):
                 )
         finally:
             hook.remove()
-        return captured[0], out.attention_mask.bool()
+        valid = out.attention_mask.bool()
+        return (center_frames(captured[0], valid) if self.center_states else captured[0]), valid
 
     def embed_features(
         self, input_features: torch.Tensor, input_features_mask: torch.Tensor, *, rvq_round_trip: bool = False
@@ -397,8 +411,14 @@ class SpokenLLM(nn.Module):
                 consecutive waveforms form one prompt; their frames fill one audio block in order, so
                 the whole recording is heard, never truncated. Default: one waveform per prompt.
         """
+        waves = [np.asarray(w, dtype=np.float32) for w in waveforms]
+        if self.level_db is not None:
+            waves = [
+                w * float(level_gain(torch.from_numpy(w)[None], torch.tensor([max(len(w), 1)]), self.level_db)[0])
+                for w in waves
+            ]
         feats = self.feature_extractor(
-            [np.asarray(w, dtype=np.float32) for w in waveforms],
+            waves,
             sampling_rate=sampling_rate,
             return_tensors="pt",
         )

@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from datamodules.audio import split_at_silence
     from models.spoken_llm import SpokenLLM
     from stages.promotion import load_artifact, resolve_artifact
+    from stages.stage3 import audio_normalization
 
     info: dict[str, Any] = {}
     if args.artifact:
@@ -113,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         num_levels=info.get("num_levels", spec.get("num_levels", 8)),
         codebook_size=info.get("codebook_size", spec.get("codebook_size", 2048)),
     )  # fmt: skip  (the fresh LoRA is zero-initialised: the merged weights answer unchanged)
+    # Real speech is normalised as the stage-1 encoder did (recorded in both artifacts).
+    llm.set_audio_normalization(**info.get("audio_normalization", {}))
     if args.stage1:
-        llm.attach_rvq(load_artifact(args.stage1, names=["quantizer"])["modules"]["quantizer"])
+        stage1 = load_artifact(args.stage1, names=["quantizer"])
+        llm.attach_rvq(stage1["modules"]["quantizer"])
+        llm.set_audio_normalization(**audio_normalization(stage1["config"]))
     items = load_inputs(audio=args.audio, manifest=args.manifest, shards=args.shards)
     if args.closed_task:
         from datamodules.instructions import CLOSED_TASKS

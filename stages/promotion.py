@@ -177,6 +177,9 @@ def resolve_artifact(path: str | os.PathLike) -> Path:
     return p
 
 
+_COMPARABLE_KEYS = ("encoder", "stage1", "num_quantizers", "num_levels", "codebook_size")
+
+
 def promote(
     *,
     stage: str,
@@ -200,7 +203,9 @@ def promote(
         gates: per-metric bounds; any failure raises :class:`GateError` and writes nothing.
         compare_metric: metric deciding whether the new version beats ``current``.
         compare_mode: ``max`` (higher is better) or ``min``.
-        force: replace a better ``current`` anyway (gates are never skipped).
+        force: replace a better ``current`` anyway (gates are never skipped). A ``current`` whose
+            ``info`` names another encoder, stage-1 parent or code book is not compared with: its
+            metrics were measured in another space, so the new version replaces it.
         info: stage-specific facts later stages check (levels, codebook size, encoder...).
         provenance: config, data, parents, checkpoint; code version and time are added here.
 
@@ -216,7 +221,11 @@ def promote(
     became_current = True
     if current_link.exists() and compare_metric and not force:
         old = json.loads((current_link / "metrics.json").read_text())
-        if compare_metric in old and compare_metric in metrics:
+        old_info = json.loads((current_link / "config.json").read_text()).get("info", {})
+        # Metrics are only comparable in the same space: same encoder (stage 1), same stage-1 parent
+        # (stage 2's generation cosine is measured in its RVQ's state space), same code book.
+        same_space = all(old_info.get(k) == (info or {}).get(k) for k in _COMPARABLE_KEYS)
+        if same_space and compare_metric in old and compare_metric in metrics:
             new_v, old_v = float(metrics[compare_metric]), float(old[compare_metric])
             worse = new_v < old_v if compare_mode == "max" else new_v > old_v
             if worse:

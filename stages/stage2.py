@@ -9,7 +9,7 @@ data set, which stage 3 trains on. The model itself is :class:`models.speech_lm.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric, SumMetric
 from models.speech_lm import SpeechLM
 from stages.promotion import ArtifactModule, load_artifact
 
-__all__ = ["SpeechlessStage", "aligned_cosine", "make_tiny_lm", "word_match"]
+__all__ = ["SpeechlessStage", "aligned_cosine", "dtw_cosine", "make_tiny_lm", "word_match"]
 
 
 def aligned_cosine(gen: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -34,39 +34,96 @@ def aligned_cosine(gen: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(gen.float(), real.float(), dim=-1).mean()
 
 
-def word_match(items: list[tuple[str, torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
-    """Fraction of texts whose generated states are closest (aligned cosine) to their own real states.
+def dtw_cosine(gens: list[torch.Tensor], reals: list[torch.Tensor]) -> torch.Tensor:
+    """Mean cosine along the best monotonic alignment (dynamic time warping) of each pair.
+
+    ``gens[i] [T_i, D]`` is aligned with ``reals[i] [U_i, D]`` by DTW over the cost ``1 - cosine``
+    (steps: both, gen only, real only); the score is the mean cosine over the path's cells. All
+    pairs run at once on padded ``[N, T, U]`` grids, so the Python loop is ``max T x max U`` steps.
+    Unlike a linear stretch, DTW lets a syllable be early or late without blurring it. A pair with
+    an empty side scores 0.
+
+    Returns:
+        ``[N]`` float scores in ``[-1, 1]``.
+    """
+    n = len(gens)
+    if n != len(reals):
+        raise ValueError(f"{n} generations but {len(reals)} real utterances")
+    if n == 0:
+        return torch.zeros(0)
+    tg = torch.tensor([g.shape[0] for g in gens])
+    tr = torch.tensor([r.shape[0] for r in reals])
+    g = torch.nn.utils.rnn.pad_sequence([F.normalize(x.float(), dim=-1) for x in gens], batch_first=True)
+    r = torch.nn.utils.rnn.pad_sequence([F.normalize(x.float(), dim=-1) for x in reals], batch_first=True)
+    if g.shape[1] == 0 or r.shape[1] == 0:
+        return torch.zeros(n)
+    cost = 1 - g @ r.transpose(1, 2)  # [N, T, U]
+    big = torch.finfo(cost.dtype).max / 4
+    t_max, u_max = cost.shape[1:]
+    total = torch.full((n, t_max + 1, u_max + 1), big)  # accumulated cost
+    steps = torch.zeros(n, t_max + 1, u_max + 1)  # path length of that best path
+    total[:, 0, 0] = 0
+    for i in range(1, t_max + 1):
+        for j in range(1, u_max + 1):
+            cand = torch.stack([total[:, i - 1, j - 1], total[:, i - 1, j], total[:, i, j - 1]], 1)
+            lens = torch.stack([steps[:, i - 1, j - 1], steps[:, i - 1, j], steps[:, i, j - 1]], 1)
+            best, arg = cand.min(1)
+            total[:, i, j] = best + cost[:, i - 1, j - 1]
+            steps[:, i, j] = lens.gather(1, arg[:, None])[:, 0] + 1
+    rows = torch.arange(n)
+    score = 1 - total[rows, tg, tr] / steps[rows, tg, tr].clamp(min=1)
+    return torch.where((tg > 0) & (tr > 0), score, torch.zeros(n))
+
+
+def word_match(
+    items: list[tuple[str, torch.Tensor, torch.Tensor]], *, align: Literal["dtw", "linear"] = "dtw", chunk: int = 2048
+) -> tuple[float, int]:
+    """Fraction of texts whose generated states are closest to their own real states.
 
     Args:
         items: ``(text, generated states [T_g, D], real states [T_r, D])`` per utterance.
+        align: ``"dtw"`` (default, :func:`dtw_cosine`) or ``"linear"`` (:func:`aligned_cosine`)
+            length alignment of a generated and a real utterance.
+        chunk: pairs scored at once (bounds memory).
 
     Returns:
-        ``(fraction of texts matched, number of texts)``; a text matches when the mean aligned
-        cosine of its generations to the real utterances of the same text is higher than to the real
+        ``(fraction of texts matched, number of texts)``; a text matches when the mean cosine of
+        its generations to the real utterances of the same text is higher than to the real
         utterances of every other text. Cosines are taken around the mean real state of ``items``.
-        Chance is ``1 / number of texts``.
+        Identical generations of a text (greedy decoding) are scored once. Chance is
+        ``1 / number of texts``.
     """
-    gens: dict[str, list[torch.Tensor]] = {}
-    reals: dict[str, list[torch.Tensor]] = {}
     if not items:
         return float("nan"), 0
     # Encoder states share a large common component (every raw cosine is ~0.95), so states are
     # compared around the mean real state of the evaluated set: cosine of the deviations.
     center = torch.cat([r for _, _, r in items]).mean(0)
-    items = [(text, g - center, r - center) for text, g, r in items]
+    gens: dict[str, list[torch.Tensor]] = {}
+    reals: dict[str, list[torch.Tensor]] = {}
     for text, g, r in items:
-        gens.setdefault(text, []).append(g)
-        reals.setdefault(text, []).append(r)
+        same = gens.setdefault(text, [])
+        if not any(x.shape == g.shape and torch.equal(x, g) for x in same):
+            same.append(g)
+        reals.setdefault(text, []).append(r - center)
+    gens = {t: [g - center for g in v] for t, v in gens.items()}
     words = sorted(gens)
     if len(words) < 2:
         return float("nan"), len(words)
-    hits = 0
-    for w in words:
-        score = {
-            v: torch.stack([aligned_cosine(g, r) for g in gens[w] for r in reals[v]]).mean().item() for v in words
-        }
-        hits += all(score[w] > score[v] for v in words if v != w)
-    return hits / len(words), len(words)
+    pairs = [(wi, vi, g, r) for wi, w in enumerate(words) for g in gens[w] for vi, v in enumerate(words) for r in reals[v]]
+    sums, counts = torch.zeros(len(words), len(words)), torch.zeros(len(words), len(words))
+    for k in range(0, len(pairs), chunk):
+        part = pairs[k : k + chunk]
+        if align == "dtw":
+            scores = dtw_cosine([p[2] for p in part], [p[3] for p in part])
+        else:
+            scores = torch.stack([aligned_cosine(p[2], p[3]) for p in part])
+        idx = torch.tensor([[p[0], p[1]] for p in part])
+        sums.index_put_((idx[:, 0], idx[:, 1]), scores.float(), accumulate=True)
+        counts.index_put_((idx[:, 0], idx[:, 1]), torch.ones(len(part)), accumulate=True)
+    score = sums / counts.clamp(min=1)
+    own = score.diagonal()
+    others = score.masked_fill(torch.eye(len(words), dtype=torch.bool), float("-inf")).amax(1)
+    return float((own > others).float().mean()), len(words)
 
 
 def make_tiny_lm(out_dir: str | Path, texts: list[str], *, vocab_size: int = 400, hidden_size: int = 64,
@@ -99,8 +156,8 @@ class SpeechlessStage(LightningModule):
     speech encoder is not re-run), the generated states are linearly interpolated to the real length
     and the per-frame cosine is averaged (``val/gen_cosine``); ``val/len_error`` is the mean
     ``|T_gen - T_real|`` in frames; ``{val,test}/word_match`` is the fraction of held-out texts whose
-    generations are closer to their own real utterances than to any other text's (chance = 1 / number
-    of texts; computed per rank).
+    generations are closer (DTW-aligned cosine, :func:`word_match`) to their own real utterances
+    than to any other text's (chance = 1 / number of texts; computed per rank).
 
     Args:
         lm: the text -> token LM; may be omitted when ``artifact`` is given.
@@ -112,6 +169,13 @@ class SpeechlessStage(LightningModule):
         warmup_steps: linear warm-up steps (then constant).
         gen_max_frames: length guard for generation (frames).
         greedy, temperature, top_k: decoding (Speechless decodes greedily).
+        eos_rule: how greedy decoding ends speech (see :meth:`SpeechLM.generate`): ``"median"``
+            (default) stops at the median of the model's own length distribution; ``"argmax"``
+            waits for end-of-speech to be the top output, as Ichigo does, which overruns on data
+            whose durations vary.
+        text_dropout: fraction of training texts replaced by the empty prompt, so that the model
+            also learns the unprompted distribution that classifier-free guidance needs.
+        cfg_scale: classifier-free guidance at generation (``1`` = off); needs ``text_dropout > 0``.
     """
 
     summary_metrics = ["val/loss", "val/acc", "val/gen_cosine", "val/len_error", "val/word_match"]
@@ -120,6 +184,7 @@ class SpeechlessStage(LightningModule):
         self, *, lm: SpeechLM | None = None, stage1_artifact: str, artifact: str | None = None,
         lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 0, gen_max_frames: int = 250,
         greedy: bool = True, temperature: float = 1.0, top_k: int | None = None,
+        eos_rule: Literal["argmax", "median"] = "median", text_dropout: float = 0.0, cfg_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self._parents: list[dict[str, Any]] = []
@@ -145,7 +210,12 @@ class SpeechlessStage(LightningModule):
         self.lm.train()  # HF loaders return eval-mode models; Lightning keeps module modes as found
         self.quantizer = quantizer.requires_grad_(False).eval()
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        if not 0.0 <= text_dropout < 1.0:
+            raise ValueError(f"text_dropout must be in [0, 1), got {text_dropout}")
+        if cfg_scale != 1.0 and text_dropout == 0.0 and artifact is None:
+            raise ValueError("cfg_scale != 1 needs a model trained with text_dropout > 0 (the unprompted half)")
         self.gen_max_frames, self.greedy, self.temperature, self.top_k = gen_max_frames, greedy, temperature, top_k
+        self.eos_rule, self.text_dropout, self.cfg_scale = eos_rule, text_dropout, cfg_scale
         n_out = 1 if lm.output_form == "one_level" else lm.num_levels
         for split in ("val", "test"):
             setattr(self, f"{split}_loss", MeanMetric())
@@ -176,6 +246,9 @@ class SpeechlessStage(LightningModule):
         texts, codes = self._real(batch)
         if not texts:  # a padding batch: a zero loss that still touches every parameter (DDP sync)
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        if self.text_dropout > 0:
+            drop = (torch.rand(len(texts)) < self.text_dropout).tolist()
+            texts = ["" if d else t for t, d in zip(texts, drop, strict=True)]
         out = self.lm(self.lm.build_batch(texts, codes, loss_on_prompt=False))
         acc = out["correct"].sum() / out["total"].sum().clamp(min=1)
         self.log_dict({"train/loss": out["loss"], "train/acc": acc}, prog_bar=True, batch_size=len(texts))
@@ -187,6 +260,10 @@ class SpeechlessStage(LightningModule):
         if codes.shape[1] == 0:
             return torch.zeros(0, self.quantizer.dim, device=self.device)
         return self.quantizer.decode(codes[None].to(self.device))[0]
+
+    def _generate(self, texts: list[str]) -> list[torch.Tensor]:
+        return self.lm.generate(texts, max_frames=self.gen_max_frames, greedy=self.greedy, temperature=self.temperature,
+                                top_k=self.top_k, eos_rule=self.eos_rule, cfg_scale=self.cfg_scale)
 
     def _eval_step(self, batch: dict, prefix: str) -> None:
         texts, codes = self._real(batch)
@@ -200,8 +277,7 @@ class SpeechlessStage(LightningModule):
         for q in range(len(out["correct"])):
             m("level_correct")[q].update(out["correct"][q])
             m("level_total")[q].update(out["total"][q])
-        gen = self.lm.generate(texts, max_frames=self.gen_max_frames, greedy=self.greedy,
-                               temperature=self.temperature, top_k=self.top_k)
+        gen = self._generate(texts)
         for text, g, r in zip(texts, gen, codes, strict=True):
             gs, rs = self._states(g), self._states(r)
             m("gen_cosine").update(aligned_cosine(gs, rs))
@@ -252,8 +328,7 @@ class SpeechlessStage(LightningModule):
         """
         weights = [float(w) for w in batch["sample_weight"]]
         live = [i for i, w in enumerate(weights) if w > 0]
-        gen = self.lm.generate([batch["texts"][i] for i in live], max_frames=self.gen_max_frames,
-                               greedy=self.greedy, temperature=self.temperature, top_k=self.top_k) if live else []
+        gen = self._generate([batch["texts"][i] for i in live]) if live else []
         q_n = 1 if self.lm.output_form == "one_level" else self.lm.num_levels
         codes = [torch.zeros(q_n, 0, dtype=torch.long) for _ in weights]
         for i, g in zip(live, gen, strict=True):

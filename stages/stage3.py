@@ -33,6 +33,12 @@ from stages.promotion import ArtifactModule, load_artifact
 __all__ = ["SpokenInstructionStage", "build_demo_llm", "collate_instructions", "exact_match"]
 
 
+def audio_normalization(stage1_config: dict[str, Any]) -> dict[str, Any]:
+    """The per-utterance normalisation a stage-1 artifact's encoder applied (``config.json`` info)."""
+    encoder = (stage1_config.get("info") or {}).get("encoder") or {}
+    return {"level_db": encoder.get("level_db"), "center_states": bool(encoder.get("center_states", False))}
+
+
 def build_demo_llm(path: str | Path, *, encoder_dir: str | Path, seed: int = 0, texts: list[str] | None = None) -> Path:
     """A tiny random Gemma 4 whose audio tower *is* the stage-1 demo encoder (config and weights).
 
@@ -161,6 +167,8 @@ class SpokenInstructionStage(LightningModule):
             if rvq.dim != width:
                 raise ValueError(f"stage-1 RVQ dim {rvq.dim} != the audio tower's pre-projection width {width}")
         self.llm.attach_rvq(rvq)
+        # Real speech must reach the RVQ normalised as the stage-1 encoder normalised its training states.
+        self.llm.set_audio_normalization(**audio_normalization(loaded["config"]))
         self._parents = [{"path": str(loaded["path"]), "sha256": loaded["config"].get("sha256", "")}]
 
     # ---- data binding ------------------------------------------------------------------------
@@ -273,6 +281,7 @@ class SpokenInstructionStage(LightningModule):
             "codebook_size": self.llm.codebook_size,
             "adapter": "llm/adapter",
             "merged": "llm/merged",
+            "audio_normalization": {"level_db": self.llm.level_db, "center_states": self.llm.center_states},
         }
 
     def parent_artifacts(self) -> list[dict[str, Any]]:

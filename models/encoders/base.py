@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EncoderOutput", "FrozenEncoder", "lengths_to_mask"]
+__all__ = ["EncoderOutput", "FrozenEncoder", "center_frames", "lengths_to_mask", "level_gain"]
 
 
 @dataclass
@@ -45,6 +45,23 @@ def lengths_to_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
+def level_gain(audio: Tensor, lengths: Tensor, level_db: float) -> Tensor:
+    """``[B]`` gains that bring each item's RMS over its ``lengths`` samples to ``level_db`` dBFS.
+
+    The gain is capped at 100 (+40 dB) so that near-silent input is not blown up.
+    """
+    real = audio.float() * lengths_to_mask(lengths, audio.shape[1])
+    rms = (real.square().sum(1) / lengths.clamp(min=1)).sqrt()
+    return (10 ** (level_db / 20) / rms.clamp(min=1e-12)).clamp(max=100.0)
+
+
+def center_frames(states: Tensor, mask: Tensor) -> Tensor:
+    """``states [B, T, D]`` minus each item's mean over its real frames (``mask [B, T]``); pads stay 0."""
+    m = mask[..., None].to(states.dtype)
+    mean = (states * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)
+    return (states - mean) * m
+
+
 class FrozenEncoder(nn.Module):
     """Base class: validation, freezing, optional bf16 autocast, chunking of long audio, output assembly.
 
@@ -55,6 +72,17 @@ class FrozenEncoder(nn.Module):
     pieces of at most that many samples, each encoded alone, and the states concatenated per item, so
     nothing is truncated. ``chunk_samples`` must be a whole number of frames so pieces stay aligned.
 
+    Two optional per-utterance normalisations (off by default; the stage-1 artifact records them,
+    so tokenization and stage-3 inference apply the same ones):
+
+    - ``level_db``: scale each item so the RMS of its samples is ``level_db`` dBFS (gain capped at
+      +40 dB so near-silence is not blown up). Recordings made at different levels then give the
+      same features; a pretrained encoder is robust to level anyway, a random one is not.
+    - ``center_states``: subtract each item's mean state over its real frames (cepstral mean
+      normalisation, on states): removes a per-recording offset (microphone, room, speaker) that a
+      random-weight encoder passes straight through. It also removes what is constant over an
+      utterance, so leave it off for a pretrained encoder whose states an LLM reads as they are.
+
     Attributes:
         sample_rate: 16000, the only rate the encoders accept (resample before, see ``datamodules``).
         dim: width ``D`` of the states.
@@ -63,11 +91,17 @@ class FrozenEncoder(nn.Module):
 
     sample_rate: int = 16000
 
-    def __init__(self, *, dtype: Literal["fp32", "bf16"] = "fp32") -> None:
+    def __init__(
+        self, *, dtype: Literal["fp32", "bf16"] = "fp32", level_db: float | None = None, center_states: bool = False
+    ) -> None:
         super().__init__()
         if dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+        if level_db is not None and not -80.0 <= level_db <= 0.0:
+            raise ValueError(f"level_db must be a dBFS level in [-80, 0], got {level_db}")
         self.dtype_name = dtype
+        self.level_db = None if level_db is None else float(level_db)
+        self.center_states = bool(center_states)
         self.kind = "frozen"
         self.source: str | None = None
         self.layer: int | str | None = None
@@ -152,6 +186,9 @@ class FrozenEncoder(nn.Module):
             "layer": self.layer,
             "pooling": self.pooling,
             "sample_rate": self.sample_rate,
+            # Only when set, so artifacts written before these options existed still match.
+            **({"level_db": self.level_db} if self.level_db is not None else {}),
+            **({"center_states": True} if self.center_states else {}),
         }
 
     def num_frames(self, num_samples: Tensor) -> Tensor:
@@ -198,6 +235,8 @@ class FrozenEncoder(nn.Module):
         audio, lengths = audio.to(device=device, dtype=torch.float32), lengths.to(device)
         # Whatever lies past an item's length must not leak into its frames (padding need not be zeros).
         audio = audio * lengths_to_mask(lengths, audio.shape[1])
+        if self.level_db is not None:
+            audio = audio * level_gain(audio, lengths, self.level_db)[:, None]
         with torch.no_grad():
             if self.chunk_samples is None or int(lengths.max()) <= self.chunk_samples:
                 states, frames = self._encode(audio, lengths)
@@ -207,6 +246,8 @@ class FrozenEncoder(nn.Module):
         states = states[:, : int(frames.max())].float()
         mask = lengths_to_mask(frames, states.shape[1])
         states = states.masked_fill(~mask[..., None], 0.0)
+        if self.center_states:
+            states = center_frames(states, mask)
         return EncoderOutput(states=states, lengths=frames, mask=mask)
 
     def _check_inputs(self, audio: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:

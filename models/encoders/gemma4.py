@@ -113,6 +113,7 @@ class Gemma4AudioEncoder(FrozenEncoder):
         chunk_seconds: longest piece fed at once; 30 s is the feature extractor's window. Must be a
             multiple of 40 ms so pieces end on frame boundaries.
         dtype: ``"bf16"`` runs under bf16 autocast (states are returned as float32 either way).
+        level_db, center_states: per-utterance normalisation, see :class:`FrozenEncoder`.
 
     Example:
         >>> enc = Gemma4AudioEncoder(source="google/gemma-4-E4B-it", dtype="bf16")  # doctest: +SKIP
@@ -127,8 +128,10 @@ class Gemma4AudioEncoder(FrozenEncoder):
         revision: str | None = None,
         chunk_seconds: float = 30.0,
         dtype: Literal["fp32", "bf16"] = "fp32",
+        level_db: float | None = None,
+        center_states: bool = False,
     ) -> None:
-        super().__init__(dtype=dtype)
+        super().__init__(dtype=dtype, level_db=level_db, center_states=center_states)
         if (source is None) == (config is None):
             raise ValueError("give exactly one of source= (hub id or folder) or config= (random weights)")
         chunk = round(chunk_seconds * self.sample_rate)

@@ -32,6 +32,7 @@ class LogMelEncoder(FrozenEncoder):
         f_max: highest filter edge in Hz (default: Nyquist).
         floor: power floor before the log (avoids ``log(0)`` on silence).
         dtype: accepted for a uniform interface; the STFT always runs in float32.
+        level_db, center_states: per-utterance normalisation, see :class:`FrozenEncoder`.
     """
 
     def __init__(
@@ -44,8 +45,10 @@ class LogMelEncoder(FrozenEncoder):
         f_max: float | None = None,
         floor: float = 1e-10,
         dtype: Literal["fp32", "bf16"] = "fp32",
+        level_db: float | None = None,
+        center_states: bool = False,
     ) -> None:
-        super().__init__(dtype=dtype)
+        super().__init__(dtype=dtype, level_db=level_db, center_states=center_states)
         if n_mels < 1 or n_fft < 2 or hop_length < 1:
             raise ValueError(
                 f"need n_mels >= 1, n_fft >= 2, hop_length >= 1; got {n_mels}, {n_fft}, {hop_length}"

@@ -39,6 +39,7 @@ class SSLEncoder(FrozenEncoder):
             falling back to True for layer-norm models (the large ones) and False otherwise.
         revision: hub revision for ``source``.
         dtype: ``"bf16"`` runs under bf16 autocast.
+        level_db, center_states: per-utterance normalisation, see :class:`FrozenEncoder`.
     """
 
     def __init__(
@@ -50,8 +51,10 @@ class SSLEncoder(FrozenEncoder):
         normalize: bool | None = None,
         revision: str | None = None,
         dtype: Literal["fp32", "bf16"] = "fp32",
+        level_db: float | None = None,
+        center_states: bool = False,
     ) -> None:
-        super().__init__(dtype=dtype)
+        super().__init__(dtype=dtype, level_db=level_db, center_states=center_states)
         if (source is None) == (config is None):
             raise ValueError("give exactly one of source= (hub id or folder) or config= (random weights)")
         if source is not None:

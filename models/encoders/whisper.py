@@ -37,6 +37,7 @@ class WhisperEncoder(FrozenEncoder):
         pooling: 1 (50 frames/s) or 2 (mean of frame pairs, 25 frames/s, as Ichigo does; an odd last
             frame is kept alone rather than dropped).
         dtype: ``"bf16"`` runs under bf16 autocast.
+        level_db, center_states: per-utterance normalisation, see :class:`FrozenEncoder`.
     """
 
     def __init__(
@@ -47,8 +48,10 @@ class WhisperEncoder(FrozenEncoder):
         revision: str | None = None,
         pooling: int = 1,
         dtype: Literal["fp32", "bf16"] = "fp32",
+        level_db: float | None = None,
+        center_states: bool = False,
     ) -> None:
-        super().__init__(dtype=dtype)
+        super().__init__(dtype=dtype, level_db=level_db, center_states=center_states)
         if (source is None) == (config is None):
             raise ValueError("give exactly one of source= (hub id or folder) or config= (random weights)")
         if pooling not in (1, 2):

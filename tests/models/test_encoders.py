@@ -32,6 +32,7 @@ from models.encoders import (  # noqa: E402
     WhisperEncoder,
     build_encoder,
 )
+from models.encoders.base import level_gain  # noqa: E402
 from models.gemma4_configs import (  # noqa: E402
     save_tiny_gemma4_audio,
     tiny_gemma4_audio_config,
@@ -336,3 +337,37 @@ def test_real_clip_frame_count(encoders, name):
     expected = len(wav) / SR * enc.frame_rate
     assert abs(out.lengths.item() - expected) <= 2
     assert torch.isfinite(out.states).all()
+
+
+@pytest.mark.parametrize("name", ["gemma4", "logmel"])
+def test_level_and_centering_normalise_each_item(name):
+    torch.manual_seed(0)
+    plain = BUILDERS[name][0]()
+    torch.manual_seed(0)
+    norm = type(plain)(config=tiny_gemma4_audio_config(), level_db=-20.0, center_states=True) if name == "gemma4" else (
+        LogMelEncoder(n_mels=40, level_db=-20.0, center_states=True)
+    )
+    if name == "gemma4":
+        norm._set_model(plain.model)  # the same weights
+    audio, lengths = _batch([12000, 16000, 7000], seed=2)
+    loud = audio * torch.tensor([[0.05], [3.0], [1.0]])  # the same speech at other levels
+    a, b = norm(audio, lengths), norm(loud, lengths)
+    torch.testing.assert_close(a.states, b.states, atol=1e-3, rtol=1e-3)
+    # Without the level option, the level changes the states.
+    assert (plain(audio, lengths).states - plain(loud, lengths).states).abs().max() > 1e-2
+    # Centered: every item's real frames average to zero; padding stays zero; a batch equals each alone.
+    for i, t in enumerate(a.lengths.tolist()):
+        assert a.states[i, :t].mean(0).abs().max() < 1e-4
+        assert a.states[i, t:].abs().sum() == 0
+        alone = norm(audio[i : i + 1, : int(lengths[i])])
+        torch.testing.assert_close(alone.states[0], a.states[i, :t], atol=1e-4, rtol=1e-4)
+    # The scaled audio really is at the target level: -20 dBFS RMS.
+    gain = level_gain(audio, lengths, -20.0)  # the padding (noise here) is not counted
+    for i, n in enumerate(lengths.tolist()):
+        rms = (audio[i, :n] * gain[i]).square().mean().sqrt()
+        assert abs(20 * torch.log10(rms).item() + 20.0) < 1e-3
+    # describe() names the options only when set, so older artifacts still match.
+    assert norm.describe()["level_db"] == -20.0 and norm.describe()["center_states"] is True
+    assert "level_db" not in plain.describe() and "center_states" not in plain.describe()
+    with pytest.raises(ValueError, match="level_db"):
+        LogMelEncoder(level_db=6.0)

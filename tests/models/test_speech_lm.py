@@ -212,3 +212,82 @@ def test_min_frames_fixes_the_length(trained, form):
     assert [c.shape[-1] for c in model.generate(TEXTS, max_frames=9, min_frames=9)] == [9, 9]
     with pytest.raises(ValueError):
         model.generate(TEXTS, max_frames=3, min_frames=4)
+
+
+def _fixed_head0(model, probs_first: float, probs_end: float):
+    """Head 0 (all_levels) or the answer logits (one_level) always give code 0 ``probs_first`` and the
+    end ``probs_end``; the rest is spread evenly over the other codes. Returns an undo callable."""
+
+    def logits_for(n_out: int, end_col: int, like: torch.Tensor) -> torch.Tensor:
+        p = torch.full((n_out,), (1 - probs_first - probs_end) / (n_out - 2))
+        p[0], p[end_col] = probs_first, probs_end
+        return p.log().to(like).expand(*like.shape[:-1], n_out).clone()
+
+    if model.output_form == "all_levels":
+        hook = model.heads[0].register_forward_hook(lambda m, i, o: logits_for(K + 1, K, o))
+        return hook.remove
+    inner = model._lm_logits
+    n_dur = len(model.answer_vocab) - K - 1
+
+    def fixed(h, weight=None):
+        out = inner(h, weight)
+        if weight is None:
+            return out
+        fixed_out = logits_for(out.shape[-1], out.shape[-1] - 1, out)
+        fixed_out[..., K : K + n_dur] = -1e9  # no duration tokens: one frame per step
+        return fixed_out
+
+    model._lm_logits = fixed
+    return lambda: setattr(model, "_lm_logits", inner)
+
+
+@pytest.mark.parametrize("form", ["one_level", "all_levels"])
+def test_median_end_rule_stops_where_survival_falls_below_half(tokenizer, form):
+    # P(end) = 0.3 at every step, below P(code 0) = 0.5: greedy argmax never ends, while the
+    # probability of still speaking is 0.7 after one step and 0.49 after two, so "median" ends
+    # after one frame.
+    model = make_model(tokenizer, form, seed=4)
+    undo = _fixed_head0(model, 0.5, 0.3)
+    try:
+        argmax = model.generate(TEXTS, max_frames=9, eos_rule="argmax")
+        median = model.generate(TEXTS, max_frames=9, eos_rule="median")
+        late = model.generate(TEXTS, max_frames=9, min_frames=4, eos_rule="median")
+    finally:
+        undo()
+    assert [g.shape[-1] for g in argmax] == [9, 9]
+    assert [g.shape[-1] for g in median] == [1, 1]
+    assert all(int(g[0, 0]) == 0 for g in median)
+    # Steps before min_frames do not count towards the hazard; the next two do.
+    assert [g.shape[-1] for g in late] == [5, 5]
+    with pytest.raises(ValueError):
+        model.generate(TEXTS, max_frames=3, eos_rule="mode")
+
+
+@pytest.mark.parametrize("form,delay", FORMS)
+def test_guided_generation_is_batch_invariant_and_scale_one_is_plain(tokenizer, form, delay):
+    model = make_model(tokenizer, form, delay, seed=5)
+    texts = ["a", TEXTS[1], "Kumasi na Accra"]
+    plain = model.generate(texts, max_frames=8)
+    assert all(torch.equal(a, b) for a, b in zip(plain, model.generate(texts, max_frames=8, cfg_scale=1.0), strict=True))
+    guided = model.generate(texts, max_frames=8, cfg_scale=3.0)
+    single = [model.generate([t], max_frames=8, cfg_scale=3.0)[0] for t in texts]
+    assert all(torch.equal(a, b) for a, b in zip(guided, single, strict=True))
+    assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(guided, plain, strict=True))
+    with pytest.raises(ValueError):
+        model.generate(texts, max_frames=8, cfg_scale=0.0)
+
+
+def test_guidance_combines_prompted_and_empty_prompt_logits(tokenizer):
+    # The first guided step must pick argmax(u + s (c - u)) of the two real forward passes.
+    model = make_model(tokenizer, "all_levels", delay=False, seed=6)
+    text, scale = TEXTS[1], 2.5
+    with torch.no_grad():
+        c = model(model.build_batch([text], [torch.zeros(Q, 1, dtype=torch.long)]))["logits"][0, :, 0]
+        u = model(model.build_batch([""], [torch.zeros(Q, 1, dtype=torch.long)]))["logits"][0, :, 0]
+    guided = u + scale * (c - u)
+    guided[1:, K] = float("-inf")  # only head 0 may end
+    expected = guided.argmax(-1)
+    first = model.generate([text], max_frames=1, min_frames=1, cfg_scale=scale)[0][:, 0]
+    assert torch.equal(first, expected)
+    # At this seed guidance changes the pick, so the check tells guided from plain decoding.
+    assert not torch.equal(first, model.generate([text], max_frames=1, min_frames=1)[0][:, 0])

@@ -315,3 +315,27 @@ def test_ctc_auxiliary_loss_reaches_lora(tiny_path):
     out["ctc"].backward()
     grads = [p.grad for n, p in m.named_parameters() if p.requires_grad and "lora_B" in n]  # B starts at 0
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_real_audio_is_normalised_as_the_stage1_encoder_does(tiny_path):
+    from models.encoders import Gemma4AudioEncoder
+
+    m = make(tiny_path).eval()
+    m.set_audio_normalization(level_db=-20.0, center_states=True)
+    enc = Gemma4AudioEncoder(source=str(tiny_path), level_db=-20.0, center_states=True)  # the same audio tower
+    rng = np.random.default_rng(1)
+    waves = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (8_000, 20_800)]
+    batch = m.prompts_from_audio(waves)
+    louder = m.prompts_from_audio([w * 5 for w in waves])
+    torch.testing.assert_close(batch["input_features"], louder["input_features"], atol=1e-4, rtol=1e-4)
+    states, valid = m.encoder_states(batch["input_features"], batch["input_features_mask"])
+    ref = enc(torch.nn.utils.rnn.pad_sequence([torch.from_numpy(w) for w in waves], batch_first=True),
+              torch.tensor([len(w) for w in waves]))
+    assert valid.sum(1).tolist() == ref.lengths.tolist()
+    for i, t in enumerate(ref.lengths.tolist()):
+        torch.testing.assert_close(states[i, :t].float(), ref.states[i, :t], atol=1e-4, rtol=1e-4)
+        assert states[i, :t].mean(0).abs().max() < 1e-4
+    # Off again: the states are the raw tower's, no longer centered.
+    m.set_audio_normalization()
+    raw, _ = m.encoder_states(batch["input_features"], batch["input_features_mask"])
+    assert raw[0, : ref.lengths[0]].mean(0).abs().max() > 1e-3

@@ -75,6 +75,15 @@ def test_worse_run_does_not_replace_current_unless_forced(tmp_path):
     assert forced.became_current and (tmp_path / "stage1" / "current").resolve() == forced.path
 
 
+def test_a_version_over_another_encoder_is_not_compared(tmp_path):
+    enc = {"kind": "gemma4_audio", "dim": 4}
+    good = _promote(tmp_path, _linear(0), 0.9, info={"encoder": enc})
+    assert not _promote(tmp_path, _linear(1), 0.8, info={"encoder": enc}).became_current
+    # Centered states give lower cosines by construction: that is another space, not a worse run.
+    other = _promote(tmp_path, _linear(1), 0.8, info={"encoder": {**enc, "center_states": True}})
+    assert other.became_current and good.path != (tmp_path / "stage1" / "current").resolve() == other.path
+
+
 def test_loading_never_unpickles(tmp_path, monkeypatch):
     _promote(tmp_path, _linear(0), 0.9)
 

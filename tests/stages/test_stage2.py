@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Trainer
 
 from datamodules.shards import ShardWriter
@@ -16,7 +17,7 @@ from datamodules.text import InstructionDataModule
 from models.rvq import ResidualVQ
 from models.speech_lm import SpeechLM
 from stages.promotion import load_artifact, promote
-from stages.stage2 import SpeechlessStage, make_tiny_lm, word_match
+from stages.stage2 import SpeechlessStage, aligned_cosine, dtw_cosine, make_tiny_lm, word_match
 from stages.writers import ShardPredictionWriter
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -107,6 +108,46 @@ def test_word_match_counts_own_word_closest():
     swapped = [("a", b, a), ("b", a, b)]
     assert word_match(right) == (1.0, 2)
     assert word_match(swapped) == (0.0, 2)
+
+
+def test_dtw_cosine_aligns_time_warps_that_a_linear_stretch_blurs():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 8, generator=g)
+    warped = torch.cat([a[:1], a[1:2].repeat(4, 1), a[2:]])  # the second frame held four times longer
+    other = torch.randn(7, 8, generator=g)
+    dtw = dtw_cosine([a, a, a, a[:0]], [warped, a, other, a])
+    torch.testing.assert_close(dtw[:2], torch.ones(2))  # a warp of the same frames is a perfect match
+    assert aligned_cosine(a, warped) < 0.95  # the linear stretch misaligns the later frames
+    assert dtw[2] < 0.6 and dtw[3] == 0  # unrelated frames score low; an empty side scores 0
+    # The best path: the mean cosine along it is at least that of the diagonal for equal lengths.
+    b = torch.randn(6, 8, generator=g)
+    assert dtw_cosine([a], [b])[0] >= F.cosine_similarity(a, b, dim=-1).mean() - 1e-6
+
+
+def test_word_match_with_warped_renditions():
+    # Each word's "generation" is its real utterance with one sound held longer: DTW still matches
+    # every word; around the mean state the words are unrelated, so matching is not by chance.
+    g = torch.Generator().manual_seed(1)
+    reals = {w: torch.randn(5, 8, generator=g) for w in "abcd"}
+    items = [(w, torch.cat([r[:2], r[2:3].repeat(5, 1), r[3:]]), r) for w, r in reals.items()]
+    assert word_match(items) == (1.0, 4)
+    assert word_match(items, align="linear")[1] == 4
+
+
+def test_text_dropout_trains_some_steps_on_the_empty_prompt(world, monkeypatch):
+    with pytest.raises(ValueError, match="text_dropout"):
+        _stage(world, cfg_scale=2.0)  # guidance without an unprompted model to guide against
+    stage = _stage(world, text_dropout=0.5, cfg_scale=2.0)
+    seen = []
+    build = stage.lm.build_batch
+    monkeypatch.setattr(stage.lm, "build_batch", lambda texts, *a, **k: seen.append(list(texts)) or build(texts, *a, **k))
+    torch.manual_seed(0)
+    batch = _batch(world)
+    for _ in range(4):
+        stage.training_step(batch, 0)
+    texts = [t for step in seen for t in step]
+    assert 0 < texts.count("") < len(texts)
+    assert set(texts) - {""} <= set(WORDS)
 
 
 def test_instruction_ranks_cover_each_once(world):

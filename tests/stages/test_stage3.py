@@ -133,6 +133,24 @@ def test_wrong_adapter_is_refused(setup_dir):
         stage.on_load_checkpoint({"state_dict": {"llm.peft_model.nope": torch.zeros(1)}})
 
 
+def test_stage1_encoder_normalisation_reaches_real_speech(setup_dir, tmp_path):
+    # Without normalisation recorded, real speech reaches the LLM unnormalised ...
+    plain = make_stage(setup_dir)
+    assert (plain.llm.level_db, plain.llm.center_states) == (None, False)
+    # ... with it, stage 3 applies what the stage-1 encoder applied, and its artifact records it.
+    rvq = ResidualVQ(dim=32, num_quantizers=Q, codebook_size=K, kmeans_init=False)
+    init = {"dim": 32, "num_quantizers": Q, "codebook_size": K, "kmeans_init": False}
+    encoder = {"kind": "gemma4_audio", "dim": 32, "level_db": -20.0, "center_states": True}
+    artifact = promote(
+        stage="stage1", modules={"quantizer": ArtifactModule("models.rvq.ResidualVQ", init, rvq.state_dict())},
+        metrics={}, artifacts_dir=tmp_path / "artifacts", info={"encoder": encoder},
+    ).path
+    llm = SpokenLLM(model=str(setup_dir["model"]), dtype="fp32", num_levels=Q, codebook_size=K, lora_r=4)
+    stage = SpokenInstructionStage(llm=llm, stage1_artifact=str(artifact))
+    assert (stage.llm.level_db, stage.llm.center_states) == (-20.0, True)
+    assert stage.artifact_info()["audio_normalization"] == {"level_db": -20.0, "center_states": True}
+
+
 def test_next_digit_wraps_and_rejects():
     assert next_digit("Nine") == "zero"
     with pytest.raises(ValueError):
