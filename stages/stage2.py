@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric, SumMetric
 from models.speech_lm import SpeechLM
 from stages.promotion import ArtifactModule, load_artifact
 
-__all__ = ["SpeechlessStage", "aligned_cosine", "dtw_cosine", "make_tiny_lm", "word_match"]
+__all__ = ["SpeechlessStage", "WordMatchItems", "aligned_cosine", "dtw_cosine", "make_tiny_lm", "word_match"]
 
 
 def aligned_cosine(gen: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -34,14 +34,16 @@ def aligned_cosine(gen: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(gen.float(), real.float(), dim=-1).mean()
 
 
-def dtw_cosine(gens: list[torch.Tensor], reals: list[torch.Tensor]) -> torch.Tensor:
+def dtw_cosine(gens: list[torch.Tensor], reals: list[torch.Tensor], *, max_cells: int = 1 << 25) -> torch.Tensor:
     """Mean cosine along the best monotonic alignment (dynamic time warping) of each pair.
 
     ``gens[i] [T_i, D]`` is aligned with ``reals[i] [U_i, D]`` by DTW over the cost ``1 - cosine``
-    (steps: both, gen only, real only); the score is the mean cosine over the path's cells. All
-    pairs run at once on padded ``[N, T, U]`` grids, so the Python loop is ``max T x max U`` steps.
-    Unlike a linear stretch, DTW lets a syllable be early or late without blurring it. A pair with
-    an empty side scores 0.
+    (steps: both, gen only, real only); the score is the mean cosine over the path's cells. Unlike a
+    linear stretch, DTW lets a syllable be early or late without blurring it. A pair with an empty
+    side scores 0.
+
+    Pairs are sorted by size and run in chunks of at most ``max_cells`` cost-matrix cells; within a
+    chunk the recursion runs over anti-diagonals (``T + U`` vectorised steps, not ``T x U``).
 
     Returns:
         ``[N]`` float scores in ``[-1, 1]``.
@@ -49,34 +51,61 @@ def dtw_cosine(gens: list[torch.Tensor], reals: list[torch.Tensor]) -> torch.Ten
     n = len(gens)
     if n != len(reals):
         raise ValueError(f"{n} generations but {len(reals)} real utterances")
-    if n == 0:
-        return torch.zeros(0)
+    out = torch.zeros(n)
+    live = [i for i in range(n) if gens[i].shape[0] > 0 and reals[i].shape[0] > 0]
+    live.sort(key=lambda i: (gens[i].shape[0], reals[i].shape[0]))
+    start = 0
+    while start < len(live):
+        stop = start + 1  # grow the chunk while its padded cost matrices fit the budget
+        t, u = gens[live[start]].shape[0], reals[live[start]].shape[0]
+        while stop < len(live):
+            t2, u2 = max(t, gens[live[stop]].shape[0]), max(u, reals[live[stop]].shape[0])
+            if (stop + 1 - start) * t2 * u2 > max_cells:
+                break
+            t, u, stop = t2, u2, stop + 1
+        idx = live[start:stop]
+        out[idx] = _dtw_chunk([gens[i] for i in idx], [reals[i] for i in idx])
+        start = stop
+    return out
+
+
+def _dtw_chunk(gens: list[torch.Tensor], reals: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`dtw_cosine` of non-empty pairs, padded to one ``[N, T, U]`` cost tensor."""
+    n = len(gens)
     tg = torch.tensor([g.shape[0] for g in gens])
     tr = torch.tensor([r.shape[0] for r in reals])
     g = torch.nn.utils.rnn.pad_sequence([F.normalize(x.float(), dim=-1) for x in gens], batch_first=True)
     r = torch.nn.utils.rnn.pad_sequence([F.normalize(x.float(), dim=-1) for x in reals], batch_first=True)
-    if g.shape[1] == 0 or r.shape[1] == 0:
-        return torch.zeros(n)
     cost = 1 - g @ r.transpose(1, 2)  # [N, T, U]
-    big = torch.finfo(cost.dtype).max / 4
     t_max, u_max = cost.shape[1:]
-    total = torch.full((n, t_max + 1, u_max + 1), big)  # accumulated cost
-    steps = torch.zeros(n, t_max + 1, u_max + 1)  # path length of that best path
-    total[:, 0, 0] = 0
-    for i in range(1, t_max + 1):
-        for j in range(1, u_max + 1):
-            cand = torch.stack([total[:, i - 1, j - 1], total[:, i - 1, j], total[:, i, j - 1]], 1)
-            lens = torch.stack([steps[:, i - 1, j - 1], steps[:, i - 1, j], steps[:, i, j - 1]], 1)
-            best, arg = cand.min(1)
-            total[:, i, j] = best + cost[:, i - 1, j - 1]
-            steps[:, i, j] = lens.gather(1, arg[:, None])[:, 0] + 1
+    big = torch.finfo(cost.dtype).max / 4
+    # Anti-diagonal d holds cells (i, d - i), i = 0..T (1-based DP indices; row/column 0 is the border).
+    i = torch.arange(t_max + 1)
+    prev2_cost = torch.full((n, t_max + 1), big)  # diagonal d - 2: accumulated cost
+    prev2_len = torch.zeros(n, t_max + 1)  # and the length of that best path
+    prev2_cost[:, 0] = 0.0  # d = 0: only the origin (0, 0)
+    prev1_cost, prev1_len = torch.full((n, t_max + 1), big), torch.zeros(n, t_max + 1)  # d = 1: border only
+    total, steps = torch.zeros(n), torch.ones(n)
     rows = torch.arange(n)
-    score = 1 - total[rows, tg, tr] / steps[rows, tg, tr].clamp(min=1)
-    return torch.where((tg > 0) & (tr > 0), score, torch.zeros(n))
+    for d in range(2, t_max + u_max + 1):
+        j = d - i
+        ok = (i >= 1) & (j >= 1) & (j <= u_max)
+        c = cost[:, (i - 1).clamp(0, t_max - 1), (j - 1).clamp(0, u_max - 1)]  # [N, T + 1]
+        shifted = lambda x, fill: torch.cat([x.new_full((n, 1), fill), x[:, :-1]], 1)  # noqa: E731  x[i - 1]
+        cand = torch.stack([shifted(prev2_cost, big), shifted(prev1_cost, big), prev1_cost], 2)
+        lens = torch.stack([shifted(prev2_len, 0.0), shifted(prev1_len, 0.0), prev1_len], 2)
+        best, arg = cand.min(2)
+        new_cost = torch.where(ok, best + c, big)
+        new_len = torch.where(ok, lens.gather(2, arg[..., None])[..., 0] + 1, 0.0)
+        end = (tg + tr) == d  # pairs whose last cell (T_n, U_n) lies on this diagonal
+        total = torch.where(end, new_cost[rows, tg], total)
+        steps = torch.where(end, new_len[rows, tg], steps)
+        prev2_cost, prev2_len, prev1_cost, prev1_len = prev1_cost, prev1_len, new_cost, new_len
+    return 1 - total / steps.clamp(min=1)
 
 
 def word_match(
-    items: list[tuple[str, torch.Tensor, torch.Tensor]], *, align: Literal["dtw", "linear"] = "dtw", chunk: int = 2048
+    items: list[tuple[str, torch.Tensor, torch.Tensor]], *, align: Literal["dtw", "linear"] = "dtw"
 ) -> tuple[float, int]:
     """Fraction of texts whose generated states are closest to their own real states.
 
@@ -84,7 +113,6 @@ def word_match(
         items: ``(text, generated states [T_g, D], real states [T_r, D])`` per utterance.
         align: ``"dtw"`` (default, :func:`dtw_cosine`) or ``"linear"`` (:func:`aligned_cosine`)
             length alignment of a generated and a real utterance.
-        chunk: pairs scored at once (bounds memory).
 
     Returns:
         ``(fraction of texts matched, number of texts)``; a text matches when the mean cosine of
@@ -110,20 +138,63 @@ def word_match(
     if len(words) < 2:
         return float("nan"), len(words)
     pairs = [(wi, vi, g, r) for wi, w in enumerate(words) for g in gens[w] for vi, v in enumerate(words) for r in reals[v]]
+    if align == "dtw":
+        scores = dtw_cosine([p[2] for p in pairs], [p[3] for p in pairs])
+    else:
+        scores = torch.stack([aligned_cosine(p[2], p[3]) for p in pairs])
+    idx = torch.tensor([[p[0], p[1]] for p in pairs])
     sums, counts = torch.zeros(len(words), len(words)), torch.zeros(len(words), len(words))
-    for k in range(0, len(pairs), chunk):
-        part = pairs[k : k + chunk]
-        if align == "dtw":
-            scores = dtw_cosine([p[2] for p in part], [p[3] for p in part])
-        else:
-            scores = torch.stack([aligned_cosine(p[2], p[3]) for p in part])
-        idx = torch.tensor([[p[0], p[1]] for p in part])
-        sums.index_put_((idx[:, 0], idx[:, 1]), scores.float(), accumulate=True)
-        counts.index_put_((idx[:, 0], idx[:, 1]), torch.ones(len(part)), accumulate=True)
+    sums.index_put_((idx[:, 0], idx[:, 1]), scores.float(), accumulate=True)
+    counts.index_put_((idx[:, 0], idx[:, 1]), torch.ones(len(pairs)), accumulate=True)
     score = sums / counts.clamp(min=1)
     own = score.diagonal()
     others = score.masked_fill(torch.eye(len(words), dtype=torch.bool), float("-inf")).amax(1)
     return float((own > others).float().mean()), len(words)
+
+
+class WordMatchItems:
+    """The (generated, real) states of at most ``max_texts`` texts, kept for :func:`word_match`.
+
+    Word match costs ``texts x utterances`` DTW alignments, so a real validation set (thousands of
+    distinct sentences) is scored over a fixed subset: the ``max_texts`` smallest texts (string
+    order) of the whole set. Each rank keeps only its own ``max_texts`` smallest texts while the
+    epoch runs (memory stays bounded), and :meth:`gather` exchanges first the text lists, then only
+    the items of the globally chosen texts, so every rank scores the same items and logs the same
+    figure, the one a single process would log.
+    """
+
+    def __init__(self, max_texts: int) -> None:
+        if max_texts < 2:
+            raise ValueError(f"word match needs max_texts >= 2, got {max_texts}")
+        self.max_texts = max_texts
+        self.by_text: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def add(self, text: str, generated: torch.Tensor, real: torch.Tensor) -> None:
+        self.by_text.setdefault(text, []).append((generated, real))
+        if len(self.by_text) > self.max_texts:
+            del self.by_text[max(self.by_text)]
+
+    def gather(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """All ranks' items of the ``max_texts`` smallest texts overall (a collective under DDP)."""
+        chosen = sorted(self.by_text)
+        local = self.by_text
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                names: list[list[str]] = [[] for _ in range(world)]
+                torch.distributed.all_gather_object(names, chosen)
+                chosen = sorted({t for part in names for t in part})[: self.max_texts]
+                keep = set(chosen)
+                parts: list[dict] = [{} for _ in range(world)]
+                torch.distributed.all_gather_object(parts, {t: v for t, v in local.items() if t in keep})
+                local = {}
+                for part in parts:
+                    for t, v in part.items():
+                        local.setdefault(t, []).extend(v)
+        return [(t, g, r) for t in chosen for g, r in local.get(t, [])]
+
+    def clear(self) -> None:
+        self.by_text = {}
 
 
 def make_tiny_lm(out_dir: str | Path, texts: list[str], *, vocab_size: int = 400, hidden_size: int = 64,
@@ -157,7 +228,8 @@ class SpeechlessStage(LightningModule):
     and the per-frame cosine is averaged (``val/gen_cosine``); ``val/len_error`` is the mean
     ``|T_gen - T_real|`` in frames; ``{val,test}/word_match`` is the fraction of held-out texts whose
     generations are closer (DTW-aligned cosine, :func:`word_match`) to their own real utterances
-    than to any other text's (chance = 1 / number of texts; computed per rank).
+    than to any other text's (chance = 1 / number of texts; over all ranks, at most
+    ``word_match_texts`` texts).
 
     Args:
         lm: the text -> token LM; may be omitted when ``artifact`` is given.
@@ -176,6 +248,9 @@ class SpeechlessStage(LightningModule):
         text_dropout: fraction of training texts replaced by the empty prompt, so that the model
             also learns the unprompted distribution that classifier-free guidance needs.
         cfg_scale: classifier-free guidance at generation (``1`` = off); needs ``text_dropout > 0``.
+        word_match_texts: word match is scored over at most this many texts (the smallest in string
+            order, gathered over all ranks; see :class:`WordMatchItems`): its cost grows with texts
+            times utterances.
     """
 
     summary_metrics = ["val/loss", "val/acc", "val/gen_cosine", "val/len_error", "val/word_match"]
@@ -185,6 +260,7 @@ class SpeechlessStage(LightningModule):
         lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 0, gen_max_frames: int = 250,
         greedy: bool = True, temperature: float = 1.0, top_k: int | None = None,
         eos_rule: Literal["argmax", "median"] = "median", text_dropout: float = 0.0, cfg_scale: float = 1.0,
+        word_match_texts: int = 64,
     ) -> None:
         super().__init__()
         self._parents: list[dict[str, Any]] = []
@@ -225,7 +301,7 @@ class SpeechlessStage(LightningModule):
             setattr(self, f"{split}_level_total", torch.nn.ModuleList(SumMetric() for _ in range(n_out)))
             setattr(self, f"{split}_gen_cosine", MeanMetric())
             setattr(self, f"{split}_len_error", MeanMetric())
-        self._items: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        self._items = WordMatchItems(word_match_texts)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -282,7 +358,7 @@ class SpeechlessStage(LightningModule):
             gs, rs = self._states(g), self._states(r)
             m("gen_cosine").update(aligned_cosine(gs, rs))
             m("len_error").update(abs(g.shape[1] - r.shape[1]))
-            self._items.append((text, gs.cpu(), rs.cpu()))
+            self._items.add(text, gs.cpu(), rs.cpu())
 
     def _eval_epoch_end(self, prefix: str) -> None:
         m = lambda name: getattr(self, f"{prefix}_{name}")  # noqa: E731
@@ -294,13 +370,13 @@ class SpeechlessStage(LightningModule):
             self.log(f"{prefix}/acc_l{q}", c.compute() / t.compute().clamp(min=1))
         self.log(f"{prefix}/gen_cosine", m("gen_cosine").compute())
         self.log(f"{prefix}/len_error", m("len_error").compute())
-        frac, n_words = word_match(self._items)
+        frac, n_words = word_match(self._items.gather())  # the same items, and figure, on every rank
         if n_words >= 2:
             self.log(f"{prefix}/word_match", frac)
             self.log(f"{prefix}/word_match_chance", 1.0 / n_words)
             if prefix == "test" and self.global_rank == 0:
                 print(f"[stage2] test/word_match {frac:.3f} over {n_words} words (chance {1 / n_words:.3f})", flush=True)
-        self._items = []
+        self._items.clear()
         for name in ("loss", "correct", "total", "gen_cosine", "len_error"):
             m(name).reset()
         for metric in [*m("level_correct"), *m("level_total")]:

@@ -124,6 +124,29 @@ def test_dtw_cosine_aligns_time_warps_that_a_linear_stretch_blurs():
     assert dtw_cosine([a], [b])[0] >= F.cosine_similarity(a, b, dim=-1).mean() - 1e-6
 
 
+def _dtw_reference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Textbook O(T U) dynamic programme: mean cosine along the cheapest path."""
+    cost = 1 - F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+    acc = [[(float("inf"), 0)] * (b.shape[0] + 1) for _ in range(a.shape[0] + 1)]
+    acc[0][0] = (0.0, 0)
+    for i in range(1, a.shape[0] + 1):
+        for j in range(1, b.shape[0] + 1):
+            best = min(acc[i - 1][j - 1], acc[i - 1][j], acc[i][j - 1], key=lambda x: x[0])
+            acc[i][j] = (best[0] + float(cost[i - 1, j - 1]), best[1] + 1)
+    total, steps = acc[-1][-1]
+    return 1 - total / steps
+
+
+def test_dtw_cosine_equals_the_textbook_recursion_in_any_chunking():
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(1, 10, (30, 2), generator=g).tolist()
+    gens = [torch.randn(t, 4, generator=g) for t, _ in lengths]
+    reals = [torch.randn(u, 4, generator=g) for _, u in lengths]
+    expected = torch.tensor([_dtw_reference(a, b) for a, b in zip(gens, reals, strict=True)])
+    for max_cells in (1, 50, 1 << 25):  # one pair per chunk, a few, all at once
+        torch.testing.assert_close(dtw_cosine(gens, reals, max_cells=max_cells), expected)
+
+
 def test_word_match_with_warped_renditions():
     # Each word's "generation" is its real utterance with one sound held longer: DTW still matches
     # every word; around the mean state the words are unrelated, so matching is not by chance.
