@@ -8,7 +8,6 @@ summation order) to a single process that saw the two shards concatenated in ran
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -81,20 +80,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(120)
-def test_ddp_matches_single_process_on_concatenated_data(tmp_path, monkeypatch):
+def test_ddp_matches_single_process_on_concatenated_data(tmp_path, monkeypatch, free_port):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     # Spawned ranks unpickle _worker by this module's import name (tests.models...), which pytest's
     # importlib mode does not put on sys.path; spawn hands sys.path to the children.
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     # Every rank holds the same state, bit for bit.

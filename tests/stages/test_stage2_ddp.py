@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import pytest
@@ -46,12 +45,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_keeps_the_smallest_texts_while_the_epoch_runs():
     items = WordMatchItems(max_texts=2)
     for text in ["d", "b", "c", "a", "b"]:
@@ -63,11 +56,11 @@ def test_keeps_the_smallest_texts_while_the_epoch_runs():
 
 
 @pytest.mark.timeout(120)
-def test_two_ranks_score_the_same_items_as_one_process(tmp_path, monkeypatch):
+def test_two_ranks_score_the_same_items_as_one_process(tmp_path, monkeypatch, free_port):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))  # spawn re-imports this module
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port, str(tmp_path)), nprocs=WORLD, join=True)
     results = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
 
     # What one process holding every utterance would score: the 3 smallest texts, all their items.
