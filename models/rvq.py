@@ -158,6 +158,18 @@ class ResidualVQ(nn.Module):
 
     # ------------------------------------------------------------------ public API
 
+    def generator_state(self) -> torch.Tensor:
+        """State of the generator behind k-means, restarts and dropout, for training checkpoints.
+
+        It is not in ``state_dict()`` (artifacts hold tensors only); ``stages.stage1.RVQStage``
+        saves it beside the weights so a resumed run draws what an uninterrupted one would.
+        """
+        return self._generator.get_state()
+
+    def set_generator_state(self, state: torch.Tensor) -> None:
+        """Restore :meth:`generator_state` (every rank restores the same state)."""
+        self._generator.set_state(state.detach().cpu().to(torch.uint8))
+
     def codebook_embeddings(self) -> torch.Tensor:
         """The codebooks, detached: ``[Q, K, D]`` (a view; do not modify in place)."""
         return self.codebooks.detach()

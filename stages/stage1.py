@@ -248,6 +248,14 @@ class RVQStage(LightningModule):
         return out
 
     # ---- optimisation -------------------------------------------------------------------------
+    # ---- checkpoints: the RVQ's generator rides along so a resumed run matches an uninterrupted one
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rvq_generator"] = self.quantizer.generator_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rvq_generator" in checkpoint:  # checkpoints written before it was saved have none
+            self.quantizer.set_generator_state(checkpoint["rvq_generator"])
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)

@@ -251,6 +251,10 @@ class SpeechlessStage(LightningModule):
         word_match_texts: word match is scored over at most this many texts (the smallest in string
             order, gathered over all ranks; see :class:`WordMatchItems`): its cost grows with texts
             times utterances.
+        gen_batches: generate (for ``gen_cosine``, ``len_error``, ``word_match``) in only the first
+            this many validation/test batches of each rank; ``None`` = all. Teacher-forced loss and
+            accuracy always cover every batch. Generation dominates a validation pass on a large
+            held-out set, and the first batches are the same ones every epoch (exact epochs).
     """
 
     summary_metrics = ["val/loss", "val/acc", "val/gen_cosine", "val/len_error", "val/word_match"]
@@ -260,7 +264,7 @@ class SpeechlessStage(LightningModule):
         lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 0, gen_max_frames: int = 250,
         greedy: bool = True, temperature: float = 1.0, top_k: int | None = None,
         eos_rule: Literal["argmax", "median"] = "median", text_dropout: float = 0.0, cfg_scale: float = 1.0,
-        word_match_texts: int = 64,
+        word_match_texts: int = 64, gen_batches: int | None = None,
     ) -> None:
         super().__init__()
         self._parents: list[dict[str, Any]] = []
@@ -292,6 +296,9 @@ class SpeechlessStage(LightningModule):
             raise ValueError("cfg_scale != 1 needs a model trained with text_dropout > 0 (the unprompted half)")
         self.gen_max_frames, self.greedy, self.temperature, self.top_k = gen_max_frames, greedy, temperature, top_k
         self.eos_rule, self.text_dropout, self.cfg_scale = eos_rule, text_dropout, cfg_scale
+        if gen_batches is not None and gen_batches < 1:
+            raise ValueError(f"gen_batches must be >= 1 or None, got {gen_batches}")
+        self.gen_batches = gen_batches
         n_out = 1 if lm.output_form == "one_level" else lm.num_levels
         for split in ("val", "test"):
             setattr(self, f"{split}_loss", MeanMetric())
@@ -341,7 +348,7 @@ class SpeechlessStage(LightningModule):
         return self.lm.generate(texts, max_frames=self.gen_max_frames, greedy=self.greedy, temperature=self.temperature,
                                 top_k=self.top_k, eos_rule=self.eos_rule, cfg_scale=self.cfg_scale)
 
-    def _eval_step(self, batch: dict, prefix: str) -> None:
+    def _eval_step(self, batch: dict, prefix: str, batch_idx: int = 0) -> None:
         texts, codes = self._real(batch)
         if not texts:
             return
@@ -353,6 +360,8 @@ class SpeechlessStage(LightningModule):
         for q in range(len(out["correct"])):
             m("level_correct")[q].update(out["correct"][q])
             m("level_total")[q].update(out["total"][q])
+        if self.gen_batches is not None and batch_idx >= self.gen_batches:
+            return
         gen = self._generate(texts)
         for text, g, r in zip(texts, gen, codes, strict=True):
             gs, rs = self._states(g), self._states(r)
@@ -383,13 +392,13 @@ class SpeechlessStage(LightningModule):
             metric.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch, "val", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch, "test", batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")

@@ -68,6 +68,16 @@ def test_resume_from_checkpoint(fitted, tmp_path):
          "--trainer.logger.init_args.save_dir", str(tmp_path)])
     resumed = torch.load(tmp_path / "stage1" / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert resumed["epoch"] == 2
+    # The RVQ's generator (k-means seeds, restarts, dropout) rides in the checkpoint and is restored.
+    before = torch.load(fitted["ckpts"] / "last.ckpt", map_location="cpu", weights_only=True)
+    state = before["rvq_generator"]
+    from models.rvq import ResidualVQ
+    from stages.stage1 import RVQStage
+
+    stage = RVQStage(quantizer=ResidualVQ(dim=64, num_quantizers=2, codebook_size=16))
+    assert not torch.equal(stage.quantizer.generator_state(), state)  # training advanced it: restoring matters
+    stage.on_load_checkpoint(before)
+    assert torch.equal(stage.quantizer.generator_state(), state)
 
 
 def test_tokenizing_from_artifact_equals_checkpoint(fitted, tiny_corpus, tmp_path):

@@ -173,6 +173,22 @@ def test_text_dropout_trains_some_steps_on_the_empty_prompt(world, monkeypatch):
     assert set(texts) - {""} <= set(WORDS)
 
 
+def test_gen_batches_limits_generation_not_teacher_forced_metrics(world, monkeypatch):
+    with pytest.raises(ValueError, match="gen_batches"):
+        _stage(world, gen_batches=0)
+    stage = _stage(world, gen_batches=1)
+    calls = []
+    generate = stage._generate
+    monkeypatch.setattr(stage, "_generate", lambda texts: calls.append(len(texts)) or generate(texts))
+    batch = _batch(world)
+    n = int((batch["sample_weight"] > 0).sum())
+    for idx in range(3):
+        stage.validation_step(batch, idx)
+    assert calls == [n]  # only the first batch generated
+    assert stage.val_len_error.update_count == n  # one length per generated utterance
+    assert int(stage.val_loss.update_count) == 3  # the loss saw every batch
+
+
 def test_instruction_ranks_cover_each_once(world):
     root, _ = world
     seen, batches = [], []
