@@ -413,10 +413,7 @@ class SpokenLLM(nn.Module):
         """
         waves = [np.asarray(w, dtype=np.float32) for w in waveforms]
         if self.level_db is not None:
-            waves = [
-                w * float(level_gain(torch.from_numpy(w)[None], torch.tensor([max(len(w), 1)]), self.level_db)[0])
-                for w in waves
-            ]
+            waves = [w * float(level_gain(torch.from_numpy(w)[None], torch.tensor([len(w)]), self.level_db)) for w in waves]
         feats = self.feature_extractor(
             waves,
             sampling_rate=sampling_rate,

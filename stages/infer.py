@@ -115,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         codebook_size=info.get("codebook_size", spec.get("codebook_size", 2048)),
     )  # fmt: skip  (the fresh LoRA is zero-initialised: the merged weights answer unchanged)
     # Real speech is normalised as the stage-1 encoder did (recorded in both artifacts).
-    llm.set_audio_normalization(**info.get("audio_normalization", {}))
+    normalization = info.get("audio_normalization", {})
     if args.stage1:
         stage1 = load_artifact(args.stage1, names=["quantizer"])
         llm.attach_rvq(stage1["modules"]["quantizer"])
-        llm.set_audio_normalization(**audio_normalization(stage1["config"]))
+        normalization = audio_normalization(stage1["config"])
+    llm.set_audio_normalization(**normalization)
     items = load_inputs(audio=args.audio, manifest=args.manifest, shards=args.shards)
     if args.closed_task:
         from datamodules.instructions import CLOSED_TASKS

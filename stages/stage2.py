@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric, SumMetric
 
+from models import distributed as dist_utils
 from models.speech_lm import SpeechLM
 from stages.promotion import ArtifactModule, load_artifact
 
@@ -87,11 +88,14 @@ def _dtw_chunk(gens: list[torch.Tensor], reals: list[torch.Tensor]) -> torch.Ten
     prev1_cost, prev1_len = torch.full((n, t_max + 1), big), torch.zeros(n, t_max + 1)  # d = 1: border only
     total, steps = torch.zeros(n), torch.ones(n)
     rows = torch.arange(n)
+
+    def shifted(x: torch.Tensor, fill: float) -> torch.Tensor:  # x[:, i - 1], with ``fill`` at i = 0
+        return torch.cat([x.new_full((n, 1), fill), x[:, :-1]], 1)
+
     for d in range(2, t_max + u_max + 1):
         j = d - i
         ok = (i >= 1) & (j >= 1) & (j <= u_max)
         c = cost[:, (i - 1).clamp(0, t_max - 1), (j - 1).clamp(0, u_max - 1)]  # [N, T + 1]
-        shifted = lambda x, fill: torch.cat([x.new_full((n, 1), fill), x[:, :-1]], 1)  # noqa: E731  x[i - 1]
         cand = torch.stack([shifted(prev2_cost, big), shifted(prev1_cost, big), prev1_cost], 2)
         lens = torch.stack([shifted(prev2_len, 0.0), shifted(prev1_len, 0.0), prev1_len], 2)
         best, arg = cand.min(2)
@@ -176,21 +180,15 @@ class WordMatchItems:
 
     def gather(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """All ranks' items of the ``max_texts`` smallest texts overall (a collective under DDP)."""
-        chosen = sorted(self.by_text)
-        local = self.by_text
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            world = torch.distributed.get_world_size()
-            if world > 1:
-                names: list[list[str]] = [[] for _ in range(world)]
-                torch.distributed.all_gather_object(names, chosen)
-                chosen = sorted({t for part in names for t in part})[: self.max_texts]
-                keep = set(chosen)
-                parts: list[dict] = [{} for _ in range(world)]
-                torch.distributed.all_gather_object(parts, {t: v for t, v in local.items() if t in keep})
-                local = {}
-                for part in parts:
-                    for t, v in part.items():
-                        local.setdefault(t, []).extend(v)
+        chosen, local = sorted(self.by_text), self.by_text
+        if dist_utils.is_dist():
+            world = dist_utils.world_size()
+            names: list[list[str]] = [[] for _ in range(world)]
+            torch.distributed.all_gather_object(names, chosen)
+            chosen = sorted({t for part in names for t in part})[: self.max_texts]
+            parts: list[dict] = [{} for _ in range(world)]
+            torch.distributed.all_gather_object(parts, {t: local[t] for t in chosen if t in local})
+            local = {t: [item for part in parts for item in part.get(t, [])] for t in chosen}
         return [(t, g, r) for t in chosen for g, r in local.get(t, [])]
 
     def clear(self) -> None:
