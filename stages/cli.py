@@ -58,12 +58,20 @@ class SpeechlessCLI(LightningCLI):
         return kwargs
 
     def after_fit(self) -> None:
-        """Validate best, final and averaged checkpoints alike, then promote when configured."""
+        """Validate best, final and averaged checkpoints alike, then promote when configured.
+
+        Runs on every rank, and every collective here is reached by every rank in the same order:
+        rank 0's view of the candidates is broadcast (another node may not see the same files), each
+        rank validates the same list, and ``trainer.log_dir`` (itself a broadcast) is read by all.
+        """
         trainer, model, datamodule = self.trainer, self.model, self.datamodule
-        candidates = checkpoint_candidates(trainer)
+        strategy = trainer.strategy
         promoter = next((cb for cb in trainer.callbacks if isinstance(cb, Promote)), None)
         averaging = any(isinstance(cb, CheckpointAveraging) for cb in trainer.callbacks)
-        if not candidates or not (promoter or averaging) or trainer.interrupted:
+        if not (promoter or averaging) or trainer.interrupted:
+            return
+        candidates = strategy.broadcast(checkpoint_candidates(trainer), src=0)
+        if not candidates:
             return
         chosen, chosen_path = promoter.choose(candidates) if promoter else (None, None)
         # The chosen checkpoint is validated last, so the module holds its weights for export.
@@ -72,10 +80,12 @@ class SpeechlessCLI(LightningCLI):
         for name in order:
             metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=candidates[name], verbose=False)
             results[name] = {k: float(v) for k, v in (metrics[0] if metrics else {}).items()}
+        log_dir = trainer.log_dir  # a broadcast: every rank reads it
         if trainer.is_global_zero:
             print_checkpoint_table(results, getattr(model, "summary_metrics", None))
-            if trainer.log_dir:
-                with open(os.path.join(trainer.log_dir, "checkpoint_metrics.json"), "w") as f:
+            if log_dir:
+                os.makedirs(log_dir, exist_ok=True)
+                with open(os.path.join(log_dir, "checkpoint_metrics.json"), "w") as f:
                     json.dump({"candidates": candidates, "metrics": results}, f, indent=1)
         if promoter is None:
             return

@@ -18,9 +18,12 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from stages.promotion import GateError, PromotionResult, code_version, promote
@@ -109,8 +112,12 @@ class Promote(Callback):
     def promote_module(
         self, *, trainer: Trainer, model: LightningModule, datamodule: Any, config: Any, metrics: dict[str, float], selected: str, checkpoint: str | None
     ) -> PromotionResult | None:
-        """Rank 0 writes; every rank returns after the barrier. Raises GateError on every rank."""
-        error: str | None = None
+        """Rank 0 writes; every rank returns after the barrier with the same outcome.
+
+        A gate failure raises ``GateError`` on every rank; any other failure of rank 0's write
+        raises ``RuntimeError`` (with rank 0's message) on every rank, so no rank is left waiting.
+        """
+        outcome: tuple[str, str] | None = None  # (kind, message) of rank 0's failure
         if trainer.is_global_zero:
             try:
                 self.result = promote(
@@ -128,12 +135,35 @@ class Promote(Callback):
                 verdict = "now current" if self.result.became_current else "kept; current is better (use force to replace)"
                 print(f"[promote] {self.stage}: {selected} checkpoint -> {self.result.path} ({verdict})", flush=True)
             except GateError as exc:
-                error = str(exc)
-        error = trainer.strategy.broadcast(error, src=0)
+                outcome = ("gate", str(exc))
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                outcome = ("error", f"{type(exc).__name__}: {exc}")
+                traceback.print_exc()
+        outcome = trainer.strategy.broadcast(outcome, src=0)
         trainer.strategy.barrier("promote")
-        if error:
-            raise GateError(error)
+        if outcome is not None:
+            kind, message = outcome
+            if kind == "gate":
+                raise GateError(message)
+            raise RuntimeError(f"promotion failed on rank 0: {message}")
         return self.result
+
+
+# Keys a subcommand adds to the config it saves (``fit`` saves ``ckpt_path`` and ``weights_only``);
+# they are arguments of that subcommand, not of the model, data or trainer.
+SUBCOMMAND_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predictions")
+
+
+def run_config(path: str, tmp: str) -> str:
+    """The run's saved ``config.yaml`` without its subcommand's own keys, as a file under ``tmp``."""
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    if not any(key in config for key in SUBCOMMAND_KEYS):
+        return path
+    for key in SUBCOMMAND_KEYS:
+        config.pop(key, None)
+    out = Path(tmp) / "config.yaml"
+    out.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace a better current artifact")
     parser.add_argument("--artifacts_dir", default=None)
     args, rest = parser.parse_known_args(argv)
-    cli = SpeechlessCLI(args=["--config", args.config, *rest], run=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = SpeechlessCLI(args=["--config", run_config(args.config, tmp), *rest], run=False)
     promoter = next((cb for cb in cli.trainer.callbacks if isinstance(cb, Promote)), None)
     if promoter is None:
         print("speechless-promote: the config has no stages.promote.Promote callback (stage and gates)", file=sys.stderr)
