@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from itertools import islice
 from typing import Any, Literal
@@ -39,7 +39,17 @@ from datamodules.pipeline import (
     seeded_rng,
     shuffle_buffer,
 )
-from datamodules.shards import ShardIndex, ShardInfo, resolve_shards
+from datamodules.shards import ShardIndex, ShardInfo
+from datamodules.sources import (
+    ShardSpec,
+    View,
+    check_weights,
+    describe_sources,
+    epoch_views,
+    merge_indexes,
+    parse_sources,
+    resolve_sources,
+)
 
 __all__ = ["ShardDataset", "SpeechDataModule"]
 
@@ -72,8 +82,16 @@ class ShardDataset(IterableDataset):
     workers never read them from the environment.
 
     Args:
-        index: the shards to read (speech shards, or token shards when ``fields="tokens"``).
-        token_index: token shards mirroring ``index`` 1:1 (``fields="both"`` only).
+        index: the shards to read (speech shards, or token shards when ``fields="tokens"``), or one
+            index per weighted source (see ``datamodules/sources.py``).
+        token_index: token shards mirroring ``index`` 1:1 (``fields="both"`` only); one per source
+            when ``index`` is a list (shard basenames are matched within a source only, so corpora
+            may share shard names and sample keys).
+        weights: one per source (default 1 each). ``exact``: each sample of a source appears
+            ``floor(w)`` times per epoch, plus once more for a seeded, per-epoch subset of
+            ``round(frac(w) * N)`` of its ``N`` samples. ``resampled``: a shard is drawn with
+            probability proportional to its samples times its source's weight, so a source's
+            expected share of samples equals its share of an exact epoch.
         fields: ``"audio"``, ``"tokens"`` or ``"both"``.
         mode: ``"exact"`` (every sample once per epoch, equal batch counts on all ranks, padding
             batches with ``sample_weight`` 0 where a rank has fewer) or ``"resampled"`` (shards
@@ -91,8 +109,9 @@ class ShardDataset(IterableDataset):
     def __init__(
         self,
         *,
-        index: ShardIndex,
-        token_index: ShardIndex | None = None,
+        index: ShardIndex | Sequence[ShardIndex],
+        token_index: ShardIndex | Sequence[ShardIndex] | None = None,
+        weights: Sequence[float] | None = None,
         fields: Fields = "audio",
         mode: Literal["exact", "resampled"] = "exact",
         spec: BatchSpec | None = None,
@@ -112,17 +131,30 @@ class ShardDataset(IterableDataset):
             raise ValueError("resampled mode needs epoch_batches >= 1")
         if fields == "both" and token_index is None:
             raise ValueError("fields='both' needs token shards to join with the speech shards")
-        self.index, self.fields, self.mode = index, fields, mode
-        self.paths = index.paths()
-        self.token_paths = _mirror_paths(index, token_index) if fields == "both" else None
+        indexes = [index] if isinstance(index, ShardIndex) else list(index)
+        weights = [1.0] * len(indexes) if weights is None else check_weights(weights, name="weights")
+        if len(weights) != len(indexes):
+            raise ValueError(f"{len(weights)} weights for {len(indexes)} sources")
+        if isinstance(index, ShardIndex):
+            self.index, self.source_of = index, [0] * len(index.shards)
+        else:
+            self.index, self.source_of = merge_indexes(indexes)
+        self.weights, self.fields, self.mode = weights, fields, mode
+        self.paths = self.index.paths()
+        self.token_paths = None
+        if fields == "both":
+            tokens = [token_index] if isinstance(token_index, ShardIndex) else list(token_index)
+            if len(tokens) != len(indexes):
+                raise ValueError(f"{len(tokens)} token sources for {len(indexes)} speech sources")
+            self.token_paths = [p for idx, tok in zip(indexes, tokens) for p in _mirror_paths(idx, tok)]
         self.spec = spec or BatchSpec()
         self.epoch_batches, self.shuffle, self.buffer, self.seed = epoch_batches, shuffle, buffer, seed
         self.sample_rate, self.frame_rate, self.pad_id = sample_rate, frame_rate, pad_id
-        self.durations = [self._durations(info) for info in index.shards]
+        self.durations = [self._durations(info) for info in self.index.shards]
         self.rank, self.world_size, self.num_workers, self.epoch = 0, 1, 0, 0
         self.transform: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
         self.collate: Callable[[list[dict[str, Any]]], Any] | None = None
-        self._plan: tuple[tuple[int, ...], EpochPlan] | None = None
+        self._plan: tuple[tuple[int, ...], list[View], EpochPlan] | None = None
 
     @staticmethod
     def _durations(info: ShardInfo) -> list[float]:
@@ -149,10 +181,22 @@ class ShardDataset(IterableDataset):
 
     def plan(self) -> EpochPlan:
         """The exact-mode plan of the current epoch (the same on every rank and worker)."""
+        return self._epoch_plan()[1]
+
+    def _epoch_plan(self) -> tuple[list[View], EpochPlan]:
+        """This epoch's shard views (the copies weights ask for) and the plan over them."""
         key = (self.epoch, self.world_size, self.num_workers)
         if self._plan is None or self._plan[0] != key:
+            samples = [info.samples for info in self.index.shards]
+            views = epoch_views(samples, self.source_of, self.weights, seed=self.seed, epoch=self.epoch)
+            durations = [
+                self.durations[v.shard]
+                if v.positions is None
+                else [self.durations[v.shard][p] for p in v.positions]
+                for v in views
+            ]
             plan = plan_exact_epoch(
-                self.durations,
+                durations,
                 world_size=self.world_size,
                 num_workers=self.num_workers,
                 spec=self.spec,
@@ -161,8 +205,8 @@ class ShardDataset(IterableDataset):
                 shuffle=self.shuffle,
                 buffer=self.buffer,
             )
-            self._plan = (key, plan)
-        return self._plan[1]
+            self._plan = (key, views, plan)
+        return self._plan[1], self._plan[2]
 
     def num_batches(self) -> int:
         """Batches this rank yields in the current epoch (the same on every rank)."""
@@ -206,19 +250,24 @@ class ShardDataset(IterableDataset):
         return read_shard(self.paths[shard], self.token_paths[shard] if self.token_paths else None)
 
     def _exact(self, worker: int, counter: SkipCounter):
-        slot = self.plan().slots[self.rank][worker]
+        views, plan = self._epoch_plan()
+        slot = plan.slots[self.rank][worker]
 
         def positioned():
-            for shard, owned in slot.reads:
-                n = self.index.shards[shard].samples
-                want = set(range(n)) if owned is None else set(owned)
+            # The plan's positions are inside a view (a copy of a shard, or its part of a subset).
+            for v, owned in slot.reads:
+                view = views[v]
+                shard, n = view.shard, self.index.shards[view.shard].samples
+                real = range(n) if view.positions is None else view.positions
+                want = {real[i]: i for i in (range(len(real)) if owned is None else owned)}
+                reports_extra = view.positions is None and view.copy == 0
                 seen, reason = set(), "missing"
                 try:
                     for pos, raw in self._read(shard):
                         if pos in want:
                             seen.add(pos)
-                            yield (shard, pos), self._decode(raw, counter)
-                        elif pos >= n and (owned is None or 0 in want):
+                            yield (v, want[pos]), self._decode(raw, counter)
+                        elif pos >= n and reports_extra and (owned is None or 0 in want):
                             counter.note(
                                 "not_in_index",
                                 raw.get("__key__", "?"),
@@ -227,9 +276,9 @@ class ShardDataset(IterableDataset):
                 except SHARD_READ_ERRORS as e:
                     log.warning("cannot read %s further: %s", self.paths[shard], e)
                     reason = "shard_read_error"
-                for pos in sorted(want - seen):
+                for pos in sorted(set(want) - seen):
                     counter.note(reason, f"{self.paths[shard]}#{pos}")
-                    yield (shard, pos), None
+                    yield (v, want[pos]), None
 
         last = None
         for samples in assemble_planned(slot, positioned()):
@@ -256,7 +305,11 @@ class ShardDataset(IterableDataset):
     def _resampled(self, worker: int, workers: int, counter: SkipCounter):
         quota = self.epoch_batches // workers + (worker < self.epoch_batches % workers)
         rng = seeded_rng(self.seed, self.epoch, self.rank, worker, "resampled")
-        weights = [info.samples for info in self.index.shards]
+        # A corpus's share is its samples times its weight: the share it has in an exact epoch.
+        weights = [
+            info.samples if self.weights[src] == 1 else info.samples * self.weights[src]
+            for info, src in zip(self.index.shards, self.source_of)
+        ]
         if not any(weights):
             raise ValueError("resampled mode over shards that hold no samples")
 
@@ -316,13 +369,21 @@ class SpeechDataModule(L.LightningDataModule):
 
     Args:
         train_shards, val_shards, test_shards, predict_shards: an index file or folder, a glob, a
-            brace pattern or a list of tars (see ``resolve_shards``). Token shards when
-            ``fields="tokens"`` and ``token_shards`` has no entry for the split.
+            brace pattern or a list of tars (see ``resolve_shards``); or several sources, a list of
+            such strings (weight 1 each) or of ``{"shards": ..., "weight": w}`` (see
+            ``datamodules/sources.py``). Training epochs use each sample of a source ``w`` times
+            (``exact``: fractions subsample, seeded per epoch) or draw sources by ``w`` times their
+            samples (``resampled``). Evaluation reads every sample of every source once, so weights
+            other than 1 are refused there; the prediction writers refuse a key seen twice, so the
+            sources of ``predict_shards`` must not share keys. Token shards when ``fields="tokens"``
+            and ``token_shards`` has no entry for the split.
         token_shards: split name (``train``/``val``/``test``/``predict``) to token shards mirroring
-            that split's speech shards (same basenames, same sample order).
+            that split's speech shards (same basenames, same sample order): one entry per source, in
+            the same order, or one for all; without weights (see ``sources.resolve_sources``).
         fields: what batches carry: ``"audio"``, ``"tokens"`` or ``"both"`` (joined on ``__key__``).
-        epoch_mode: training epochs ``"exact"`` (each sample once) or ``"resampled"``
-            (``epoch_batches`` per rank). Validation, test and predict are always exact, unshuffled.
+        epoch_mode: training epochs ``"exact"`` (each sample once, or as its source's weight says)
+            or ``"resampled"`` (``epoch_batches`` per rank). Validation, test and predict are always
+            exact, unshuffled.
         epoch_batches: batches per rank per training epoch in resampled mode.
         max_batch_seconds: cap on a batch's padded audio seconds.
         max_batch_size: cap on samples per batch.
@@ -339,11 +400,11 @@ class SpeechDataModule(L.LightningDataModule):
     def __init__(
         self,
         *,
-        train_shards: str | list[str] | None = None,
-        val_shards: str | list[str] | None = None,
-        test_shards: str | list[str] | None = None,
-        predict_shards: str | list[str] | None = None,
-        token_shards: Mapping[str, str | list[str]] | None = None,
+        train_shards: ShardSpec | None = None,
+        val_shards: ShardSpec | None = None,
+        test_shards: ShardSpec | None = None,
+        predict_shards: ShardSpec | None = None,
+        token_shards: Mapping[str, ShardSpec] | None = None,
         fields: Fields = "audio",
         epoch_mode: Literal["exact", "resampled"] = "exact",
         epoch_batches: int | None = None,
@@ -371,6 +432,17 @@ class SpeechDataModule(L.LightningDataModule):
             "predict": predict_shards,
         }
         self.token_shards = dict(token_shards or {})
+        for split, spec in self.shards.items():  # fail at construction, not after the first epoch
+            if spec is None:
+                continue
+            weights = [s.weight for s in parse_sources(spec, name=f"{split}_shards")]
+            if split != "train" and any(w != 1 for w in weights):
+                raise ValueError(
+                    f"{split}_shards: weights apply to training only; evaluation reads every sample once"
+                )
+        for split, spec in self.token_shards.items():
+            if any(s.weight != 1 for s in parse_sources(spec, name=f"token_shards[{split!r}]")):
+                raise ValueError(f"token_shards[{split!r}]: weights belong on {split}_shards")
         self.fields, self.epoch_mode, self.epoch_batches = fields, epoch_mode, epoch_batches
         self.spec = BatchSpec(
             max_batch_seconds=max_batch_seconds,
@@ -406,15 +478,21 @@ class SpeechDataModule(L.LightningDataModule):
         return self
 
     def _make(self, split: str) -> ShardDataset:
-        spec, tokens = self.shards[split], self.token_shards.get(split)
-        if self.fields == "both" and tokens is None:
+        if self.fields == "both" and self.token_shards.get(split) is None:
             raise ValueError(f"fields='both' needs token_shards[{split!r}]")
-        if self.fields == "tokens" and tokens is not None:
-            spec, tokens = tokens, None
+        indexes, tokens, weights = resolve_sources(
+            self.shards[split],
+            self.token_shards.get(split),
+            name=f"{split}_shards",
+            tokens_only=self.fields == "tokens",
+        )
+        if len(indexes) == 1 and weights == [1.0]:  # one source: exactly the single-source dataset
+            indexes, tokens, weights = indexes[0], tokens[0] if tokens else None, None
         train = split == "train"
         ds = ShardDataset(
-            index=resolve_shards(spec),
-            token_index=resolve_shards(tokens) if tokens is not None else None,
+            index=indexes,
+            token_index=tokens,
+            weights=weights,
             fields=self.fields,
             mode=self.epoch_mode if train else "exact",
             spec=self.spec,
@@ -475,21 +553,15 @@ class SpeechDataModule(L.LightningDataModule):
         return self._loader("predict")
 
     def describe_data(self, split: str = "train") -> dict[str, Any]:
-        """What a split holds, for provenance: shard urls, sample counts, seconds and hashes."""
+        """What a split holds, for provenance: shard urls, sample counts, seconds and hashes.
+
+        With a list of sources, also ``sources``: each source's ``shards``, ``weight``, ``samples``,
+        ``seconds`` and ``epoch_samples`` (what one exact epoch uses), and each shard's ``source``.
+        """
         spec = self.shards.get(split)
         if spec is None:
             return {}
-        index = resolve_shards(spec)
-        return {
-            "split": split,
-            "spec": spec if isinstance(spec, str) else list(spec),
-            "samples": index.samples,
-            "seconds": round(index.seconds, 3),
-            "shards": [
-                {"url": path, "samples": info.samples, "seconds": info.seconds, "sha256": info.sha256}
-                for path, info in zip(index.paths(), index.shards)
-            ],
-        }
+        return describe_sources(spec, split=split)
 
     def batches_per_epoch(self, split: str = "train") -> int:
         """Batches each rank runs in the current epoch of ``split`` (e.g. to size an LR schedule).

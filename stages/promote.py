@@ -55,6 +55,9 @@ def _data_provenance(datamodule: Any) -> dict[str, Any]:
     digest = hashlib.sha256()
     for shard in data.get("shards", []):
         digest.update(f"{shard.get('url')}:{shard.get('samples')}:{shard.get('sha256')}".encode())
+    for i, source in enumerate(data.get("sources", [])):
+        if source.get("weight", 1.0) != 1.0:  # reweighting the same shards is other training data
+            digest.update(f"source {i} weight {source['weight']!r}".encode())
     data["content_hash"] = digest.hexdigest()
     return data
 

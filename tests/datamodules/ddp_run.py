@@ -1,8 +1,10 @@
 """Helper for ``test_speech_ddp.py``: fit a tiny module over ``SpeechDataModule`` with DDP on the CPU.
 
 Each rank writes ``rank<global_rank>.json`` into ``--out``: per split and epoch, its batches as
-lists of ``[key, sample_weight]``. Run as a script so Lightning's ``ddp``
-launcher can re-run it for the other local ranks (and so two "nodes" can be started by hand).
+lists of ``[key, sample_weight]``. Run as a script so Lightning's ``ddp`` launcher can re-run it for
+the other local ranks (and so two "nodes" can be started by hand). ``--train-shards`` takes a JSON
+value for ``train_shards`` (e.g. a list of weighted sources); otherwise ``--shards`` serves training
+and validation.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Recorder(L.LightningModule):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shards", required=True)
+    p.add_argument("--train-shards", default=None, help="JSON value for train_shards (default: --shards)")
     p.add_argument("--out", required=True)
     p.add_argument("--modes", default="exact", help="comma-separated epoch modes, one fit each")
     p.add_argument("--epoch-batches", type=int, default=None)
@@ -72,7 +75,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for mode in args.modes.split(","):
         dm = SpeechDataModule(
-            train_shards=args.shards,
+            train_shards=json.loads(args.train_shards) if args.train_shards else args.shards,
             val_shards=args.shards,
             epoch_mode=mode,
             epoch_batches=args.epoch_batches if mode == "resampled" else None,
