@@ -26,7 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.shards import iter_tar_samples, resolve_shards
 
-__all__ = ["CLOSED_TASKS", "DIGITS", "InstructionDataModule", "InstructionDataset", "next_digit", "split_for_ranks"]
+__all__ = [
+    "CLOSED_TASKS", "DIGITS", "InstructionDataModule", "InstructionDataset", "next_digit", "split_for_ranks",
+    "split_global_batches",
+]
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -142,6 +145,23 @@ def split_for_ranks(batches: list[list[int]], world_size: int) -> list[list[list
     return [batches[r::world_size] for r in range(world_size)]
 
 
+def split_global_batches(batches: list[list[int]], world_size: int) -> list[list[list[int]]]:
+    """Split every global batch over the ranks: step k of rank r holds ``batches[k][r::world_size]``.
+
+    A batch smaller than ``world_size`` is merged into the one before it, so no rank gets an empty
+    batch and every example is used exactly once.
+    """
+    merged: list[list[int]] = []
+    for batch in batches:
+        if merged and len(batch) < world_size:
+            merged[-1] = merged[-1] + list(batch)
+        else:
+            merged.append(list(batch))
+    if any(len(b) < world_size for b in merged):
+        raise ValueError(f"{sum(len(b) for b in batches)} examples cannot feed {world_size} ranks")
+    return [[b[r::world_size] for b in merged] for r in range(world_size)]
+
+
 class InstructionDataModule(L.LightningDataModule):
     """Synthetic spoken instructions + text instructions for stage 3.
 
@@ -156,7 +176,11 @@ class InstructionDataModule(L.LightningDataModule):
         closed_task: Derive the answer from the instruction instead (``next_digit``) for token shards
             that only carry a transcript.
         spoken_instruction_text: Optional text placed before the audio in the user turn.
-        batch_size: Examples per batch.
+        batch_size: Examples per batch and device.
+        global_batch_size: Examples per optimizer step over all devices instead (``batch_size`` is then
+            ignored): the length-bucketed batches of one process are dealt out, each split over the
+            ranks, so a run takes the same steps on the same examples on any number of devices, and a
+            result calibrated on one device (the demo's gate) holds on several.
         bucket_window: Batches whose examples are sorted by length together: larger windows pad less
             but give more uniform batches (all text-only or all spoken).
         num_workers: DataLoader workers.
@@ -175,6 +199,7 @@ class InstructionDataModule(L.LightningDataModule):
         closed_task: str | None = None,
         spoken_instruction_text: str | None = None,
         batch_size: int = 8,
+        global_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
         bucket_window: int = 16,
@@ -188,7 +213,10 @@ class InstructionDataModule(L.LightningDataModule):
         self.text_ratio = text_ratio
         self.read_kwargs = {"instruction_key": instruction_key, "response_key": response_key, "closed_task": closed_task}
         self.spoken_instruction_text = spoken_instruction_text
+        if global_batch_size is not None and global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.global_batch_size = global_batch_size
         self.bucket_window = bucket_window
         self._build: Callable | None = None
         self._collate: Callable | None = None
@@ -236,10 +264,14 @@ class InstructionDataModule(L.LightningDataModule):
         # Bucket by the real token count of each built example (prompt + audio slots + response), so a
         # short text-only pair is never batched with a long spoken one.
         lengths = [len(self._build(r)["input_ids"]) for r in rows]
-        batches = bucket_batches(lengths, batch_size=self.batch_size, seed=seed, window=self.bucket_window)
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        batches = split_for_ranks(batches, world)[rank]
+        size = self.global_batch_size or self.batch_size
+        batches = bucket_batches(lengths, batch_size=size, seed=seed, window=self.bucket_window)
+        if self.global_batch_size:
+            batches = split_global_batches(batches, world)[rank]
+        else:
+            batches = split_for_ranks(batches, world)[rank]
         return DataLoader(dataset, batch_sampler=batches, collate_fn=self._collate, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:

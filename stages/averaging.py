@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["CheckpointAveraging", "average_state_dicts", "checkpoint_candidates"]
+__all__ = ["CheckpointAveraging", "average_state_dicts", "checkpoint_candidates", "save_final_checkpoint"]
 
 
 def average_state_dicts(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -74,10 +74,7 @@ class CheckpointAveraging(Callback):
         ckpt = _model_checkpoint(trainer)
         if ckpt is None or ckpt.dirpath is None:
             return
-        # ``last.ckpt`` is written at validation time, so it is stale when the last epoch did not
-        # validate: ``final.ckpt`` holds the weights the fit really ended with.
-        self.final_path = os.path.join(ckpt.dirpath, "final.ckpt")
-        trainer.save_checkpoint(self.final_path, weights_only=False)
+        self.final_path = save_final_checkpoint(trainer)
         sources = self._sources(trainer)
         if not sources:
             return
@@ -90,6 +87,21 @@ class CheckpointAveraging(Callback):
         pl_module.load_state_dict(current)
 
 
+def save_final_checkpoint(trainer: Trainer) -> str | None:
+    """Write ``final.ckpt``, the weights the fit ended with, beside ``ModelCheckpoint``'s files.
+
+    ``last.ckpt`` is no such thing: Lightning writes it only when a top-k checkpoint is saved (or at
+    a validation), so after epochs that did not improve the monitor it holds older weights. Every
+    rank calls this (the strategy writes once).
+    """
+    ckpt = _model_checkpoint(trainer)
+    if ckpt is None or ckpt.dirpath is None:
+        return None
+    path = os.path.join(ckpt.dirpath, "final.ckpt")
+    trainer.save_checkpoint(path, weights_only=False)
+    return path
+
+
 def checkpoint_candidates(trainer: Trainer) -> dict[str, str]:
     """``{"best": path, "final": path, "averaged": path}`` for the checkpoints a fit produced."""
     out: dict[str, str] = {}
@@ -97,7 +109,10 @@ def checkpoint_candidates(trainer: Trainer) -> dict[str, str]:
     if ckpt is not None:
         if ckpt.best_model_path:
             out["best"] = ckpt.best_model_path
-        if ckpt.last_model_path:
+        final = os.path.join(ckpt.dirpath, "final.ckpt") if ckpt.dirpath else None
+        if final and os.path.exists(final):
+            out["final"] = final
+        elif ckpt.last_model_path:
             out["final"] = ckpt.last_model_path
     for cb in trainer.callbacks:
         if isinstance(cb, CheckpointAveraging):

@@ -16,7 +16,7 @@ import os
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from stages.averaging import CheckpointAveraging, checkpoint_candidates
+from stages.averaging import CheckpointAveraging, checkpoint_candidates, save_final_checkpoint
 from stages.promote import GATE_EXIT, Promote
 from stages.promotion import GateError
 
@@ -70,6 +70,8 @@ class SpeechlessCLI(LightningCLI):
         averaging = any(isinstance(cb, CheckpointAveraging) for cb in trainer.callbacks)
         if not (promoter or averaging) or trainer.interrupted:
             return
+        if not averaging:  # CheckpointAveraging writes final.ckpt itself
+            save_final_checkpoint(trainer)
         candidates = strategy.broadcast(checkpoint_candidates(trainer), src=0)
         if not candidates:
             return

@@ -32,6 +32,9 @@ __all__ = ["main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDD = ROOT.parent / "shared" / "data" / "fsdd"
+# Where data/, runs/ and artifacts/ go (``--workdir``; the repository by default). The configs'
+# paths are relative, so every command runs there.
+WORK = ROOT
 
 
 def run(cmd: list[str], *, ok_codes: tuple[int, ...] = (0,)) -> int:
@@ -39,7 +42,7 @@ def run(cmd: list[str], *, ok_codes: tuple[int, ...] = (0,)) -> int:
     # `python -m stages ...` is the `lightning` command; show it the way a user types it.
     shown = ["lightning", *cmd[3:]] if cmd[1:3] == ["-m", "stages"] else [Path(cmd[0]).name, *cmd[1:]]
     print(f"\n$ {shlex.join(shown)}", flush=True)
-    code = subprocess.call(cmd, cwd=ROOT)
+    code = subprocess.call(cmd, cwd=WORK)
     if code not in ok_codes:
         raise SystemExit(f"demo step failed with exit status {code}: {shlex.join(shown)}")
     return code
@@ -83,13 +86,13 @@ def corpus_config(base: Path, corpus: str, out: Path, replace: dict[str, str]) -
 def for_corpus(config: str, corpus: str, artifacts: str) -> str:
     """The shipped demo config, or a copy with its paths moved to another corpus."""
     if corpus == "demo":
-        return config
-    out = ROOT / "runs" / corpus / Path(config).name
+        return config if WORK == ROOT else str(ROOT / config)
+    out = WORK / "runs" / corpus / Path(config).name
     return str(corpus_config(
         ROOT / config, corpus, out,
         {"data/demo/": f"data/{corpus}/", "runs/demo": f"runs/{corpus}",
          "artifacts_dir: artifacts": f"artifacts_dir: {artifacts}", "artifacts/stage1/": f"{artifacts}/stage1/"},
-    ).relative_to(ROOT))
+    ).relative_to(WORK))
 
 
 def write_task_files(raw: Path) -> None:
@@ -139,9 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", choices=["demo", "fsdd"], default="demo")
     parser.add_argument("--stages", default="123", help="which stages to run (default: 123, the whole pipeline)")
+    parser.add_argument("--devices", type=int, default=1, help="CPU processes per fit (DDP over gloo when > 1)")
+    parser.add_argument("--workdir", default=None, help="folder for data/, runs/ and artifacts/ (default: the repository)")
     args = parser.parse_args(argv)
     t0 = time.time()
-    data = ROOT / "data" / args.corpus
+    global WORK
+    WORK = Path(args.workdir).resolve() if args.workdir else ROOT
+    WORK.mkdir(parents=True, exist_ok=True)
+    # Several devices: every fit runs DDP (Lightning's own launcher, gloo on the CPU).
+    devices = ["--trainer.devices", str(args.devices), "--trainer.strategy", "ddp"] if args.devices > 1 else []
+    data = WORK / "data" / args.corpus
     bin_dir = Path(sys.executable).parent
 
     # 1-2. corpus and shards
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not FSDD.exists():
             raise SystemExit(f"--corpus fsdd needs {FSDD}")
-        manifest = fsdd_manifest(data / "raw").relative_to(ROOT)
+        manifest = fsdd_manifest(data / "raw").relative_to(WORK)
     run([str(bin_dir / "speechless-prepare"), "--manifest", str(manifest), "--out", f"data/{args.corpus}/shards",
          "--language", "en", "--trim-silence", "--no-progress"], ok_codes=(0, 3))
 
@@ -168,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     config1, config2, config3 = (for_corpus(f"configs/demo/{name}.yaml", args.corpus, artifacts)
                                  for name in ("stage1_rvq", "stage2_speechless", "stage3_llm"))
     if "1" in args.stages:
-        lightning("fit", "--config", config1)
+        lightning("fit", "--config", config1, *devices)
         for split in ("train", "val", "test"):
             lightning(
                 "predict", "--config", config1,
@@ -178,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
                 "--trainer.callbacks.output_dir", f"data/{args.corpus}/tokens/{split}",
             )
-        report("stage 1 (averaged checkpoint, validation speakers)", ROOT / "runs" / args.corpus / "stage1",
+        report("stage 1 (averaged checkpoint, validation speakers)", WORK / "runs" / args.corpus / "stage1",
                "averaged", ("val/mse", "val/cosine", "val/utilisation", "val/perplexity"))
         print(f"  artifact: {artifacts}/stage1/current  tokens: data/{args.corpus}/tokens/")
 
@@ -190,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         lm_dir = data / "models" / "stage2_lm"
         if not (lm_dir / "config.json").exists():
             make_tiny_lm(lm_dir, task_texts(data), hidden_size=128, num_layers=4)
-        lightning("fit", "--config", config2)
-        runs2 = ROOT / "runs" / args.corpus / "stage2"
-        chosen = json.loads((ROOT / artifacts / "stage2" / "current" / "provenance.json").read_text())["checkpoint"]
+        lightning("fit", "--config", config2, *devices)
+        runs2 = WORK / "runs" / args.corpus / "stage2"
+        chosen = json.loads((WORK / artifacts / "stage2" / "current" / "provenance.json").read_text())["checkpoint"]
         lightning("test", "--config", config2, "--ckpt_path", chosen, "--trainer.logger", "false")
         for split in ("train", "val"):
             lightning(
@@ -218,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         llm_dir = data / "models" / "gemma4_stage3"
         if not (llm_dir / "config.json").exists():
             build_demo_llm(llm_dir, encoder_dir=data / "models" / "gemma4_audio", texts=task_texts(data))
-        lightning("fit", "--config", config3)
-        report("stage 3 (promoted checkpoint, real speech of validation speakers)", ROOT / "runs" / args.corpus / "stage3",
+        lightning("fit", "--config", config3, *devices)
+        report("stage 3 (promoted checkpoint, real speech of validation speakers)", WORK / "runs" / args.corpus / "stage3",
                "best", ("val/loss", "val/spoken_accuracy"))
         run([str(bin_dir / "speechless-infer"), "--artifact", f"{artifacts}/stage3/current",
              "--stage1", f"{artifacts}/stage1/current", "--shards", f"data/{args.corpus}/shards/test",

@@ -183,12 +183,20 @@ class SpokenInstructionStage(LightningModule):
     # ---- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.llm(batch)
+        loss = out["loss"]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # DDP all-reduces every trainable weight's gradient each step, in buckets; a text-only
+            # batch leaves the audio path (a trainable audio embedder, sound-token rows) out of the
+            # graph on one rank while another rank's batch uses it, and the ranks wait on each other
+            # forever. A zero-weighted touch keeps every trainable weight in every rank's graph
+            # (the LLaVA-style "dummy input" fix, cheaper than find_unused_parameters).
+            loss = loss + 0.0 * sum(p.sum() for p in self.llm.parameters() if p.requires_grad)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log("train/response_tokens", out["n_tokens"].float(), batch_size=bs)
         if batch.get("attention_mask") is not None:  # share of pad tokens: length bucketing keeps it small
             self.log("train/padding_fraction", 1 - batch["attention_mask"].float().mean(), batch_size=bs)
-        return out["loss"]
+        return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.llm(batch)

@@ -84,3 +84,9 @@ def stage1_config(corpus: dict[str, Path], run_dir: Path, *, max_epochs: int = 2
 def make_stage1_config():
     """The :func:`stage1_config` builder (importlib test mode cannot import conftest by name)."""
     return stage1_config
+
+
+@pytest.fixture(scope="session")
+def speech_shard_writer():
+    """The :func:`write_speech_shards` writer, for tests that lay out their own corpora."""
+    return write_speech_shards

@@ -1,0 +1,54 @@
+"""The demo configs on several CPU ranks: every fit ends, exits 0 and promotes (no hang after ``fit``).
+
+``python -m stages.demo --devices N --workdir DIR`` runs the demo's own commands (``lightning fit
+--config configs/demo/<stage>.yaml --trainer.devices N --trainer.strategy ddp``, gloo on the CPU) in a
+folder of the test's. Everything after ``fit`` (validating best/final/averaged, the metrics table,
+promotion) must reach every collective on every rank; a timeout turns a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _demo(workdir: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "stages.demo", "--workdir", str(workdir), *args]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"hang: {' '.join(cmd)} did not finish in {timeout} s\n{(exc.stdout or '')[-3000:]}")
+    assert out.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{out.stdout[-4000:]}\n--- stderr\n{out.stderr[-6000:]}"
+    return out
+
+
+def _promoted(workdir: Path, stage: str) -> dict:
+    current = workdir / "artifacts" / stage / "current"
+    assert current.is_symlink() and (current / "config.json").exists(), f"{stage} was not promoted"
+    return json.loads((current / "metrics.json").read_text())
+
+
+@pytest.mark.timeout(1500)
+def test_whole_demo_on_two_ranks(tmp_path):
+    out = _demo(tmp_path, "--devices", "2", timeout=1400)
+    assert out.stdout.count("--trainer.devices 2 --trainer.strategy ddp") == 3  # each stage's fit
+    for stage in ("stage1", "stage2", "stage3"):
+        _promoted(tmp_path, stage)
+    # Rank 0 alone writes the table; the run's own log folder holds it.
+    assert list((tmp_path / "runs" / "demo" / "stage1").glob("version_*/checkpoint_metrics.json"))
+    assert (tmp_path / "runs" / "demo" / "stage3_test_answers.jsonl").exists()
+
+
+@pytest.mark.timeout(900)
+def test_stage1_demo_on_three_ranks(tmp_path):
+    _demo(tmp_path, "--stages", "1", "--devices", "3", timeout=800)
+    metrics = _promoted(tmp_path, "stage1")
+    assert metrics["val/utilisation"] > 0.5  # a real codebook, not a collapsed one
