@@ -72,10 +72,11 @@ class SpeechlessCLI(LightningCLI):
         for name in order:
             metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=candidates[name], verbose=False)
             results[name] = {k: float(v) for k, v in (metrics[0] if metrics else {}).items()}
+        log_dir = trainer.log_dir  # a broadcast: every rank must ask, or rank 0 waits forever
         if trainer.is_global_zero:
             print_checkpoint_table(results, getattr(model, "summary_metrics", None))
-            if trainer.log_dir:
-                with open(os.path.join(trainer.log_dir, "checkpoint_metrics.json"), "w") as f:
+            if log_dir:
+                with open(os.path.join(log_dir, "checkpoint_metrics.json"), "w") as f:
                     json.dump({"candidates": candidates, "metrics": results}, f, indent=1)
         if promoter is None:
             return

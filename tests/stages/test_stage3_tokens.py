@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +135,24 @@ def test_tokens_config_fits_validates_promotes_and_answers_through_infer(setup_d
     other = stage1_artifact(tmp_path / "other", setup_dir["encoder"], seed=1)
     with pytest.raises(SystemExit, match="not the stage-1 artifact"):
         infer(["--artifact", str(current), "--stage1", str(other), "--shards", str(setup_dir["root"] / "speech")])
+
+
+def test_tokens_config_on_two_ranks_promotes(setup_dir, tmp_path):
+    # after_fit validates and promotes on every rank: a collective asked by rank 0 alone would hang here.
+    run = tmp_path / "run"
+    path = tokens_config(setup_dir, run)
+    config = yaml.safe_load(path.read_text())
+    config["trainer"].update(devices=2, max_epochs=1, strategy={
+        "class_path": "lightning.pytorch.strategies.DDPStrategy",
+        "init_args": {"find_unused_parameters": False, "process_group_backend": "gloo"}})  # fmt: skip
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "stages", "fit", "--config", str(path)], cwd=ROOT,
+                            capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "spoken accuracy" in result.stdout and "[promote] stage3" in result.stdout
+    info = json.loads((run / "artifacts" / "stage3" / "current" / "config.json").read_text())["info"]
+    assert info["input_mode"] == "tokens"
 
 
 def test_datamodule_supplies_ctc_targets_for_spoken_rows_only(setup_dir):
