@@ -6,8 +6,11 @@ so it keeps following written instructions. A token shard sample is ``json`` (``
 ``response``, ``n_frames``, or only ``text`` for plain tokenized speech) plus ``codes.npy`` ``[Q, T]``.
 
 The tokenizer is bound late (:meth:`InstructionDataModule.bind`, called by the LightningModule that owns
-it), so this module never imports ``models/``: the example builder is injected as a callable. Batches are
-length-bucketed (sorted within a window of batches) so padding stays small.
+it), so this module never imports ``models/``: the example builder is injected as a callable and gets a
+spoken row's codes, which it turns into audio slots or sound tokens as its model reads them. For the
+optional CTC loss (DiffusionGemma ASR) a bound ``ctc_targets`` tokenizes the instruction text of every
+spoken example (what stage 2 spoke). Batches are length-bucketed (sorted within a window of batches)
+so padding stays small.
 """
 
 from __future__ import annotations
@@ -94,10 +97,23 @@ def read_text_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 class InstructionDataset(Dataset):
-    """Spoken rows (with ``codes``) and text rows, tokenized on access by the bound ``build``."""
+    """Spoken rows (with ``codes``) and text rows, tokenized on access by the bound ``build``.
 
-    def __init__(self, rows: list[dict[str, Any]], *, build: Callable[[dict[str, Any]], dict]) -> None:
-        self.rows, self.build = rows, build
+    Args:
+        rows: ``read_token_shards`` / ``read_text_jsonl`` rows.
+        build: Row -> example (``input_ids``, ``labels``, ... and ``codes`` when the model reads them).
+        ctc_targets: Optional instruction text -> target ids ``[S]``, added to spoken examples as
+            ``ctc_targets``.
+    """
+
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        *,
+        build: Callable[[dict[str, Any]], dict],
+        ctc_targets: Callable[[str], Any] | None = None,
+    ) -> None:
+        self.rows, self.build, self.ctc_targets = rows, build, ctc_targets
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -105,8 +121,8 @@ class InstructionDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[i]
         example = self.build(row)
-        if "codes" in row:
-            example["codes"] = row["codes"]
+        if self.ctc_targets is not None and "codes" in row:
+            example["ctc_targets"] = self.ctc_targets(row["instruction"])
         return example
 
 
@@ -220,21 +236,34 @@ class InstructionDataModule(L.LightningDataModule):
         self.bucket_window = bucket_window
         self._build: Callable | None = None
         self._collate: Callable | None = None
+        self._ctc_targets: Callable | None = None
         self._rows: dict[str, list[dict[str, Any]]] = {}
 
-    def bind(self, *, build_example: Callable[..., dict], collate: Callable[[list[dict]], dict]) -> InstructionDataModule:
-        """Late binding of the tokenizer: ``build_example(instruction_text=, audio_frames=, response=)``."""
+    def bind(
+        self,
+        *,
+        build_example: Callable[..., dict],
+        collate: Callable[[list[dict]], dict],
+        ctc_targets: Callable[[str], Any] | None = None,
+    ) -> InstructionDataModule:
+        """Late binding of the tokenizer.
+
+        Args:
+            build_example: ``build_example(instruction_text=, codes=, response=)`` -> example; ``codes`` is
+                ``[Q, T]`` for a spoken row (text: ``spoken_instruction_text``) and ``None`` for a text row
+                (text: its instruction). It keeps ``codes`` in the example when its model reads codes.
+            collate: Examples -> batch.
+            ctc_targets: Instruction text -> target ids ``[S]`` (the LLM's tokens), for the CTC loss.
+        """
 
         def build(row: dict[str, Any]) -> dict:
             if "codes" in row:
                 return build_example(
-                    instruction_text=self.spoken_instruction_text,
-                    audio_frames=int(row["codes"].shape[-1]),
-                    response=row["response"],
+                    instruction_text=self.spoken_instruction_text, codes=row["codes"], response=row["response"]
                 )
-            return build_example(instruction_text=row["instruction"], audio_frames=None, response=row["response"])
+            return build_example(instruction_text=row["instruction"], codes=None, response=row["response"])
 
-        self._build, self._collate = build, collate
+        self._build, self._collate, self._ctc_targets = build, collate, ctc_targets
         return self
 
     def setup(self, stage: str | None = None) -> None:
@@ -260,7 +289,7 @@ class InstructionDataModule(L.LightningDataModule):
     def _loader(self, rows: list[dict[str, Any]], *, seed: int) -> DataLoader:
         if self._build is None:
             raise RuntimeError("InstructionDataModule.bind(...) must be called (the LightningModule does it)")
-        dataset = InstructionDataset(rows, build=self._build)
+        dataset = InstructionDataset(rows, build=self._build, ctc_targets=self._ctc_targets)
         # Bucket by the real token count of each built example (prompt + audio slots + response), so a
         # short text-only pair is never batched with a long spoken one.
         lengths = [len(self._build(r)["input_ids"]) for r in rows]

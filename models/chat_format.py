@@ -80,6 +80,11 @@ def _audio_tokens(tokenizer) -> tuple[str, str, str]:
 def _messages(instruction_text: str | None, audio_frames: int | None, system: str | None) -> list[dict]:
     if not instruction_text and audio_frames is None:
         raise ValueError("an example needs instruction_text, audio_frames or both")
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    if audio_frames is None:
+        # Plain string content: every chat template takes it (Llama 3's and Gemma 3's text-only ones
+        # included), while typed content lists are a multimodal-template feature.
+        return [*messages, {"role": "user", "content": instruction_text}]
     content: list[dict[str, Any]] = []
     if instruction_text:
         content.append({"type": "text", "text": instruction_text})
@@ -87,7 +92,6 @@ def _messages(instruction_text: str | None, audio_frames: int | None, system: st
         if audio_frames < 1:
             raise ValueError(f"audio_frames must be >= 1, got {audio_frames}")
         content.append({"type": "audio"})
-    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     return [*messages, {"role": "user", "content": content}]
 
 

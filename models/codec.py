@@ -20,6 +20,13 @@ level is compressed independently::
     <|sound_start_l1|><|sound_l1_0007|>...<|sound_end_l1|>  ...  <|sound_start_l7|>...<|sound_end_l7|>
 
 (without the line breaks). Every level must decode to the same number of frames.
+
+Frame-interleaved form (what stage 3 writes into a text-only LLM's prompt, ``frames_to_string``):
+one ``<|sound_start|>...<|sound_end|>`` block in which each frame writes its first ``L`` levels in
+level order, ``<|sound_0012|><|sound_l1_0007|>...<|sound_l{L-1}_0003|>``, so the tokens of one
+instant stay together (a causal LM reads each frame whole before the next). With ``L = 1`` it is
+Ichigo's string byte for byte. Compression collapses a run of ``n >= min_duration`` identical
+frames (all ``L`` codes equal) into ``<|duration_nn|>`` followed by that frame's ``L`` tokens.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ __all__ = [
     "sound_token",
     "duration_token",
     "sound_token_names",
+    "frames_to_string",
+    "string_to_frames",
+    "frame_token_names",
 ]
 
 SOUND_START = "<|sound_start|>"
@@ -262,6 +272,91 @@ def sound_token_names(
     names: list[str] = []
     for q in range(num_levels):
         names.extend(_start_end(q))
+        names.extend(sound_token(c, q) for c in range(codebook_size))
+    if with_durations:
+        names.extend(duration_token(n) for n in range(2, max_duration + 1))
+    return names
+
+
+def _frame_arrays(codes: np.ndarray | torch.Tensor) -> np.ndarray:
+    arr = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[0] < 1:
+        raise ValueError(f"expected codes [L, T] (or [T]), got shape {tuple(arr.shape)}")
+    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 9999):
+        raise ValueError("codes must be integers in [0, 9999] (4-digit token ids)")
+    return arr.astype(np.int64)
+
+
+def frames_to_string(
+    codes: np.ndarray | torch.Tensor, *, compress: bool = False, max_duration: int = 49, min_duration: int = 2
+) -> str:
+    """Write codes ``[L, T]`` frame by frame, levels interleaved (see the module docstring).
+
+    Args:
+        codes: ``[L, T]`` (or ``[T]`` for one level) integer codes in ``[0, 9999]``.
+        compress: Collapse runs of identical frames with ``<|duration_nn|>`` tokens.
+        max_duration: Longest run one duration token may express; longer runs are split.
+        min_duration: Shortest run written with a duration token.
+
+    Returns:
+        ``"<|sound_start|>...<|sound_end|>"``; for ``L = 1`` equal to :func:`codes_to_string`.
+    """
+    if not 2 <= min_duration <= max_duration:
+        raise ValueError(f"need 2 <= min_duration <= max_duration, got {min_duration}, {max_duration}")
+    arr = _frame_arrays(codes)
+    words = ["".join(sound_token(int(c), q) for q, c in enumerate(frame)) for frame in arr.T]
+    parts: list[str] = []
+    i = 0
+    while i < len(words):
+        j = i
+        while j < len(words) and words[j] == words[i] and (j - i) < (max_duration if compress else 1):
+            j += 1
+        n = j - i
+        parts.append(duration_token(n) + words[i] if n >= min_duration else words[i] * n)
+        i = j
+    return SOUND_START + "".join(parts) + SOUND_END
+
+
+def string_to_frames(s: str, *, num_levels: int) -> np.ndarray:
+    """Parse :func:`frames_to_string` output back to int64 codes ``[num_levels, T]``.
+
+    Raises:
+        ValueError: On a malformed block, a level out of order or a frame cut short.
+    """
+    blocks = _split_blocks(s)
+    if len(blocks) != 1 or blocks[0][0] != "sound_start":
+        raise ValueError(f"expected exactly one {SOUND_START}...{SOUND_END} block, got {len(blocks)}")
+    frames: list[list[int]] = []
+    repeat, frame = 1, []
+    for tok in blocks[0][1]:
+        if tok.startswith("duration_") and tok[9:].isdigit():
+            if frame or repeat != 1:
+                raise ValueError(f"<|{tok}|> inside a frame or after another duration")
+            repeat = int(tok[9:])
+            continue
+        level = len(frame)
+        frame.append(_parse_level([tok], level, f"frame {len(frames)}")[0])
+        if len(frame) == num_levels:
+            frames += [frame] * repeat
+            repeat, frame = 1, []
+    if frame or repeat != 1:
+        raise ValueError(f"the last frame has {len(frame)} of {num_levels} levels")
+    return np.asarray(frames, dtype=np.int64).reshape(-1, num_levels).T.copy()
+
+
+def frame_token_names(
+    codebook_size: int, *, num_levels: int = 1, with_durations: bool = False, max_duration: int = 49
+) -> list[str]:
+    """The tokens :func:`frames_to_string` writes: start/end, ``num_levels x K`` sound tokens, durations.
+
+    Level ``q >= 1`` contributes only its sound tokens (no block delimiters: one block holds all levels).
+    """
+    if not 1 <= codebook_size <= 10000:
+        raise ValueError(f"codebook_size must be in [1, 10000], got {codebook_size}")
+    names = [SOUND_START, SOUND_END]
+    for q in range(num_levels):
         names.extend(sound_token(c, q) for c in range(codebook_size))
     if with_durations:
         names.extend(duration_token(n) for n in range(2, max_duration + 1))

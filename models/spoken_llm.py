@@ -9,17 +9,21 @@ giving the LLM the semantic tokens:
   ``Gemma4Model`` scatters real audio. Real speech at inference takes the audio tower up to
   ``output_proj`` (optionally through the RVQ round trip it was trained with) and then the same path.
 - ``input_mode="tokens"``: Ichigo-style sound tokens (``<|sound_0123|>``) added to the vocabulary of
-  any causal LM; the new embedding rows are trained with peft's ``trainable_token_indices`` (a
-  sparse delta on the frozen embedding, tied to ``lm_head``), the rest of the vocabulary stays frozen.
+  any causal LM (Gemma 3, Llama, ...); the new embedding rows are trained with peft's
+  ``trainable_token_indices`` (a sparse delta on the frozen embedding, tied to ``lm_head``), the rest
+  of the vocabulary stays frozen. Codes [Q, T] become prompt text (``example``): the first
+  ``sound_levels`` levels frame by frame, levels interleaved (``models.sound_tokens``; 1 = Ichigo's
+  level-0 string). Real speech goes through the frozen stage-1 encoder and RVQ (``attach_encoder``)
+  to the same text, so the LLM needs no audio tower.
 
 Only LoRA (plus the new token rows, plus ``embed_audio`` when asked) trains. An optional CTC loss
 through the frozen ``lm_head`` on the audio positions (the DiffusionGemma ASR trick) pushes a frozen
-backbone to read the audio; ``ctc_weight`` > 0 enables it.
+backbone to read the audio; ``ctc_weight`` > 0 enables it. The audio positions are the audio slots
+(embeddings) or the sound tokens (tokens mode); the targets are the instruction's text tokens.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,12 +32,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import AutoFeatureExtractor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+from transformers import AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer
 
-from models.chat_format import IGNORE_INDEX, build_prompt, collate_padded, end_of_turn_id
+from models.chat_format import IGNORE_INDEX, build_example, build_prompt, collate_padded, end_of_turn_id
+from models.codec import frame_token_names
+from models.ctc import segment_ctc
 from models.encoders.base import center_frames, level_gain
+from models.peft_export import export_merged
+from models.sound_tokens import SoundTokens, speech_to_codes
 
 __all__ = ["DEFAULT_LORA_TARGETS", "SpokenLLM", "default_sound_tokens"]
 
@@ -46,23 +54,9 @@ DEFAULT_LORA_TARGETS = (
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def default_sound_tokens(codebook_size: int) -> list[str]:
-    """Ichigo's token strings: ``<|sound_start|>``, ``<|sound_end|>``, ``<|sound_0000|>``.. for one level."""
-    return ["<|sound_start|>", "<|sound_end|>"] + [f"<|sound_{i:04d}|>" for i in range(codebook_size)]
-
-
-def _runs(mask: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Contiguous True runs of a [B, L] mask as (row, start, end), row-major: one per audio segment."""
-    runs = []
-    for b, row in enumerate(mask.tolist()):
-        start = None
-        for i, v in enumerate([*row, False]):
-            if v and start is None:
-                start = i
-            elif not v and start is not None:
-                runs.append((b, start, i))
-                start = None
-    return runs
+def default_sound_tokens(codebook_size: int, num_levels: int = 1) -> list[str]:
+    """Ichigo's token strings: ``<|sound_start|>``, ``<|sound_end|>``, ``<|sound_0000|>``.., then ``<|sound_l1_0000|>``.."""
+    return frame_token_names(codebook_size, num_levels=num_levels)
 
 
 class SpokenLLM(nn.Module):
@@ -79,8 +73,13 @@ class SpokenLLM(nn.Module):
         gradient_checkpointing: Recompute activations in the backward pass.
         num_levels: RVQ levels Q the codes must have.
         codebook_size: Entries per codebook K; codes must lie in ``[0, K)``.
-        sound_tokens: Token strings added in ``tokens`` mode (default ``default_sound_tokens(codebook_size)``).
-        ctc_weight: Weight of the CTC loss on the audio positions (needs ``ctc_targets`` in the batch).
+        sound_tokens: Token strings added in ``tokens`` mode (default: all that ``sound_levels`` and
+            ``sound_compress`` write; a custom list must include those).
+        sound_levels: ``tokens`` mode: leading RVQ levels written per frame (1: Ichigo's level-0 tokens,
+            ``num_levels``: all, levels interleaved per frame).
+        sound_compress: ``tokens`` mode: run-length compress identical frames with ``<|duration_nn|>``.
+        ctc_weight: Weight of the CTC loss on the audio positions (batches with audio then need
+            ``ctc_targets``, which ``InstructionDataModule`` supplies when bound with ``ctc_targets``).
         train_audio_embedder: Also train ``embed_audio`` (saved with the adapter as a peft module to save).
         attn_implementation: Passed to ``from_pretrained`` (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``).
     """
@@ -99,6 +98,8 @@ class SpokenLLM(nn.Module):
         num_levels: int = 8,
         codebook_size: int = 2048,
         sound_tokens: list[str] | None = None,
+        sound_levels: int = 1,
+        sound_compress: bool = False,
         ctc_weight: float = 0.0,
         train_audio_embedder: bool = False,
         attn_implementation: str | None = None,
@@ -119,6 +120,10 @@ class SpokenLLM(nn.Module):
             self._load_kwargs["attn_implementation"] = attn_implementation
         # A tuple hides the frozen RVQ from parameters() and state_dict(): it is never trained or saved here.
         self._rvq: tuple[nn.Module, ...] = ()
+        self._encoder: tuple[nn.Module, ...] = ()  # tokens mode: the frozen stage-1 encoder, likewise hidden
+        self.sound = SoundTokens(
+            codebook_size=codebook_size, num_levels=num_levels, levels=sound_levels, compress=sound_compress
+        )
         # The stage-1 encoder's per-utterance normalisation, applied to real audio (set_audio_normalization).
         self.level_db: float | None = None
         self.center_states = False
@@ -129,9 +134,10 @@ class SpokenLLM(nn.Module):
         base.requires_grad_(False)
         self.new_token_ids: list[int] = []
         if input_mode == "tokens":
-            self.new_token_ids = self._add_sound_tokens(
-                base, sound_tokens or default_sound_tokens(codebook_size)
-            )
+            self.new_token_ids = self._add_sound_tokens(base, sound_tokens or self.sound.token_names())
+            absent = [t for t in self.sound.token_names() if t not in self.tokenizer.get_vocab()]
+            if absent:
+                raise ValueError(f"sound_tokens lacks {len(absent)} tokens the prompts use, e.g. {absent[:3]}")
         elif not self._has_audio_path(base):
             raise ValueError(f"{self.model_name} has no audio tower/embedder: use input_mode='tokens'")
         if gradient_checkpointing:
@@ -199,6 +205,21 @@ class SpokenLLM(nn.Module):
         if param is not None and param.device != self.device:
             rvq.to(self.device)
         return rvq
+
+    def attach_encoder(self, encoder: nn.Module) -> None:
+        """Tokens mode: attach the frozen stage-1 encoder (``FrozenEncoder``) that real speech goes through."""
+        encoder.requires_grad_(False)
+        encoder.eval()
+        self._encoder = (encoder,)
+
+    @property
+    def encoder(self) -> nn.Module:
+        if not self._encoder:
+            raise RuntimeError("tokens mode hears real speech through the stage-1 encoder: call attach_encoder")
+        encoder = self._encoder[0]
+        if encoder.device != self.device:
+            encoder.to(self.device)
+        return encoder
 
     def set_audio_normalization(self, *, level_db: float | None = None, center_states: bool = False) -> None:
         """Apply the stage-1 encoder's per-utterance normalisation to real audio (see ``FrozenEncoder``).
@@ -311,8 +332,13 @@ class SpokenLLM(nn.Module):
                 kwargs[key] = batch[key].to(self.device)
         if self.input_mode == "tokens":
             if batch.get("codes") is not None or batch.get("input_features") is not None:
-                raise ValueError("tokens mode takes sound tokens in input_ids, not codes or audio features")
-            return {"input_ids": input_ids, **kwargs}, None
+                raise ValueError(
+                    "tokens mode takes sound tokens in input_ids, not codes or audio features: build examples "
+                    "with SpokenLLM.example(codes=...) and prompts with prompts_from_audio"
+                )
+            # The sound tokens are the audio positions (CTC reads them); one contiguous run per utterance.
+            sound = torch.isin(input_ids, torch.tensor(self.new_token_ids, device=input_ids.device))
+            return {"input_ids": input_ids, **kwargs}, sound
 
         audio_id = self.base.config.audio_token_id
         positions = batch.get("audio_positions")
@@ -361,7 +387,12 @@ class SpokenLLM(nn.Module):
         logits = self._logits(hidden[:, :-1][keep])  # only labelled positions: the vocabulary is large
         ce = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_tokens.clamp(min=1)
         out = {"ce": ce, "n_tokens": n_tokens, "loss": ce}
-        if self.ctc_weight > 0 and audio_positions is not None and batch.get("ctc_targets") is not None:
+        if self.ctc_weight > 0 and audio_positions is not None and bool(audio_positions.any()):
+            if batch.get("ctc_targets") is None:
+                raise ValueError(
+                    "ctc_weight > 0 but the batch has audio and no ctc_targets: bind the datamodule with "
+                    "ctc_targets (SpokenInstructionStage does when ctc_weight > 0) or set ctc_weight: 0"
+                )
             out["ctc"] = self._ctc(hidden, audio_positions, batch["ctc_targets"].to(self.device))
             out["loss"] = ce + self.ctc_weight * out["ctc"]
         if return_logits:
@@ -370,22 +401,38 @@ class SpokenLLM(nn.Module):
 
     def _ctc(self, hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """CTC of each audio segment's final hidden states through the frozen ``lm_head`` (blank = pad)."""
-        runs = _runs(positions)
-        if len(runs) != targets.shape[0]:
-            raise ValueError(f"{len(runs)} audio segments but {targets.shape[0]} ctc_targets rows")
-        frames = [hidden[b, s:e] for b, s, e in runs]
-        log_probs = nn.utils.rnn.pad_sequence([self._logits(f).float() for f in frames]).log_softmax(
-            -1
-        )  # [T, N, V]
-        target_lengths = (targets != IGNORE_INDEX).sum(1)
-        return F.ctc_loss(
-            log_probs,
-            targets.clamp(min=0),
-            torch.tensor([f.shape[0] for f in frames], device=hidden.device),
-            target_lengths,
-            blank=self.pad_id,
-            zero_infinity=True,
-        )
+        return segment_ctc(hidden, positions, targets, logits=self._logits, blank=self.pad_id)
+
+    # --------------------------------------------------------------------------------- examples
+    def example(
+        self, *, instruction_text: str | None, codes: torch.Tensor | None, response: str
+    ) -> dict[str, torch.Tensor]:
+        """One training example in this model's input mode (what ``InstructionDataModule.bind`` takes).
+
+        Args:
+            instruction_text: Text of the user turn (before the audio), or ``None``.
+            codes: ``[Q, T]`` codes of a spoken instruction, or ``None`` for a text-only one.
+            response: The answer.
+
+        Returns:
+            ``build_example``'s dict; in embeddings mode spoken examples also carry ``codes`` [Q, T]
+            (their audio slots), in tokens mode the codes are already sound tokens in ``input_ids``.
+        """
+        if codes is None:
+            return build_example(self.tokenizer, instruction_text=instruction_text, audio_frames=None, response=response)
+        if self.input_mode == "tokens":
+            text = self._with_sound(instruction_text, self.sound.text(codes))
+            return build_example(self.tokenizer, instruction_text=text, audio_frames=None, response=response)
+        ex = build_example(self.tokenizer, instruction_text=instruction_text, audio_frames=int(codes.shape[-1]), response=response)
+        return {**ex, "codes": codes}
+
+    def ctc_targets(self, text: str) -> torch.Tensor:
+        """The CTC target of a spoken instruction: its text in this LLM's tokens, ``[S]`` long."""
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    @staticmethod
+    def _with_sound(instruction_text: str | None, sound: str) -> str:
+        return f"{instruction_text}\n{sound}" if instruction_text else sound
 
     # ------------------------------------------------------------------------------------ inference
     def prompts_from_text(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -401,7 +448,10 @@ class SpokenLLM(nn.Module):
         sampling_rate: int = 16_000,
         pieces_per_item: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """16 kHz mono waveforms -> a left-padded generation batch with Gemma 4 audio features.
+        """16 kHz mono waveforms -> a left-padded generation batch.
+
+        Embeddings mode: Gemma 4 audio features for the audio tower. Tokens mode: the attached stage-1
+        encoder -> RVQ codes -> sound tokens in ``input_ids`` (text only, as in training).
 
         Args:
             waveforms: ``[N_i]`` float arrays, each at most 30 s (the feature extractor's window).
@@ -412,6 +462,19 @@ class SpokenLLM(nn.Module):
                 the whole recording is heard, never truncated. Default: one waveform per prompt.
         """
         waves = [np.asarray(w, dtype=np.float32) for w in waveforms]
+        groups = list(pieces_per_item) if pieces_per_item is not None else [1] * len(waves)
+        if sum(groups) != len(waves):
+            raise ValueError(f"pieces_per_item sums to {sum(groups)} but {len(waves)} waveforms were given")
+        starts = np.cumsum([0, *groups])
+        if self.input_mode == "tokens":
+            # Stage-1 encoder (its own normalisation) -> RVQ -> sound tokens; pieces of one item in order.
+            codes = speech_to_codes(self.encoder, self.rvq, waves)
+            rows = [
+                build_prompt(self.tokenizer, audio_frames=None, instruction_text=self._with_sound(
+                    instruction_text, self.sound.text(torch.cat(codes[a:b], dim=-1))))
+                for a, b in zip(starts[:-1], starts[1:])
+            ]  # fmt: skip
+            return collate_padded(rows, pad_id=self.pad_id, side="left")
         if self.level_db is not None:
             waves = [w * float(level_gain(torch.from_numpy(w)[None], torch.tensor([len(w)]), self.level_db)) for w in waves]
         feats = self.feature_extractor(
@@ -421,10 +484,6 @@ class SpokenLLM(nn.Module):
         )
         _, valid = self.encoder_states(feats["input_features"], feats["input_features_mask"])
         frames = valid.sum(1).tolist()
-        groups = list(pieces_per_item) if pieces_per_item is not None else [1] * len(frames)
-        if sum(groups) != len(frames):
-            raise ValueError(f"pieces_per_item sums to {sum(groups)} but {len(frames)} waveforms were given")
-        starts = np.cumsum([0, *groups])
         rows = [
             build_prompt(self.tokenizer, instruction_text=instruction_text, audio_frames=int(sum(frames[a:b])))
             for a, b in zip(starts[:-1], starts[1:])
@@ -540,20 +599,5 @@ class SpokenLLM(nn.Module):
         weights, config, tokenizer and (when the source has one) processor / feature extractor, and loads
         with ``AutoModelForCausalLM`` / ``Gemma4ForConditionalGeneration.from_pretrained`` or vLLM.
         """
-        directory = Path(directory)
         kwargs = {**self._load_kwargs, **({"dtype": _DTYPES[dtype]} if dtype else {})}
-        base = AutoModelForCausalLM.from_pretrained(self.model_name, **kwargs)
-        if len(self.tokenizer) > base.get_input_embeddings().num_embeddings:
-            base.resize_token_embeddings(len(self.tokenizer))
-        with tempfile.TemporaryDirectory() as tmp:
-            self.peft_model.save_pretrained(tmp, safe_serialization=True)
-            merged = PeftModel.from_pretrained(base, tmp).merge_and_unload()
-        merged.save_pretrained(directory, safe_serialization=True)
-        for loader in (AutoProcessor, AutoFeatureExtractor):
-            try:
-                loader.from_pretrained(self.model_name).save_pretrained(directory)
-                break
-            except (OSError, ValueError, TypeError, KeyError):
-                continue  # a source without a processor (text-only LM) still exports
-        self.tokenizer.save_pretrained(directory)  # last: carries the added sound tokens
-        return directory
+        return export_merged(self.peft_model, source=self.model_name, tokenizer=self.tokenizer, directory=directory, **kwargs)

@@ -2,6 +2,9 @@
 
 Inference follows Speechless (Dao et al., INTERSPEECH 2025, arXiv:2505.17417): speech -> Gemma 4 audio
 encoder -> (RVQ round trip, as in training, when ``--stage1`` is given) -> Gemma 4 + LoRA -> text, greedy.
+A tokens-mode model (a text-only LLM with sound tokens) hears speech through the stage-1 artifact it was
+trained on: speech -> that artifact's frozen encoder (its normalisation) -> RVQ codes -> sound tokens
+(as the stage-3 artifact's ``info.sound_tokens`` says) -> LLM; ``--stage1`` defaults to the recorded one.
 Scoring follows DiffusionGemma ASR / Whisper practice: WER and CER (torchmetrics) after Whisper's
 ``EnglishTextNormalizer`` for transcription prompts, exact match of the first word for closed tasks.
 
@@ -81,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="speechless-infer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", help="promoted stage-3 folder (uses its merged export)")
     parser.add_argument("--model", help="or: a base model / merged folder (hub id or path)")
-    parser.add_argument("--stage1", help="stage-1 artifact: RVQ round trip of the speech, as in training")
+    parser.add_argument("--stage1", help="stage-1 artifact: RVQ round trip of the speech, as in training; "
+                        "tokens mode: its encoder + RVQ make the sound tokens (default: the one stage 3 recorded)")
+    parser.add_argument("--input-mode", choices=["embeddings", "tokens"], help="with --model (default embeddings)")
+    parser.add_argument("--sound-levels", type=int, help="with --model in tokens mode: RVQ levels per frame (1)")
     parser.add_argument("--audio", nargs="*", default=[])
     parser.add_argument("--manifest")
     parser.add_argument("--shards")
@@ -96,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from datamodules.audio import split_at_silence
     from models.spoken_llm import SpokenLLM
-    from stages.promotion import load_artifact, resolve_artifact
-    from stages.stage3 import audio_normalization
+    from stages.promotion import resolve_artifact
+    from stages.stage3 import attach_stage1
 
     info: dict[str, Any] = {}
     if args.artifact:
@@ -109,18 +115,28 @@ def main(argv: list[str] | None = None) -> int:
         source, spec = args.model, {}
     else:
         parser.error("give --artifact or --model")
+    sound = info.get("sound_tokens") or {}
+    mode = info.get("input_mode", spec.get("input_mode", args.input_mode or "embeddings"))
     llm = SpokenLLM(
-        model=source, dtype=args.dtype or spec.get("dtype", "bf16"), lora_r=1,
+        model=source, dtype=args.dtype or spec.get("dtype", "bf16"), lora_r=1, input_mode=mode,
         num_levels=info.get("num_levels", spec.get("num_levels", 8)),
         codebook_size=info.get("codebook_size", spec.get("codebook_size", 2048)),
+        sound_levels=sound.get("levels", spec.get("sound_levels", args.sound_levels or 1)),
+        sound_compress=sound.get("compress", spec.get("sound_compress", False)),
+        sound_tokens=spec.get("sound_tokens"),
     )  # fmt: skip  (the fresh LoRA is zero-initialised: the merged weights answer unchanged)
     # Real speech is normalised as the stage-1 encoder did (recorded in both artifacts).
-    normalization = info.get("audio_normalization", {})
-    if args.stage1:
-        stage1 = load_artifact(args.stage1, names=["quantizer"])
-        llm.attach_rvq(stage1["modules"]["quantizer"])
-        normalization = audio_normalization(stage1["config"])
-    llm.set_audio_normalization(**normalization)
+    llm.set_audio_normalization(**info.get("audio_normalization", {}))
+    recorded = info.get("stage1") or {}
+    stage1_path = args.stage1 or (recorded.get("path") if mode == "tokens" else None)
+    if mode == "tokens" and not stage1_path:
+        parser.error("tokens mode needs the stage-1 artifact it was trained on: give --stage1")
+    if stage1_path:
+        stage1 = attach_stage1(llm, stage1_path, encoder=mode == "tokens")
+        sha = stage1["config"].get("sha256", "")
+        if mode == "tokens" and recorded.get("sha256") and sha != recorded["sha256"]:
+            raise SystemExit(f"speechless-infer: {stage1_path} (sha256 {sha[:12]}) is not the stage-1 artifact this "
+                             f"model was trained on ({recorded.get('path')}, sha256 {recorded['sha256'][:12]})")  # fmt: skip
     items = load_inputs(audio=args.audio, manifest=args.manifest, shards=args.shards)
     if args.closed_task:
         from datamodules.instructions import CLOSED_TASKS
@@ -142,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             instruction_text=args.prompt,
             pieces_per_item=[len(item_pieces) for item_pieces in pieces],
         )
-        batch["rvq_round_trip"] = bool(args.stage1)
+        batch["rvq_round_trip"] = bool(stage1_path)
         for it, answer in zip(chunk, llm.generate(batch, max_new_tokens=args.max_new_tokens), strict=True):
             answers.append(answer)
             out.write(json.dumps({"id": it["id"], "answer": answer.strip(), "reference": it["reference"]}) + "\n")

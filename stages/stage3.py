@@ -6,6 +6,11 @@ pre-projection space and enter the LLM through its native audio path (``models.s
 only LoRA trains, on the response tokens. Validation also feeds *real* speech of held-out speakers
 through the audio tower and scores greedy answers against a closed task (the demo: next digit).
 
+For a text-only causal LM (``llm.input_mode: tokens``, e.g. Gemma 3) the codes are written into the
+prompt as Ichigo-style sound tokens (``SpokenLLM.example``) and real speech reaches the LLM through the
+stage-1 artifact's own frozen encoder and RVQ (``attach_stage1``), normalised as stage 1 normalised it.
+With ``llm.ctc_weight > 0`` the datamodule also gets each spoken instruction's text as CTC targets.
+
 Checkpoints hold only the trainable weights (``DESIGN.md``: a LoRA checkpoint holds the adapter); the
 promoted artifact holds the PEFT adapter and a merged Hugging Face export.
 """
@@ -26,17 +31,70 @@ from torchmetrics import MeanMetric
 
 from datamodules.instructions import CLOSED_TASKS
 from datamodules.shards import iter_tar_samples, resolve_shards
-from models.chat_format import build_example, collate_padded
+from models.chat_format import IGNORE_INDEX, collate_padded
 from models.spoken_llm import SpokenLLM
 from stages.promotion import ArtifactModule, load_artifact
+from stages.stage1 import check_encoder_matches
 
-__all__ = ["SpokenInstructionStage", "build_demo_llm", "collate_instructions", "exact_match"]
+__all__ = ["SpokenInstructionStage", "attach_stage1", "build_demo_llm", "collate_instructions", "exact_match"]
 
 
 def audio_normalization(stage1_config: dict[str, Any]) -> dict[str, Any]:
     """The per-utterance normalisation a stage-1 artifact's encoder applied (``config.json`` info)."""
     encoder = (stage1_config.get("info") or {}).get("encoder") or {}
     return {"level_db": encoder.get("level_db"), "center_states": bool(encoder.get("center_states", False))}
+
+
+def attach_stage1(llm: SpokenLLM, path: str, *, encoder: bool = False) -> dict[str, Any]:
+    """Attach a stage-1 artifact's frozen RVQ (and, for tokens mode, its encoder) to ``llm``, checked.
+
+    Args:
+        llm: The stage-3 model.
+        path: Promoted stage-1 folder.
+        encoder: Also rebuild the encoder stage 1 was trained on (``input_mode="tokens"`` hears real
+            speech through it); it must be reloadable (a hub id or folder, or weight-free) and match
+            the artifact's ``info.encoder`` (kind, source, dim, frame rate, layer, normalisation).
+
+    Returns:
+        ``load_artifact``'s dict.
+
+    Raises:
+        ValueError: On levels/codebook/dim mismatches or an encoder that cannot be rebuilt.
+    """
+    loaded = load_artifact(path, names=["quantizer", "encoder"] if encoder else ["quantizer"])
+    rvq = loaded["modules"]["quantizer"]
+    got, want = (rvq.num_quantizers, rvq.codebook_size), (llm.num_levels, llm.codebook_size)
+    if got != want:
+        raise ValueError(
+            f"stage-1 artifact {path} has {got[0]} levels x {got[1]} codes but the LLM expects "
+            f"{want[0]} x {want[1]}: set llm.init_args.num_levels/codebook_size to match"
+        )
+    if llm.input_mode == "embeddings":
+        width = llm.base.model.audio_tower.output_proj.in_features
+        if rvq.dim != width:
+            raise ValueError(f"stage-1 RVQ dim {rvq.dim} != the audio tower's pre-projection width {width}")
+    llm.attach_rvq(rvq)
+    # Real speech must reach the RVQ normalised as the stage-1 encoder normalised its training states.
+    llm.set_audio_normalization(**audio_normalization(loaded["config"]))
+    if encoder:
+        built = loaded["modules"].get("encoder")
+        if built is None:
+            raise ValueError(f"stage-1 artifact {path} records no encoder (trained on cached states?): "
+                             "tokens mode cannot hear real speech without it")  # fmt: skip
+        described, recorded = built.describe(), (loaded["config"].get("info") or {}).get("encoder") or {}
+        if built.model is not None and described["source"] is None:
+            raise ValueError(f"stage-1 artifact {path}: its encoder has config-built random weights, which "
+                             "cannot be rebuilt; train stage 1 on an encoder saved to a folder (source=)")  # fmt: skip
+        if recorded:
+            check_encoder_matches(recorded, described, where=str(path))
+            for key in ("level_db", "center_states"):
+                if recorded.get(key) != described.get(key):
+                    raise ValueError(f"stage-1 artifact {path}: encoder {key} {described.get(key)!r} != "
+                                     f"recorded {recorded.get(key)!r}")  # fmt: skip
+        if built.dim != rvq.dim:
+            raise ValueError(f"stage-1 encoder gives {built.dim}-dim states but the RVQ has dim {rvq.dim}")
+        llm.attach_encoder(built)
+    return loaded
 
 
 def build_demo_llm(path: str | Path, *, encoder_dir: str | Path, seed: int = 0, texts: list[str] | None = None) -> Path:
@@ -82,9 +140,13 @@ def collate_instructions(examples: list[dict[str, Any]], *, pad_id: int) -> dict
 
     Returns:
         ``input_ids``/``labels``/``attention_mask``/``audio_positions`` [B, L]; with spoken rows also
-        ``codes`` [N, Q, T] (padded with -1) and ``code_lengths`` [N], N = spoken rows in batch order.
+        ``codes`` [N, Q, T] (padded with -1) and ``code_lengths`` [N], N = spoken rows in batch order;
+        with CTC targets ``ctc_targets`` [N, S] (padded with ``IGNORE_INDEX``).
     """
     batch = collate_padded(examples, pad_id=pad_id)
+    targets = [e["ctc_targets"] for e in examples if "ctc_targets" in e]
+    if targets:
+        batch["ctc_targets"] = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=IGNORE_INDEX)
     spoken = [e["codes"] for e in examples if "codes" in e]
     if spoken:
         q, t = spoken[0].shape[0], max(c.shape[-1] for c in spoken)
@@ -107,7 +169,8 @@ class SpokenInstructionStage(LightningModule):
 
     Args:
         llm: The wrapped LLM (``models.spoken_llm.SpokenLLM``), built from the config.
-        stage1_artifact: Promoted stage-1 folder; its RVQ is attached frozen (levels/codebook must match).
+        stage1_artifact: Promoted stage-1 folder; its RVQ is attached frozen (levels/codebook must match),
+            and in tokens mode with ``eval_audio_shards`` also its encoder (see ``attach_stage1``).
         lr: AdamW peak learning rate of the LoRA weights.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps, then cosine decay to 10 % over the run.
@@ -116,7 +179,8 @@ class SpokenInstructionStage(LightningModule):
         eval_instruction_text: Text placed before the audio in the eval prompt (as in training).
         eval_max_samples: Cap on scored utterances (``None``: all).
         eval_batch_size: Utterances per ``generate`` call.
-        rvq_round_trip: Pass real speech through RVQ encode/decode before the LLM, as in training.
+        rvq_round_trip: Embeddings mode: pass real speech through RVQ encode/decode before the LLM, as in
+            training (tokens mode always goes through the RVQ: its tokens are codes).
     """
 
     summary_metrics = ["val/loss", "val/spoken_accuracy"]
@@ -148,36 +212,27 @@ class SpokenInstructionStage(LightningModule):
         # Checkpoints carry only the adapter: the frozen base reloads from its source.
         self.strict_loading = False
         self._parents: list[dict[str, Any]] = []
+        self._stage1_encoder: dict[str, Any] | None = None
         if stage1_artifact is not None:
             self._attach_stage1(stage1_artifact)
         self.val_loss = MeanMetric()
+        self.val_ctc = MeanMetric()
 
     def _attach_stage1(self, path: str) -> None:
-        loaded = load_artifact(path, names=["quantizer"])
-        rvq = loaded["modules"]["quantizer"]
-        got = (rvq.num_quantizers, rvq.codebook_size)
-        want = (self.llm.num_levels, self.llm.codebook_size)
-        if got != want:
-            raise ValueError(
-                f"stage-1 artifact {path} has {got[0]} levels x {got[1]} codes but the LLM expects "
-                f"{want[0]} x {want[1]}: set llm.init_args.num_levels/codebook_size to match"
-            )
-        if self.llm.input_mode == "embeddings":
-            width = self.llm.base.model.audio_tower.output_proj.in_features
-            if rvq.dim != width:
-                raise ValueError(f"stage-1 RVQ dim {rvq.dim} != the audio tower's pre-projection width {width}")
-        self.llm.attach_rvq(rvq)
-        # Real speech must reach the RVQ normalised as the stage-1 encoder normalised its training states.
-        self.llm.set_audio_normalization(**audio_normalization(loaded["config"]))
+        # Tokens mode hears real speech through the stage-1 encoder: loaded only when validation needs it.
+        encoder = self.llm.input_mode == "tokens" and bool(self.eval_audio_shards)
+        loaded = attach_stage1(self.llm, path, encoder=encoder)
         self._parents = [{"path": str(loaded["path"]), "sha256": loaded["config"].get("sha256", "")}]
+        self._stage1_encoder = (loaded["config"].get("info") or {}).get("encoder")
 
     # ---- data binding ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "bind"):
             datamodule.bind(
-                build_example=partial(build_example, self.llm.tokenizer),
+                build_example=self.llm.example,  # codes -> audio slots (embeddings) or sound tokens (tokens)
                 collate=partial(collate_instructions, pad_id=self.llm.pad_id),
+                ctc_targets=self.llm.ctc_targets if self.llm.ctc_weight > 0 else None,
             )
 
     # ---- training ----------------------------------------------------------------------------
@@ -193,6 +248,9 @@ class SpokenInstructionStage(LightningModule):
             loss = loss + 0.0 * sum(p.sum() for p in self.llm.parameters() if p.requires_grad)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/ce", out["ce"], batch_size=bs)
+        if "ctc" in out:  # loss = ce + ctc_weight * ctc
+            self.log("train/ctc", out["ctc"], batch_size=bs)
         self.log("train/response_tokens", out["n_tokens"].float(), batch_size=bs)
         if batch.get("attention_mask") is not None:  # share of pad tokens: length bucketing keeps it small
             self.log("train/padding_fraction", 1 - batch["attention_mask"].float().mean(), batch_size=bs)
@@ -202,6 +260,9 @@ class SpokenInstructionStage(LightningModule):
         out = self.llm(batch)
         self.val_loss.update(out["ce"].detach(), weight=out["n_tokens"].float())
         self.log("val/loss", self.val_loss, batch_size=batch["input_ids"].shape[0])
+        if "ctc" in out:
+            self.val_ctc.update(out["ctc"].detach())
+            self.log("val/ctc", self.val_ctc, batch_size=batch["input_ids"].shape[0])
 
     def on_validation_epoch_end(self) -> None:
         if not self.eval_audio_shards or self.trainer.sanity_checking:
@@ -290,6 +351,10 @@ class SpokenInstructionStage(LightningModule):
             "adapter": "llm/adapter",
             "merged": "llm/merged",
             "audio_normalization": {"level_db": self.llm.level_db, "center_states": self.llm.center_states},
+            # Tokens mode: how codes were written, and the stage-1 artifact whose encoder + RVQ make them.
+            **({"sound_tokens": self.llm.sound.describe()} if self.llm.input_mode == "tokens" else {}),
+            "stage1": self._parents[0] if self._parents else None,
+            "encoder": self._stage1_encoder,
         }
 
     def parent_artifacts(self) -> list[dict[str, Any]]:
