@@ -71,6 +71,8 @@ def read_token_shards(
             if response_key is not None and response_key not in meta:
                 raise ValueError(f"{path}:{raw['__key__']} lacks json[{response_key!r}]")
             codes = np.load(io.BytesIO(raw["codes.npy"]), allow_pickle=False)
+            if codes.ndim != 2 or codes.shape[-1] == 0:
+                raise ValueError(f"{path}:{raw['__key__']} has codes of shape {codes.shape}; need [Q, T] with T >= 1")
             response = (
                 meta[response_key] if response_key else CLOSED_TASKS[closed_task](meta[instruction_key])
             )
@@ -199,7 +201,8 @@ class InstructionDataModule(L.LightningDataModule):
             result calibrated on one device (the demo's gate) holds on several.
         bucket_window: Batches whose examples are sorted by length together: larger windows pad less
             but give more uniform batches (all text-only or all spoken).
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers; they only collate (examples are built when the loader is
+            made), so 0 is the default of the shipped configs.
         seed: Shuffling and mixing seed (the epoch is added).
     """
 
@@ -290,9 +293,11 @@ class InstructionDataModule(L.LightningDataModule):
         if self._build is None:
             raise RuntimeError("InstructionDataModule.bind(...) must be called (the LightningModule does it)")
         dataset = InstructionDataset(rows, build=self._build, ctc_targets=self._ctc_targets)
-        # Bucket by the real token count of each built example (prompt + audio slots + response), so a
-        # short text-only pair is never batched with a long spoken one.
-        lengths = [len(self._build(r)["input_ids"]) for r in rows]
+        # Each example is built once, here: its real token count (prompt + audio slots + response)
+        # decides its bucket, so a short text-only pair is never batched with a long spoken one, and
+        # the loader only collates (workers would tokenize every example a second time).
+        examples = [dataset[i] for i in range(len(dataset))]
+        lengths = [len(e["input_ids"]) for e in examples]
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         size = self.global_batch_size or self.batch_size
@@ -301,7 +306,7 @@ class InstructionDataModule(L.LightningDataModule):
             batches = split_global_batches(batches, world)[rank]
         else:
             batches = split_for_ranks(batches, world)[rank]
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=self._collate, num_workers=self.num_workers)
+        return DataLoader(examples, batch_sampler=batches, collate_fn=self._collate, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         epoch = self._epoch()

@@ -19,7 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset
 
 __all__ = ["InstructionDataModule", "load_instructions", "rank_slice"]
 
@@ -86,15 +86,19 @@ def rank_slice(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
     return list(range(min(rank * per_rank, n), min((rank + 1) * per_rank, n))), per_rank
 
 
-class _Items(Dataset):
+class _Items(IterableDataset):
+    """This rank's items in order. Iterable, so that Lightning never wraps it in a DistributedSampler
+    (``use_distributed_sampler`` is on by default): the datamodule has split the records over the
+    ranks already, and a second split would silently drop half of them."""
+
     def __init__(self, items: list[tuple[dict[str, Any], float]]) -> None:
         self.items = items
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[dict[str, Any], float]:
-        return self.items[i]
+    def __iter__(self):
+        return iter(self.items)
 
 
 def _collate(items: list[tuple[dict[str, Any], float]]) -> dict[str, Any]:

@@ -343,8 +343,10 @@ class SpeechlessStage(LightningModule):
         return self.quantizer.decode(codes[None].to(self.device))[0]
 
     def _generate(self, texts: list[str]) -> list[torch.Tensor]:
-        return self.lm.generate(texts, max_frames=self.gen_max_frames, greedy=self.greedy, temperature=self.temperature,
-                                top_k=self.top_k, eos_rule=self.eos_rule, cfg_scale=self.cfg_scale)
+        # min_frames=1: speech of no frames is no utterance, and stage 3 cannot hear it.
+        return self.lm.generate(texts, max_frames=self.gen_max_frames, min_frames=1, greedy=self.greedy,
+                                temperature=self.temperature, top_k=self.top_k, eos_rule=self.eos_rule,
+                                cfg_scale=self.cfg_scale)
 
     def _eval_step(self, batch: dict, prefix: str, batch_idx: int = 0) -> None:
         texts, codes = self._real(batch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,14 @@ pytestmark = pytest.mark.slow
 def _demo(workdir: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "stages.demo", "--workdir", str(workdir), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"hang: {' '.join(cmd)} did not finish in {timeout} s\n{(exc.stdout or '')[-3000:]}")
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # every rank and worker, not just the demo runner
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"hang: {' '.join(cmd)} did not finish in {timeout} s\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert out.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{out.stdout[-4000:]}\n--- stderr\n{out.stderr[-6000:]}"
     return out
 

@@ -6,7 +6,7 @@ a fresh working folder, overriding only:
 - the model sources: tiny random-weight models saved to the folder (the real ones are hub ids), and
   the model sizes that must match them (RVQ width and codebook size);
 - the data: tiny speech shards laid out at the config's own relative paths (``data/twi/...``), so no
-  data path is overridden at all, and ``num_workers`` (two cores here);
+  data path is overridden at all, and ``num_workers`` (two cores here: 1 for stage 1, 0 for stage 2);
 - the device: ``--trainer.accelerator cpu --trainer.devices N``; the file's own strategy, precision
   (``bf16-mixed`` runs on the CPU), accumulation, callbacks and gates are kept;
 - the step count (``max_epochs``).
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ STEP_TIMEOUT = 420  # seconds for one command; a hang becomes a failure
 LEVELS, CODES = 8, 32  # the real 8 levels; 32 codes per level (2048 would need far more frames)
 TWI_CORPORA = ("fin", "bible", "news", "radio", "stories")  # configs/stage1_rvq.yaml's mix
 WORDS = [f"word{i}" for i in range(5)]  # the texts of write_speech_shards
+TRAIN_LIST = "[" + ",".join(f"data/twi/{c}/train" for c in TWI_CORPORA) + "]"  # the header's tokenize command
 
 
 def _env() -> dict[str, str]:
@@ -50,11 +52,16 @@ def _env() -> dict[str, str]:
 
 
 def run(cmd: list[str], cwd: Path, *, ok: tuple[int, ...] = (0,)) -> str:
+    # A session of its own, so that a timeout kills every rank and DataLoader worker, not just rank 0.
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        out = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=STEP_TIMEOUT)
-    except subprocess.TimeoutExpired as exc:
-        tail = (exc.stdout or b"")[-3000:] if isinstance(exc.stdout, bytes) else (exc.stdout or "")[-3000:]
-        pytest.fail(f"timed out (a hang?) after {STEP_TIMEOUT} s: {' '.join(cmd)}\n{tail}")
+        stdout, stderr = proc.communicate(timeout=STEP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out (a hang?) after {STEP_TIMEOUT} s: {' '.join(cmd)}\n{_tail(stderr)}")
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if out.returncode not in ok:
         pytest.fail(f"exit {out.returncode}: {' '.join(cmd)}\n--- stdout\n{out.stdout[-3000:]}\n--- stderr\n{_tail(out.stderr)}")
     return out.stdout
@@ -137,13 +144,13 @@ class Chain:
             artifact = self.root / "artifacts" / "stage1" / "current"
             assert (artifact / "config.json").exists(), "stage 1 did not promote"
             # Tokenize as the config's header says, into the folders the stage-2 config reads.
-            for split, shards in (("train", "data/twi/fin/train"), ("val", "data/twi/shards/val")):
+            for split, shards in (("train", TRAIN_LIST), ("val", "data/twi/shards/val")):
                 lightning(
                     self.root, "predict", "--config", config, *self.device,
                     "--model.init_args.artifact", "artifacts/stage1/current", *tiny,
                     "--data.init_args.predict_shards", shards, "--data.init_args.num_workers", "1",
                     "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
-                    "--trainer.callbacks.output_dir", f"data/tokens/{split}",
+                    "--trainer.callbacks.output_dir", f"data/twi/tokens/{split}",
                 )
             return artifact
 
@@ -159,7 +166,7 @@ class Chain:
                 self.root, "fit", "--config", config, *self.device, "--trainer.max_epochs", "4",
                 "--model.init_args.lm.init_args.lm", lm, "--model.init_args.lm.init_args.tokenizer", lm,
                 "--model.init_args.lm.init_args.codebook_size", str(CODES),
-                "--model.init_args.gen_max_frames", "40", "--data.init_args.num_workers", "1",
+                "--model.init_args.gen_max_frames", "40", "--data.init_args.num_workers", "0",
             )
             artifact = self.root / "artifacts" / "stage2" / "current"
             assert (artifact / "config.json").exists(), "stage 2 did not promote"
@@ -186,7 +193,6 @@ class Chain:
                 "--trainer.max_epochs", "2",
                 "--model.init_args.llm.init_args.model", str(models["gemma4"]),
                 "--model.init_args.llm.init_args.codebook_size", str(CODES),
-                "--data.init_args.num_workers", "1",
             )
             artifact = self.root / "artifacts" / "stage3" / "current"
             assert (artifact / "llm" / "adapter").is_dir() and (artifact / "llm" / "merged").is_dir()
@@ -224,10 +230,10 @@ def test_stage1_real_config(chain):
     assert info["num_quantizers"] == LEVELS and info["codebook_size"] == CODES
     provenance = json.loads((artifact / "provenance.json").read_text())
     assert {s["weight"] for s in provenance["data"]["sources"]} == {1.0, 1.7, 2.0, 2.5}
-    for split, shards in (("train", "data/twi/fin/train"), ("val", "data/twi/shards/val")):
-        tokens = json.loads((chain.root / "data" / "tokens" / split / "index.json").read_text())
-        speech = resolve_shards(chain.root / shards)
-        assert sum(s["samples"] for s in tokens["shards"]) == speech.samples  # every utterance once
+    for split, corpora in (("train", [f"data/twi/{c}/train" for c in TWI_CORPORA]), ("val", ["data/twi/shards/val"])):
+        tokens = json.loads((chain.root / "data" / "twi" / "tokens" / split / "index.json").read_text())
+        speech = sum(resolve_shards(chain.root / c).samples for c in corpora)
+        assert sum(s["samples"] for s in tokens["shards"]) == speech  # every utterance once, over all ranks
 
 
 def test_stage1_validate_and_promote_commands(chain):

@@ -188,3 +188,18 @@ def test_batches_split_over_ranks_exactly_once():
         assert len({len(r) for r in per_rank}) == 1
         seen = sorted(i for rank in per_rank for b in rank for i in b)
         assert seen == list(range(37))
+
+
+def test_global_batches_take_the_same_steps_on_any_number_of_ranks():
+    from datamodules.instructions import bucket_batches, split_global_batches
+
+    batches = bucket_batches(list(range(37)), batch_size=8, seed=0)  # 5 global batches, the last of 5
+    batches.append([99])  # a batch smaller than the world: merged into the one before it
+    for world in (1, 2, 3):
+        per_rank = split_global_batches(batches, world)
+        assert len({len(r) for r in per_rank}) == 1 and all(b for r in per_rank for b in r)
+        steps = [sorted(i for r in per_rank for i in r[k]) for k in range(len(per_rank[0]))]
+        expected = [sorted(b) for b in batches[:-2]] + [sorted(batches[-2] + [99])] if world > 1 else [sorted(b) for b in batches]
+        assert steps == expected  # step k on every rank together is the one-process batch k
+    with pytest.raises(ValueError, match="cannot feed"):
+        split_global_batches([[1]], 2)
