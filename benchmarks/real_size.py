@@ -13,14 +13,15 @@ model sources (local folders instead of hub ids), data paths (small synthetic sh
 accelerator, devices (1), strategy (``auto`` on one device), precision, batch size and step counts.
 For a rehearsal the promotion gates are set to pass (random weights fail them by design), validation
 runs once over one batch, stage 3 is not promoted (the merged export loads a second copy of the LLM),
-and the stage-1 k-means runs on the first step's frames (``kmeans_buffer_frames = codebook_size``).
+and the stage-1 k-means runs once 2,048 frames are collected (``kmeans_buffer_frames = codebook_size``,
+the least allowed, instead of 65,536: the first step of a 600 s GPU batch, a few CPU steps).
 The CPU defaults also bound generation (``--gen-frames``) and use fp32 where bf16 is slower on the CPU.
 
-Stages, in chain order (a stage reads what this run's earlier stages made, else what an earlier run
-left under ``--work``, else a stand-in: a random RVQ artifact, random token shards): ``stage1`` (RVQ fit over the Gemma 4 audio
-encoder), ``tokenize`` (stage-1 predict with the shard writer), ``stage2`` (Gemma 3 270M, all
-levels, fit), ``synthesize`` (stage-2 predict over an instruction JSONL), ``stage3`` (Gemma 4 + LoRA
-fit on the synthetic spoken instructions). Each runs in its own process; its peak memory is that
+Stages, in chain order: ``stage1`` (RVQ fit over the Gemma 4 audio encoder), ``tokenize`` (stage-1
+predict with the shard writer), ``stage2`` (Gemma 3 270M, all levels, fit), ``synthesize`` (stage-2
+predict over an instruction JSONL), ``stage3`` (Gemma 4 + LoRA fit on the synthetic spoken
+instructions). A stage reads what this run's earlier stages made, else what an earlier run left
+under ``--work``, else a stand-in (a random RVQ artifact, random token shards). Each runs in its own process; its peak memory is that
 process's peak RSS (CPU; memory-mapped weights count once touched) or ``torch.cuda.max_memory_allocated``
 (GPU), read by :class:`stages.profiling.StepTimer`.
 
@@ -322,6 +323,9 @@ class Rehearsal:
         for stage in stages:
             if stage in made:
                 shutil.rmtree(made[stage], ignore_errors=True)
+        for stage in ("stage1", "stage2", "stage3"):  # TensorBoard logs and checkpoints (GBs) of earlier runs
+            if stage in stages:
+                shutil.rmtree(p["logs"] / stage, ignore_errors=True)
         shutil.rmtree(p["timers"], ignore_errors=True)
         p["timers"].mkdir(parents=True)
         p["logs"].mkdir(parents=True, exist_ok=True)
@@ -348,7 +352,7 @@ class Rehearsal:
         # batches (one per length bucket) are rare among them. Tokenization reads its own, smaller set:
         # what stage 2 trains on.
         b1, b2 = a.stage1_seconds or 600.0, a.stage2_seconds or 600.0
-        sets = (("speech_train", 4 * a.steps * b1, 0), ("speech_val", b1, 1), ("speech_tok", 1.5 * a.steps * b2 + 30, 2))
+        sets = (("speech_train", 4 * a.stage1_steps * b1, 0), ("speech_val", b1, 1), ("speech_tok", 1.5 * a.steps * b2 + 30, 2))
         for split, seconds, seed in sets:
             index = p[split] / "index.json"
             if not index.exists() or json.loads(index.read_text()).get("seconds", 0) < seconds - 1:
@@ -392,7 +396,7 @@ class Rehearsal:
         if stage == "stage3":
             shipped = yaml.safe_load((ROOT / "configs" / CONFIG[stage]).read_text())["trainer"].get("accumulate_grad_batches", 1)
             accumulate = a.stage3_accumulate if a.stage3_accumulate is not None else shipped
-        steps = a.stage3_steps if stage == "stage3" and a.stage3_steps else a.steps
+        steps = {"stage1": a.stage1_steps, "stage3": a.stage3_steps}.get(stage) or a.steps
         cmd = [sys.executable, "-m", "stages", sub, "--config", str(ROOT / "configs" / CONFIG[stage])]
         cmd += trainer_overrides(a, stage, steps=steps, accumulate=accumulate)
         info: dict[str, Any] = {"accumulate_grad_batches": accumulate}
@@ -508,6 +512,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per fit (default: cpu 4, cuda 6)")
+    parser.add_argument("--stage1-steps", type=int, default=None,
+                        help="stage-1 steps (default: cpu 6, so k-means (2048 frames) runs before the last steps; cuda --steps)")
     parser.add_argument("--stage1-seconds", type=float, default=None, help="stage-1 padded audio seconds per batch (default: cpu 40, cuda the config's 600)")
     parser.add_argument("--stage2-seconds", type=float, default=None, help="stage-2 batch in seconds of speech (default: cpu 40, cuda the config's 600)")
     parser.add_argument("--synth-batch", type=int, default=None, help="texts per synthesis batch (default: cpu 8, cuda 16)")
@@ -535,6 +541,7 @@ def parse_args(argv: list[str] | None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.instructions = args.instructions or 2 * args.synth_batch
+    args.stage1_steps = args.stage1_steps or (max(args.steps, 6) if cpu else args.steps)
     name, _, layers = args.stage3_model.rpartition("-L")
     if name and layers.isdigit():  # gemma-4-E2B-it-L12: the shrunk fallback, by folder name
         args.stage3_model, args.stage3_layers = name, int(layers)
@@ -566,13 +573,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results.update(total_s=time.perf_counter() - t0, table=table(results))
         out.write_text(json.dumps(results, indent=1, default=str))
 
+    if "stage1" in stages and args.stage1_steps * (args.stage1_seconds or 600.0) * 25 < 1.5 * K:
+        rehearsal.log(f"warning: {args.stage1_steps} stage-1 steps of {args.stage1_seconds} s may not reach the {K} frames k-means "
+                      "needs; an uninitialised RVQ cannot tokenize")  # fmt: skip
     rehearsal.prepare(stages)
     save()
     for stage in stages:
         rehearsal.run_stage(stage)
         save()
     print()
-    print(f"Real-size rehearsal, {args.device}, {args.threads or 'default'} torch thread(s), {args.steps} steps "
+    print(f"Real-size rehearsal, {args.device}, {args.threads or 'default'} torch thread(s), {args.steps} steps a fit "
+          f"(stage 1: {args.stage1_steps}) "
           f"(median over steps 2..), {results['total_s'] / 60:.1f} min in all")  # fmt: skip
     print(results["table"])
     for note in results.get("stand_ins", []):
