@@ -19,6 +19,7 @@ The stage-1 targets: train step >= 3x faster than vector-quantize-pytorch, encod
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--skip-vqp", action="store_true", help="do not time vector-quantize-pytorch")
+    parser.add_argument("--json", default=None, help="also write the timings (seconds) to this JSON file")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -150,6 +152,13 @@ def main(argv: list[str] | None = None) -> None:
             f"train speedup vs vqp: {results['vqp train step'] / results['ours train step']:.2f}x (target >= 3)"
         )
         print(f"encode speedup vs vqp: {results['vqp encode'] / results['ours encode']:.2f}x")
+    if args.json:
+        report = {"frames": n, "levels": q, "codes": k, "dim": d, "device": device.type, "dtype": args.dtype,
+                  "threads": torch.get_num_threads(), "seconds": results,
+                  "encode_over_floor": results["ours encode"] / results[FLOOR]}  # fmt: skip
+        if "vqp train step" in results:
+            report["train_speedup_vs_vqp"] = results["vqp train step"] / results["ours train step"]
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

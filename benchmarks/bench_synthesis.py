@@ -6,11 +6,13 @@ text: the batched path via ``min_frames == max_frames``, HF via ``min_new_tokens
 Prints frames/s of each and their ratio (target: >= 10x at a batch of 32-64 on the CPU).
 
     python benchmarks/bench_synthesis.py --batch 32 --frames 48
+    python benchmarks/bench_synthesis.py --device cuda --dtype bf16 --batch 64 --frames 250
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import time
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--hf-texts", type=int, default=8, help="texts timed in the per-text loop")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights dtype of both sides")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = SpeechLM(
         lm=cfg, tokenizer=tok, codebook_size=args.codebook, output_form="one_level", use_durations=False
     )
-    model = model.to(args.device).eval()
+    model = model.to(args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32).eval()
     texts = _texts(args.batch)
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -98,13 +102,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     result = dict(batched_fps=batched_fps, hf_fps=hf_fps, ratio=batched_fps / hf_fps)
     print(
         f"model: Gemma3 {args.layers}x{args.hidden}, {n_params / 1e6:.1f}M params, vocab {len(tok)}, "
-        f"device {args.device}, threads {torch.get_num_threads()}"
+        f"device {args.device} {args.dtype}, threads {torch.get_num_threads()}"
     )
     print(
         f"batched  : {args.batch} texts x {args.frames} frames in {batched_s:.2f} s = {batched_fps:,.0f} frames/s"
     )
     print(f"HF loop  : {len(hf_texts)} texts x {args.frames} frames in {hf_s:.2f} s = {hf_fps:,.0f} frames/s")
     print(f"speed-up : {result['ratio']:.1f}x")
+    if args.json:
+        report = {**result, "batch": args.batch, "frames": args.frames, "hidden": args.hidden, "layers": args.layers,
+                  "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads()}  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     return result
 
 

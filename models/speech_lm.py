@@ -120,7 +120,10 @@ class SpeechLM(nn.Module):
         max_duration: Largest duration token.
         delay: ``all_levels``: MusicGen delay pattern.
         loss_on_prompt: Also train next-token prediction on the prompt (off: loss on speech only).
-        dtype: Weight dtype when ``lm`` is loaded from a path or id.
+        dtype: Weight dtype when ``lm`` is loaded from a path or id; default float32, the training
+            dtype (transformers >= 5 would otherwise keep the checkpoint's, bf16 for Gemma 3, leaving
+            the LM in bf16 beside float32 level tables: a dtype error under ``32-true`` and bf16
+            master weights under ``bf16-mixed``).
     """
 
     def __init__(
@@ -141,7 +144,7 @@ class SpeechLM(nn.Module):
         if output_form not in ("one_level", "all_levels"):
             raise ValueError(f"output_form must be 'one_level' or 'all_levels', got {output_form!r}")
         if isinstance(lm, str):
-            lm = AutoModelForCausalLM.from_pretrained(lm, dtype=dtype)
+            lm = AutoModelForCausalLM.from_pretrained(lm, dtype=dtype or torch.float32)
         elif isinstance(lm, PretrainedConfig):
             lm = AutoModelForCausalLM.from_config(lm)
         if isinstance(tokenizer, str):
