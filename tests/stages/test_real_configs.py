@@ -247,7 +247,7 @@ def test_stage1_validate_and_promote_commands(chain):
     out = run([str(BIN / "speechless-promote"), "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(averaged),
                "--force"], chain.root)
     promoted = json.loads(out.strip().splitlines()[-1])
-    assert promoted["current"] and Path(promoted["artifact"]).is_dir()
+    assert promoted["current"] and (chain.root / promoted["artifact"]).is_dir()  # relative to the run's folder
 
 
 def test_stage2_real_config(chain):
