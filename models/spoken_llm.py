@@ -59,6 +59,13 @@ def default_sound_tokens(codebook_size: int, num_levels: int = 1) -> list[str]:
     return frame_token_names(codebook_size, num_levels=num_levels)
 
 
+def _frozen(module: nn.Module) -> tuple[nn.Module]:
+    """``module`` frozen, in eval mode, inside a tuple: hidden from ``parameters()`` and ``state_dict()``."""
+    module.requires_grad_(False)
+    module.eval()
+    return (module,)
+
+
 class SpokenLLM(nn.Module):
     """A causal LM (Gemma 4 by default) with LoRA that reads spoken instructions.
 
@@ -191,35 +198,30 @@ class SpokenLLM(nn.Module):
 
     def attach_rvq(self, rvq: nn.Module) -> None:
         """Attach the frozen stage-1 RVQ (``decode(codes [B, Q, T]) -> [B, T, D]``); never trained or saved."""
-        rvq.requires_grad_(False)
-        rvq.eval()
-        self._rvq = (rvq,)
+        self._rvq = _frozen(rvq)
 
     @property
     def rvq(self) -> nn.Module:
-        if not self._rvq:
-            raise RuntimeError("no RVQ attached: call attach_rvq(rvq) before feeding codes")
-        rvq = self._rvq[0]
-        param = next(iter(rvq.parameters()), None)
-        param = next(iter(rvq.buffers()), None) if param is None else param
-        if param is not None and param.device != self.device:
-            rvq.to(self.device)
-        return rvq
+        return self._held(self._rvq, "no RVQ attached: call attach_rvq(rvq) before feeding codes")
 
     def attach_encoder(self, encoder: nn.Module) -> None:
         """Tokens mode: attach the frozen stage-1 encoder (``FrozenEncoder``) that real speech goes through."""
-        encoder.requires_grad_(False)
-        encoder.eval()
-        self._encoder = (encoder,)
+        self._encoder = _frozen(encoder)
 
     @property
     def encoder(self) -> nn.Module:
-        if not self._encoder:
-            raise RuntimeError("tokens mode hears real speech through the stage-1 encoder: call attach_encoder")
-        encoder = self._encoder[0]
-        if encoder.device != self.device:
-            encoder.to(self.device)
-        return encoder
+        return self._held(self._encoder, "tokens mode hears real speech through the stage-1 encoder: call attach_encoder")
+
+    def _held(self, held: tuple[nn.Module, ...], missing: str) -> nn.Module:
+        """An attached frozen module, moved to this model's device on first use there."""
+        if not held:
+            raise RuntimeError(missing)
+        module = held[0]
+        tensor = next(iter(module.parameters()), None)
+        tensor = next(iter(module.buffers()), None) if tensor is None else tensor
+        if tensor is not None and tensor.device != self.device:
+            module.to(self.device)
+        return module
 
     def set_audio_normalization(self, *, level_db: float | None = None, center_states: bool = False) -> None:
         """Apply the stage-1 encoder's per-utterance normalisation to real audio (see ``FrozenEncoder``).
