@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.resume import fit_position
 from datamodules.shards import iter_tar_samples, resolve_shards
 
 __all__ = [
@@ -180,6 +181,23 @@ def split_global_batches(batches: list[list[int]], world_size: int) -> list[list
     return [[b[r::world_size] for b in merged] for r in range(world_size)]
 
 
+class _ResumedBatches:
+    """An epoch's batches of indices from batch ``skip`` on, with the whole epoch's length.
+
+    Lightning counts a sized loader's batches from the restored position (``skip``) up to
+    ``len()``, so a fit resumed inside an epoch must see the full length and the remaining batches.
+    """
+
+    def __init__(self, batches: list[list[int]], skip: int = 0) -> None:
+        self.batches, self.skip = batches, skip
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches[self.skip :])
+
+
 class InstructionDataModule(L.LightningDataModule):
     """Synthetic spoken instructions + text instructions for stage 3.
 
@@ -277,8 +295,11 @@ class InstructionDataModule(L.LightningDataModule):
             self._rows["val"] = read_token_shards(self.val_shards, **self.read_kwargs)
 
     def _epoch(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.current_epoch) if trainer is not None else 0
+        return self._position()[0]
+
+    def _position(self) -> tuple[int, int]:
+        """The training epoch to make and its batches already trained (a resumed fit skips them)."""
+        return fit_position(getattr(self, "trainer", None))
 
     def _train_rows(self, epoch: int) -> list[dict[str, Any]]:
         spoken, text = self._rows["train"], self._rows["text"]
@@ -289,7 +310,7 @@ class InstructionDataModule(L.LightningDataModule):
         picks = rng.sample(text, n_text) if n_text <= len(text) else [rng.choice(text) for _ in range(n_text)]
         return spoken + picks
 
-    def _loader(self, rows: list[dict[str, Any]], *, seed: int) -> DataLoader:
+    def _loader(self, rows: list[dict[str, Any]], *, seed: int, skip: int = 0) -> DataLoader:
         if self._build is None:
             raise RuntimeError("InstructionDataModule.bind(...) must be called (the LightningModule does it)")
         dataset = InstructionDataset(rows, build=self._build, ctc_targets=self._ctc_targets)
@@ -306,11 +327,13 @@ class InstructionDataModule(L.LightningDataModule):
             batches = split_global_batches(batches, world)[rank]
         else:
             batches = split_for_ranks(batches, world)[rank]
-        return DataLoader(examples, batch_sampler=batches, collate_fn=self._collate, num_workers=self.num_workers)
+        return DataLoader(
+            examples, batch_sampler=_ResumedBatches(batches, skip), collate_fn=self._collate, num_workers=self.num_workers
+        )
 
     def train_dataloader(self) -> DataLoader:
-        epoch = self._epoch()
-        return self._loader(self._train_rows(epoch), seed=self.seed + epoch)
+        epoch, skip = self._position()
+        return self._loader(self._train_rows(epoch), seed=self.seed + epoch, skip=skip)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self._rows["val"], seed=self.seed) if self.val_shards else []

@@ -39,6 +39,7 @@ from datamodules.pipeline import (
     seeded_rng,
     shuffle_buffer,
 )
+from datamodules.resume import fit_position, skip_batches
 from datamodules.shards import ShardIndex, ShardInfo
 from datamodules.sources import (
     ShardSpec,
@@ -346,16 +347,22 @@ class ShardDataset(IterableDataset):
 
 
 class _EpochLoader(DataLoader):
-    """A DataLoader that sets the dataset's epoch each time it is iterated (before workers start)."""
+    """A DataLoader that sets the dataset's epoch each time it is iterated (before workers start).
 
-    def __init__(self, dataset, *args, epoch_fn: Callable[[], int] | None = None, **kwargs) -> None:
+    ``position_fn() -> (epoch, batches_done)`` (see :func:`datamodules.resume.fit_position`): a fit
+    resumed inside an epoch reads that epoch and drops the batches it had already trained.
+    """
+
+    def __init__(self, dataset, *args, position_fn: Callable[[], tuple[int, int]] | None = None, **kwargs) -> None:
         super().__init__(dataset, *args, **kwargs)
-        self.epoch_fn = epoch_fn
+        self.position_fn = position_fn
 
     def __iter__(self):
-        if self.epoch_fn is not None and hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.epoch_fn())
-        return super().__iter__()
+        skip = 0
+        if self.position_fn is not None and hasattr(self.dataset, "set_epoch"):
+            epoch, skip = self.position_fn()
+            self.dataset.set_epoch(epoch)
+        return skip_batches(super().__iter__(), skip)
 
 
 class SpeechDataModule(L.LightningDataModule):
@@ -523,7 +530,13 @@ class SpeechDataModule(L.LightningDataModule):
             ds.set_distributed(rank=rank, world_size=world, num_workers=self.num_workers)
 
     def _current_epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else self.datasets["train"].epoch
+        return self._position()[0]
+
+    def _position(self) -> tuple[int, int]:
+        """The training epoch to read and its batches already trained (a resumed fit skips them)."""
+        if self.trainer is None:
+            return self.datasets["train"].epoch, 0
+        return fit_position(self.trainer)
 
     def _loader(self, split: str) -> DataLoader | list:
         if self.shards[split] is None:
@@ -537,7 +550,7 @@ class SpeechDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,  # the epoch reaches workers only when they are re-created
             pin_memory=self.pin_memory,
-            epoch_fn=self._current_epoch if split == "train" else None,
+            position_fn=self._position if split == "train" else None,
         )
 
     def train_dataloader(self):

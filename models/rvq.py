@@ -170,6 +170,15 @@ class ResidualVQ(nn.Module):
         """Restore :meth:`generator_state` (every rank restores the same state)."""
         self._generator.set_state(state.detach().cpu().to(torch.uint8))
 
+    def kmeans_frames(self) -> list[torch.Tensor]:
+        """This rank's frames collected for k-means initialisation so far (empty once initialised)."""
+        return [b.detach().cpu() for b in self._kmeans_buffer]
+
+    def set_kmeans_frames(self, frames: list[torch.Tensor]) -> None:
+        """Restore :meth:`kmeans_frames` (a resumed run that stopped before k-means had run)."""
+        device = self.codebooks.device
+        self._kmeans_buffer = [f.to(device=device, dtype=torch.float32) for f in frames]
+
     def codebook_embeddings(self) -> torch.Tensor:
         """The codebooks, detached: ``[Q, K, D]`` (a view; do not modify in place)."""
         return self.codebooks.detach()

@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+from safetensors.torch import load_file, save_file
 
 __all__ = ["CheckpointAveraging", "average_state_dicts", "checkpoint_candidates", "save_final_checkpoint"]
 
@@ -41,6 +43,15 @@ def _model_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:
 class CheckpointAveraging(Callback):
     """Write ``averaged.ckpt``: the mean of the last ``n`` validated weights or of the top-``n``.
 
+    In ``"last"`` mode the weights of each validation are also written (by global rank 0) to
+    ``<checkpoint dir>/averaging/step-<global step>.safetensors``, and the callback's checkpointed
+    state names the files of its buffer, so a fit killed and resumed with ``--ckpt_path last.ckpt``
+    averages exactly the weights the uninterrupted fit would have (the buffer would otherwise start
+    empty). The files stay out of the checkpoint because ``n`` copies of a 270M-parameter stage-2
+    model would quadruple every checkpoint; a file leaves the folder one validation after it left
+    the buffer, so the buffer named by the newest saved checkpoint is always on disk. Resuming from
+    an older checkpoint whose files are gone warns and averages what is left.
+
     Args:
         n: how many to average.
         mode: ``"last"`` (weights at the last ``n`` validations, kept in CPU memory) or ``"top_k"``
@@ -54,12 +65,60 @@ class CheckpointAveraging(Callback):
             raise ValueError("n must be >= 1")
         self.n, self.mode, self.filename = n, mode, filename
         self._ring: deque[dict[str, torch.Tensor]] = deque(maxlen=n)
+        self._ring_files: deque[str] = deque(maxlen=n)  # names under <dirpath>/averaging
+        self._pending: list[str] = []  # restored names to load once the checkpoint dir is known
         self.path: str | None = None
         self.final_path: str | None = None
 
+    @staticmethod
+    def _ring_dir(trainer: Trainer) -> str | None:
+        ckpt = _model_checkpoint(trainer)
+        return os.path.join(ckpt.dirpath, "averaging") if ckpt is not None and ckpt.dirpath else None
+
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.mode == "last" and trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._ring.append({k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()})
+        if self.mode != "last" or trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        self._restore_ring(trainer)
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+        self._ring.append(weights)
+        folder = self._ring_dir(trainer)
+        if folder is None:
+            return
+        name = f"step-{trainer.global_step}.safetensors"
+        if trainer.is_global_zero:
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".{name}.tmp")
+            save_file({k: v.contiguous() for k, v in weights.items()}, tmp)
+            os.replace(tmp, os.path.join(folder, name))
+            # Keep the files of the previous buffer too: the newest checkpoint on disk may name them.
+            keep = set(self._ring_files) | {name}
+            for old in os.listdir(folder):
+                if old.endswith(".safetensors") and old not in keep:
+                    os.remove(os.path.join(folder, old))
+        self._ring_files.append(name)
+
+    def state_dict(self) -> dict:
+        return {"ring_files": list(self._ring_files)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = list(state_dict.get("ring_files", []))
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_ring(trainer)
+
+    def _restore_ring(self, trainer: Trainer) -> None:
+        if not self._pending:
+            return
+        folder, names, self._pending = self._ring_dir(trainer), self._pending, []
+        self._ring.clear()
+        self._ring_files.clear()
+        for name in names:
+            path = os.path.join(folder, name) if folder else None
+            if path is None or not os.path.exists(path):
+                rank_zero_warn(f"CheckpointAveraging: {name} of the resumed buffer is gone; averaging without it")
+                continue
+            self._ring.append(load_file(path))
+            self._ring_files.append(name)
 
     def _sources(self, trainer: Trainer) -> list[dict[str, torch.Tensor]]:
         if self.mode == "last":

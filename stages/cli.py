@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from stages.averaging import CheckpointAveraging, checkpoint_candidates, save_final_checkpoint
 from stages.promote import GATE_EXIT, Promote
 from stages.promotion import GateError
+from stages.resume import ExactResume, resume_version
 
 __all__ = ["SpeechlessCLI", "main"]
 
@@ -49,6 +50,27 @@ class SpeechlessCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """A resumed fit (``--ckpt_path <run>/checkpoints/last.ckpt``) logs into that run's folder."""
+        if self.subcommand != "fit":
+            return
+        cfg = self.config[self.subcommand]
+        loggers = cfg.trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            args = getattr(logger, "init_args", None) if hasattr(logger, "class_path") else None
+            if args is None or args.get("version") is not None or "save_dir" not in args:
+                continue
+            version = resume_version(cfg.get("ckpt_path"), args["save_dir"], args.get("name", "lightning_logs"))
+            if version is not None:
+                args["version"] = version
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with the callbacks every run needs whether or not its config names them."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(cb, ExactResume) for cb in trainer.callbacks):
+            trainer.callbacks.append(ExactResume())
+        return trainer
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)

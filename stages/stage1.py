@@ -249,12 +249,20 @@ class RVQStage(LightningModule):
 
     # ---- optimisation -------------------------------------------------------------------------
     # ---- checkpoints: the RVQ's generator rides along so a resumed run matches an uninterrupted one
+    # The frames collected for k-means ride along too while it has not run. Only rank 0's are
+    # saved (the checkpoint is rank 0's): a multi-rank run killed before k-means ran (its first
+    # ``kmeans_buffer_frames`` frames, a few steps) collects the other ranks' frames again.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rvq_generator"] = self.quantizer.generator_state()
+        frames = self.quantizer.kmeans_frames()
+        if frames:
+            checkpoint["rvq_kmeans_frames"] = frames
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rvq_generator" in checkpoint:  # checkpoints written before it was saved have none
             self.quantizer.set_generator_state(checkpoint["rvq_generator"])
+        if checkpoint.get("rvq_kmeans_frames") and self.global_rank == 0:
+            self.quantizer.set_kmeans_frames(checkpoint["rvq_kmeans_frames"])
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
