@@ -103,13 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     from datamodules.audio import split_at_silence
     from models.spoken_llm import SpokenLLM
     from stages.promotion import resolve_artifact
+    from stages.safety import inside_artifact
     from stages.stage3 import attach_stage1
 
     info: dict[str, Any] = {}
     if args.artifact:
         root = resolve_artifact(args.artifact)
         info = json.loads((root / "config.json").read_text())["info"]
-        source = str(root / info.get("merged", "llm/merged"))
+        source = str(inside_artifact(root, info.get("merged", "llm/merged"), what=f"{root}/config.json info.merged"))
         spec = json.loads((root / "config.json").read_text())["modules"]["llm"]["init_args"]
     elif args.model:
         source, spec = args.model, {}

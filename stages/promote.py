@@ -27,6 +27,7 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from stages.promotion import GateError, PromotionResult, code_version, promote
+from stages.safety import checkpoint_weights_only
 
 __all__ = ["Promote", "main", "plain", "provenance_for"]
 
@@ -189,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     promoter.force = promoter.force or args.force
     if args.artifacts_dir:
         promoter.artifacts_dir = args.artifacts_dir
-    metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=args.ckpt_path, verbose=False)[0]
+    metrics = cli.trainer.validate(
+        cli.model, datamodule=cli.datamodule, ckpt_path=args.ckpt_path, verbose=False,
+        weights_only=checkpoint_weights_only(args.ckpt_path, None),  # a URL is never unpickled
+    )[0]  # fmt: skip
     selected = args.select or Path(args.ckpt_path).stem
     try:
         promoter.promote_module(

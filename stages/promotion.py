@@ -4,13 +4,16 @@ An artifact is a folder ``artifacts/<stage>/v<N>/`` that rebuilds its modules wi
 code's checkpoint pickle (``../shared/DESIGN.md``, promoted-artifact contract):
 
 - ``<name>.safetensors`` per exported module, and ``config.json`` with each module's ``class_path``
-  and ``init_args`` (enough to rebuild it by import), plus stage-specific ``info``;
+  and ``init_args`` (enough to rebuild it), plus stage-specific ``info``. Loading builds only this
+  project's ``models`` classes of the kind expected for each module name (:data:`ARTIFACT_KINDS`)
+  and reads only files inside the artifact folder, checked before any import (:mod:`stages.safety`);
 - ``metrics.json``; ``provenance.json`` (resolved config, code version and dirty flag, shards with
   sample counts and hashes, parent artifacts with their hashes, time); ``README.md`` (model card).
 
 The version folder is written under a temporary name and renamed when complete; ``current`` is a
 symlink swapped with ``os.replace``, so a promotion killed half-way leaves the previous ``current``
-intact and no half-written version that looks complete. Gates are checked first: a failure is a
+intact and no half-written version that looks complete; the next promotion removes what it left
+(``.v<N>.tmp-<PID>``, ``.current.tmp-<PID>`` of a PID that is no longer running). Gates are checked first: a failure is a
 clear message and no promotion. A worse artifact does not replace a better ``current`` unless
 forced.
 """
@@ -19,9 +22,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -32,15 +35,21 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from stages.safety import UnsafeArtifactError, inside_artifact, resolve_class_path
+
 __all__ = [
+    "ARTIFACT_KINDS",
     "ArtifactModule",
     "GateError",
     "PromotionResult",
+    "UnsafeArtifactError",
     "build_module",
+    "check_spec",
     "code_version",
     "evaluate_gates",
     "load_artifact",
     "promote",
+    "remove_stale_tmp",
     "resolve_artifact",
 ]
 
@@ -211,10 +220,17 @@ def promote(
 
     Returns:
         Where it was written and whether it became ``current``.
+
+    Raises:
+        GateError: A gate failed; nothing is written.
+        UnsafeArtifactError: A module that loading would refuse (not a project class of the kind
+            :data:`ARTIFACT_KINDS` gives its name); nothing is written.
     """
     failures = evaluate_gates(metrics, gates or {})
     if failures:
         raise GateError(f"{stage}: not promoted, gates failed:\n  - " + "\n  - ".join(failures))
+    for name, mod in modules.items():  # what loading would refuse is not promoted
+        check_spec({"class_path": mod.class_path, "init_args": mod.init_args}, ARTIFACT_KINDS.get(name), what=f"{stage} module {name!r}")
     stage_dir = Path(artifacts_dir) / stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     current_link = stage_dir / "current"
@@ -230,11 +246,24 @@ def promote(
             worse = new_v < old_v if compare_mode == "max" else new_v > old_v
             if worse:
                 became_current = False
+    remove_stale_tmp(stage_dir)
     version = (_versions(stage_dir) or [0])[-1] + 1
     tmp = stage_dir / f".v{version}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
+    try:
+        return _write_version(stage_dir, tmp, version, stage, modules, metrics, info, provenance, became_current)
+    except BaseException:
+        # A failure (not a kill) removes its own temporary entries; a kill leaves them to the next one.
+        _remove_entry(tmp)
+        _remove_entry(stage_dir / f".current.tmp-{os.getpid()}")
+        raise
+
+
+def _write_version(
+    stage_dir: Path, tmp: Path, version: int, stage: str, modules: dict[str, ArtifactModule],
+    metrics: dict[str, float], info: dict[str, Any] | None, provenance: dict[str, Any] | None, became_current: bool,
+) -> PromotionResult:  # fmt: skip
+    current_link = stage_dir / "current"
     config: dict[str, Any] = {"stage": stage, "version": version, "modules": {}, "info": info or {}}
     parts = []
     for name, mod in modules.items():
@@ -267,66 +296,186 @@ def promote(
     _fsync_dir(stage_dir)
     if became_current:
         link_tmp = stage_dir / f".current.tmp-{os.getpid()}"
-        if link_tmp.is_symlink() or link_tmp.exists():
-            link_tmp.unlink()
+        _remove_entry(link_tmp)
         os.symlink(final.name, link_tmp)
         os.replace(link_tmp, current_link)
         _fsync_dir(stage_dir)
     return PromotionResult(path=final, version=version, became_current=became_current)
 
 
-def _import(class_path: str):
-    """``pkg.mod.Class`` or ``pkg.mod.Class.method``: the longest importable module prefix wins."""
-    parts = class_path.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ModuleNotFoundError:
-            continue
-        for attr in parts[cut:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(f"cannot import {class_path!r}")
+_TMP_ENTRY = re.compile(r"\.(?:v\d+|current)\.tmp-(\d+)")
 
 
-def build_module(spec: dict[str, Any], root: Path | None = None) -> Any:
-    """Instantiate ``{"class_path", "init_args"}`` recursively (nested class specs included).
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
-    ``root``: the artifact folder that ``"@artifact/<sub>"`` strings are resolved against.
+
+def _remove_entry(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_tmp(stage_dir: Path) -> list[str]:
+    """Remove what killed promotions left in ``stage_dir``: ``.v<N>.tmp-<PID>`` and ``.current.tmp-<PID>``.
+
+    An entry is stale when its PID is no live process on this machine (or is this process, which is
+    not promoting yet); a concurrent promotion's entries (live PID) are kept. Promotion writes from
+    one process on one machine (rank 0); for an artifacts folder shared by promotions on *several*
+    machines at once a PID from another machine can look dead here, so do not run those concurrently.
+
+    Returns:
+        The names removed.
     """
+    removed = []
+    for entry in stage_dir.iterdir():
+        match = _TMP_ENTRY.fullmatch(entry.name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        _remove_entry(entry)
+        removed.append(entry.name)
+    return sorted(removed)
 
-    def _build(value: Any) -> Any:
+
+#: What each artifact module may be built as, by module name, when ``load_artifact`` is given no
+#: ``expect``: stage 1 ``quantizer`` and ``encoder``, stage 2 ``lm``, stage 3 ``llm``.
+ARTIFACT_KINDS: dict[str, str] = {
+    "quantizer": "models.rvq.ResidualVQ",
+    "encoder": "models.encoders.base.FrozenEncoder",
+    "lm": "models.speech_lm.SpeechLM",
+    "llm": "models.spoken_llm.SpokenLLM",
+}
+
+
+def _kind(expected: type | str) -> type:
+    """A kind given by dotted name is one of ours (``ARTIFACT_KINDS``), resolved like any class path."""
+    if isinstance(expected, type):
+        return expected
+    return resolve_class_path(expected, torch.nn.Module, what=f"expected kind {expected!r}")
+
+
+def check_spec(spec: dict[str, Any], expected: type | str | None, *, what: str) -> None:
+    """Refuse, without building anything, a spec that :func:`build_module` would refuse.
+
+    ``expected`` None: the module's name has no kind in :data:`ARTIFACT_KINDS`.
+    """
+    if expected is None:
+        raise UnsafeArtifactError(f"{what}: no expected kind for this module name (known: {sorted(ARTIFACT_KINDS)})")
+    resolve_class_path(spec.get("class_path"), _kind(expected), what=what)
+
+    def _walk(value: Any, where: str) -> None:
+        if isinstance(value, dict) and "class_path" in value:
+            check_spec(value, torch.nn.Module, what=where)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                _walk(v, f"{where}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                _walk(v, f"{where}[{i}]")
+
+    for k, v in (spec.get("init_args") or {}).items():
+        _walk(v, f"{what}.{k}")
+
+
+def build_module(spec: dict[str, Any], root: Path | None = None, *, expected: type | str = torch.nn.Module, what: str = "spec") -> Any:
+    """Instantiate ``{"class_path", "init_args"}`` recursively, building only project modules.
+
+    The top-level ``class_path`` must be a project class (or project classmethod) of kind
+    ``expected``; a nested spec (a dict with ``class_path`` inside ``init_args``) must be a project
+    ``torch.nn.Module``. Each is checked by :func:`stages.safety.resolve_class_path` before its
+    module is imported; the built object must be an instance of the kind.
+
+    Args:
+        spec: ``{"class_path": ..., "init_args": {...}}``.
+        root: The artifact folder that ``"@artifact/<sub>"`` strings are resolved against; they
+            must stay inside it.
+        expected: The kind (a class, or the dotted name of a project class).
+        what: Names the spec in error messages.
+
+    Raises:
+        UnsafeArtifactError: A class path or folder reference that loading refuses.
+    """
+    kind = _kind(expected)
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise UnsafeArtifactError(f"{what}: not a {{class_path, init_args}} spec")
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, dict) or not all(isinstance(k, str) for k in init_args):
+        raise UnsafeArtifactError(f"{what}: init_args must be an object with string keys")
+    check_spec(spec, kind, what=what)  # the whole tree, before anything in it is built
+    target = resolve_class_path(spec["class_path"], kind, what=what)
+
+    def _build(value: Any, where: str) -> Any:
         if isinstance(value, str) and value.startswith("@artifact/"):
             if root is None:
                 raise ValueError(f"{value!r} needs the artifact folder to resolve against")
-            return str(root / value[len("@artifact/") :])
+            return str(inside_artifact(root, value[len("@artifact/") :], what=where))
         if isinstance(value, dict) and "class_path" in value:
-            return build_module(value, root)
+            return build_module(value, root, expected=torch.nn.Module, what=where)
         if isinstance(value, dict):
-            return {k: _build(v) for k, v in value.items()}
+            return {k: _build(v, f"{where}.{k}") for k, v in value.items()}
         if isinstance(value, list):
-            return [_build(v) for v in value]
+            return [_build(v, f"{where}[{i}]") for i, v in enumerate(value)]
         return value
 
-    cls = _import(spec["class_path"])
-    return cls(**{k: _build(v) for k, v in (spec.get("init_args") or {}).items()})
+    kwargs = {k: _build(v, f"{what}.{k}") for k, v in init_args.items()}
+    built = target(**kwargs)
+    if not isinstance(built, kind):
+        raise UnsafeArtifactError(f"{what}: {spec['class_path']} returned a {type(built).__name__}, not a {kind.__name__}")
+    return built
 
 
-def load_artifact(path: str | os.PathLike, *, names: list[str] | None = None) -> dict[str, Any]:
+def load_artifact(
+    path: str | os.PathLike, *, names: list[str] | None = None, expect: dict[str, type | str] | None = None
+) -> dict[str, Any]:
     """Rebuild an artifact's modules from JSON and safetensors only (nothing is unpickled).
+
+    Nothing the artifact names is executed: each module must be a class of this project's
+    ``models`` package of the kind expected for its name, checked before import (see
+    :func:`build_module`), and every file it names must lie inside the artifact folder.
+
+    Args:
+        path: ``artifacts/<stage>/current`` or a version folder.
+        names: Load only these modules (default: all).
+        expect: Module name -> the kind it must be (a class or a project class's dotted name);
+            default :data:`ARTIFACT_KINDS`. A module with no expected kind is refused.
 
     Returns:
         ``{"config": config.json, "metrics": ..., "path": Path, "modules": {name: nn.Module}}``.
+
+    Raises:
+        UnsafeArtifactError: A class or path the artifact names that loading refuses.
     """
     root = resolve_artifact(path)
     config = json.loads((root / "config.json").read_text())
+    entries = config.get("modules") if isinstance(config, dict) else None
+    if not isinstance(entries, dict):
+        raise UnsafeArtifactError(f"{root}/config.json: no 'modules' object")
+    kinds = ARTIFACT_KINDS if expect is None else expect
     modules = {}
-    for name, entry in config["modules"].items():
+    for name, entry in entries.items():
         if names is not None and name not in names:
             continue
-        module = build_module(entry, root)
-        if "weights" in entry:
-            state = load_file(str(root / entry["weights"]))
+        what = f"{root}/config.json module {name!r}"
+        if name not in kinds:
+            raise UnsafeArtifactError(f"{what}: no expected kind for this module (known: {sorted(kinds)})")
+        if not isinstance(entry, dict):
+            raise UnsafeArtifactError(f"{what}: not an object")
+        weights = inside_artifact(root, entry["weights"], what=f"{what} weights") if "weights" in entry else None
+        if "folder" in entry:
+            inside_artifact(root, entry["folder"], what=f"{what} folder")
+        module = build_module(entry, root, expected=kinds[name], what=what)
+        if weights is not None:
+            state = load_file(str(weights))
             missing, unexpected = module.load_state_dict(state, strict=False)
             if unexpected or [k for k in missing if not k.startswith("_")]:
                 raise ValueError(f"{root}/{entry['weights']} does not fit {entry['class_path']}: missing {missing}, unexpected {unexpected}")

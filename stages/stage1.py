@@ -91,7 +91,7 @@ class RVQStage(LightningModule):
     summary_metrics = ["val/mse", "val/cosine", "val/utilisation", "val/perplexity"]
 
     def _from_artifact(self, path: str, quantizer: ResidualVQ | None, encoder: FrozenEncoder | None) -> ResidualVQ:
-        loaded = load_artifact(path, names=["quantizer"])
+        loaded = load_artifact(path, names=["quantizer"], expect={"quantizer": ResidualVQ})
         self._artifact_config = loaded["config"]
         self._artifact_path = str(loaded["path"])
         built: ResidualVQ = loaded["modules"]["quantizer"]

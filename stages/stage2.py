@@ -17,6 +17,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric, SumMetric
 
 from models import distributed as dist_utils
+from models.rvq import ResidualVQ
 from models.speech_lm import SpeechLM
 from stages.promotion import ArtifactModule, load_artifact
 
@@ -267,12 +268,12 @@ class SpeechlessStage(LightningModule):
         super().__init__()
         self._parents: list[dict[str, Any]] = []
         if artifact is not None:
-            loaded = load_artifact(artifact, names=["lm"])
+            loaded = load_artifact(artifact, names=["lm"], expect={"lm": SpeechLM})
             self._parents.append({"path": str(loaded["path"]), "sha256": loaded["config"].get("sha256", "")})
             lm = loaded["modules"]["lm"]
         if lm is None:
             raise ValueError("stage 2 needs model.init_args.lm or model.init_args.artifact")
-        s1 = load_artifact(stage1_artifact, names=["quantizer"])
+        s1 = load_artifact(stage1_artifact, names=["quantizer"], expect={"quantizer": ResidualVQ})
         quantizer = s1["modules"]["quantizer"]
         info = s1["config"].get("info", {})
         levels = info.get("num_quantizers", quantizer.num_quantizers)

@@ -32,6 +32,8 @@ from torchmetrics import MeanMetric
 from datamodules.instructions import CLOSED_TASKS
 from datamodules.shards import iter_tar_samples, resolve_shards
 from models.chat_format import IGNORE_INDEX, collate_padded
+from models.encoders import FrozenEncoder
+from models.rvq import ResidualVQ
 from models.spoken_llm import SpokenLLM
 from stages.promotion import ArtifactModule, load_artifact
 from stages.stage1 import check_encoder_matches
@@ -61,7 +63,8 @@ def attach_stage1(llm: SpokenLLM, path: str, *, encoder: bool = False) -> dict[s
     Raises:
         ValueError: On levels/codebook/dim mismatches or an encoder that cannot be rebuilt.
     """
-    loaded = load_artifact(path, names=["quantizer", "encoder"] if encoder else ["quantizer"])
+    loaded = load_artifact(path, names=["quantizer", "encoder"] if encoder else ["quantizer"],
+                           expect={"quantizer": ResidualVQ, "encoder": FrozenEncoder})  # fmt: skip
     rvq = loaded["modules"]["quantizer"]
     got, want = (rvq.num_quantizers, rvq.codebook_size), (llm.num_levels, llm.codebook_size)
     if got != want:

@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from models.rvq import ResidualVQ
 from stages.promotion import ArtifactModule, GateError, evaluate_gates, load_artifact, promote
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _linear(seed: int) -> torch.nn.Linear:
-    torch.manual_seed(seed)
-    return torch.nn.Linear(4, 3)
+RVQ_ARGS = {"dim": 4, "num_quantizers": 2, "codebook_size": 3, "kmeans_init": False}
 
 
-def _modules(layer: torch.nn.Linear) -> dict[str, ArtifactModule]:
-    return {"head": ArtifactModule("torch.nn.Linear", {"in_features": 4, "out_features": 3}, layer.state_dict())}
+def _rvq(seed: int) -> ResidualVQ:
+    return ResidualVQ(**RVQ_ARGS, seed=seed).eval()  # seeded random codebooks, a different set per seed
 
 
-def _promote(tmp_path: Path, layer: torch.nn.Linear, cosine: float, **kw):
+def _modules(layer: ResidualVQ) -> dict[str, ArtifactModule]:
+    return {"quantizer": ArtifactModule("models.rvq.ResidualVQ", RVQ_ARGS, layer.state_dict())}
+
+
+def _promote(tmp_path: Path, layer: ResidualVQ, cosine: float, **kw):
     return promote(
         stage="stage1",
         modules=_modules(layer),
@@ -46,19 +52,21 @@ def test_gates_report_each_failure():
 
 def test_gate_failure_promotes_nothing(tmp_path):
     with pytest.raises(GateError, match="utilisation"):
-        promote(stage="stage1", modules=_modules(_linear(0)), metrics={"val/utilisation": 1 / 2048},
+        promote(stage="stage1", modules=_modules(_rvq(0)), metrics={"val/utilisation": 1 / 2048},
                 artifacts_dir=tmp_path, gates={"val/utilisation": {"min": 0.05}})
     assert not (tmp_path / "stage1" / "current").exists()
     assert not list((tmp_path / "stage1").glob("v*"))
 
 
 def test_artifact_reloads_equal_outputs_and_provenance(tmp_path):
-    layer = _linear(0)
+    layer = _rvq(0)
     result = _promote(tmp_path, layer, 0.9)
     assert result.became_current and (tmp_path / "stage1" / "current").resolve() == result.path
     loaded = load_artifact(tmp_path / "stage1" / "current")
-    x = torch.randn(5, 4)
-    assert torch.equal(loaded["modules"]["head"](x), layer(x))
+    x = torch.randn(2, 5, 4)
+    rebuilt = loaded["modules"]["quantizer"].eval()
+    assert isinstance(rebuilt, ResidualVQ) and not torch.equal(rebuilt.codebooks, _rvq(1).codebooks)
+    assert torch.equal(rebuilt(x).quantized, layer(x).quantized)
     prov = json.loads((result.path / "provenance.json").read_text())
     assert prov["data"]["shards"][0]["samples"] == 7 and prov["parents"][0]["sha256"] == "ab"
     assert "commit" in prov["code"]
@@ -67,25 +75,25 @@ def test_artifact_reloads_equal_outputs_and_provenance(tmp_path):
 
 
 def test_worse_run_does_not_replace_current_unless_forced(tmp_path):
-    good = _promote(tmp_path, _linear(0), 0.9)
-    worse = _promote(tmp_path, _linear(1), 0.8)
+    good = _promote(tmp_path, _rvq(0), 0.9)
+    worse = _promote(tmp_path, _rvq(1), 0.8)
     assert not worse.became_current
     assert (tmp_path / "stage1" / "current").resolve() == good.path
-    forced = _promote(tmp_path, _linear(1), 0.8, force=True)
+    forced = _promote(tmp_path, _rvq(1), 0.8, force=True)
     assert forced.became_current and (tmp_path / "stage1" / "current").resolve() == forced.path
 
 
 def test_a_version_over_another_encoder_is_not_compared(tmp_path):
     enc = {"kind": "gemma4_audio", "dim": 4}
-    good = _promote(tmp_path, _linear(0), 0.9, info={"encoder": enc})
-    assert not _promote(tmp_path, _linear(1), 0.8, info={"encoder": enc}).became_current
+    good = _promote(tmp_path, _rvq(0), 0.9, info={"encoder": enc})
+    assert not _promote(tmp_path, _rvq(1), 0.8, info={"encoder": enc}).became_current
     # Centered states give lower cosines by construction: that is another space, not a worse run.
-    other = _promote(tmp_path, _linear(1), 0.8, info={"encoder": {**enc, "center_states": True}})
+    other = _promote(tmp_path, _rvq(1), 0.8, info={"encoder": {**enc, "center_states": True}})
     assert other.became_current and good.path != (tmp_path / "stage1" / "current").resolve() == other.path
 
 
 def test_loading_never_unpickles(tmp_path, monkeypatch):
-    _promote(tmp_path, _linear(0), 0.9)
+    _promote(tmp_path, _rvq(0), 0.9)
 
     def boom(*a, **k):
         raise AssertionError("artifact loading must not unpickle")
@@ -97,8 +105,8 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
 
 
 def test_promotion_killed_half_way_leaves_current_intact(tmp_path):
-    good = _promote(tmp_path, _linear(0), 0.9)
-    before = load_artifact(tmp_path / "stage1" / "current")["modules"]["head"].weight.clone()
+    good = _promote(tmp_path, _rvq(0), 0.9)
+    before = load_artifact(tmp_path / "stage1" / "current")["modules"]["quantizer"].codebooks.clone()
     # A second promotion dies (SIGKILL-like os._exit) after writing its weights, before finishing.
     script = textwrap.dedent(f"""
         import os, sys, torch
@@ -110,17 +118,110 @@ def test_promotion_killed_half_way_leaves_current_intact(tmp_path):
                 os._exit(9)
             real(path, data)
         P._write_json = dying
-        torch.manual_seed(5)
-        layer = torch.nn.Linear(4, 3)
+        from models.rvq import ResidualVQ
+        layer = ResidualVQ(**{RVQ_ARGS!r}, seed=5)
         P.promote(stage="stage1", artifacts_dir={str(tmp_path)!r}, metrics={{"val/cosine": 0.99}},
-                  modules={{"head": P.ArtifactModule("torch.nn.Linear", {{"in_features": 4, "out_features": 3}}, layer.state_dict())}})
+                  modules={{"quantizer": P.ArtifactModule("models.rvq.ResidualVQ", {RVQ_ARGS!r}, layer.state_dict())}})
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert proc.returncode == 9, proc.stderr.decode()
     stage_dir = tmp_path / "stage1"
     assert (stage_dir / "current").resolve() == good.path
     assert not (stage_dir / "v2").exists()
-    after = load_artifact(stage_dir / "current")["modules"]["head"].weight
+    assert len(list(stage_dir.glob(".v2.tmp-*"))) == 1  # the killed promotion's half-written version
+    after = load_artifact(stage_dir / "current")["modules"]["quantizer"].codebooks
     assert torch.equal(before, after)
-    # The next promotion still works and takes the next complete version number.
-    assert _promote(tmp_path, _linear(2), 0.95).path.name == "v2"
+    # The next promotion still works, takes the next complete version number and removes the leftover.
+    assert _promote(tmp_path, _rvq(2), 0.95).path.name == "v2"
+    assert not list(stage_dir.glob(".*tmp-*"))
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_next_promotion_removes_leftovers_of_dead_promotions_only(tmp_path):
+    first = _promote(tmp_path, _rvq(0), 0.9)
+    stage_dir = tmp_path / "stage1"
+    dead, live = _dead_pid(), os.getppid()
+    for pid in (dead, 999999):
+        (stage_dir / f".v3.tmp-{pid}").mkdir()
+        (stage_dir / f".v3.tmp-{pid}" / "quantizer.safetensors").write_bytes(b"half")
+    os.symlink("v1", stage_dir / f".current.tmp-{dead}")
+    (stage_dir / f".v7.tmp-{live}").mkdir()  # a concurrent promotion that is still running
+    os.symlink("v1", stage_dir / f".current.tmp-{live}")
+    if subprocess.run(["kill", "-0", "999999"], capture_output=True).returncode == 0:
+        pytest.skip("PID 999999 is alive here")
+
+    second = _promote(tmp_path, _rvq(1), 0.95)
+    assert second.path.name == "v2" and (stage_dir / "current").resolve() == second.path != first.path
+    assert sorted(p.name for p in stage_dir.iterdir()) == sorted(
+        ["current", "v1", "v2", f".v7.tmp-{live}", f".current.tmp-{live}"]
+    )
+    assert torch.equal(load_artifact(stage_dir / "current")["modules"]["quantizer"].codebooks, _rvq(1).codebooks)
+
+
+_DYING_PROMOTION = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import stages.promotion as P
+from models.rvq import ResidualVQ
+where = sys.argv[1]
+real_replace, real_symlink, real_save = os.replace, os.symlink, P.save_file
+calls = []
+def replace(a, b):
+    calls.append(b)
+    if where == "before-rename" and len(calls) == 1:
+        os._exit(9)
+    real_replace(a, b)
+    if where == "after-rename" and len(calls) == 1:
+        os._exit(9)
+def symlink(a, b):
+    real_symlink(a, b)
+    if where == "after-link":
+        os._exit(9)
+def save_file(tensors, path):
+    if where == "weights":  # dies half-way through writing the weights
+        open(path, "wb").write(b"half")
+        os._exit(9)
+    real_save(tensors, path)
+if where == "sigkill":  # blocks mid-write until the test kills it with SIGKILL
+    real_json = P._write_json
+    def blocking(path, data):
+        real_json(path, data)
+        if path.name == "config.json":
+            open(sys.argv[2], "w").close()
+            import time; time.sleep(120)
+    P._write_json = blocking
+os.replace, os.symlink, P.save_file = replace, symlink, save_file
+layer = ResidualVQ(**{args!r}, seed=5)
+P.promote(stage="stage1", artifacts_dir={root!r}, metrics={{"val/cosine": 0.99}},
+          modules={{"quantizer": P.ArtifactModule("models.rvq.ResidualVQ", {args!r}, layer.state_dict())}})
+"""
+
+
+@pytest.mark.parametrize("where", ["weights", "before-rename", "after-rename", "after-link", "sigkill"])
+def test_a_kill_at_any_point_leaves_current_and_the_next_promotion_cleans_up(tmp_path, where):
+    good = _promote(tmp_path, _rvq(0), 0.9)
+    stage_dir = tmp_path / "stage1"
+    script = _DYING_PROMOTION.format(repo=str(REPO), args=RVQ_ARGS, root=str(tmp_path))
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", script, where, str(ready)], stderr=subprocess.PIPE)
+    if where == "sigkill":
+        deadline = time.monotonic() + 120
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert proc.returncode == (-signal.SIGKILL if where == "sigkill" else 9), proc.stderr.read().decode()
+    assert (stage_dir / "current").resolve() == good.path
+    assert torch.equal(load_artifact(stage_dir / "current")["modules"]["quantizer"].codebooks, _rvq(0).codebooks)
+    assert list(stage_dir.glob(".*tmp-*")) or where == "after-rename"  # something was left behind
+    # A kill after the rename leaves a complete v2 that never became current: the next is v3.
+    nxt = _promote(tmp_path, _rvq(2), 0.95)
+    assert nxt.path.name == ("v3" if where in ("after-rename", "after-link") else "v2")
+    assert (stage_dir / "current").resolve() == nxt.path
+    assert not list(stage_dir.glob(".*tmp-*"))

@@ -49,6 +49,16 @@ def test_fit_leaves_three_checkpoints_metrics_and_current_artifact(fitted):
     assert provenance["data"]["samples"] == 30 and provenance["data"]["shards"]
 
 
+def test_every_checkpoint_loads_with_weights_only(fitted):
+    """Tensors and plain containers only (issue #11): what a ``--ckpt_path`` URL is loaded with."""
+    names = sorted(p.name for p in fitted["ckpts"].glob("*.ckpt"))
+    assert {"last.ckpt", "averaged.ckpt", "final.ckpt"} <= set(names) and len(names) == 5, names
+    for name in names:
+        ckpt = torch.load(fitted["ckpts"] / name, map_location="cpu", weights_only=True)
+        assert ckpt["rvq_generator"].dtype == torch.uint8, name  # the RVQ's generator state
+        assert "SpeechDataModule" in ckpt and ckpt["optimizer_states"] and ckpt["callbacks"], (name, sorted(ckpt))
+
+
 def test_checkpoint_holds_no_encoder_weights_and_averaged_is_mean(fitted):
     ckpts = fitted["ckpts"]
     state = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
@@ -99,7 +109,7 @@ def test_artifact_mismatch_is_a_clear_error(fitted):
 
 
 def test_collapsed_codebook_is_never_promoted(fitted, tmp_path):
-    ckpt = torch.load(fitted["ckpts"] / "averaged.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(fitted["ckpts"] / "averaged.ckpt", map_location="cpu", weights_only=True)
     for key, value in ckpt["state_dict"].items():
         if key.startswith("quantizer.") and value.is_floating_point() and value.dim() >= 2 and value.shape[-1] == 64:
             value.copy_(value[..., :1, :].expand_as(value))  # every code identical: one entry used

@@ -212,6 +212,9 @@ def test_fit_promote_reload_and_synthesize(world, tmp_path):
     metrics = trainer.callback_metrics
     for key in ("val/loss", "val/acc", "val/acc_l0", "val/gen_cosine", "val/len_error", "val/word_match"):
         assert key in metrics, key
+    trainer.save_checkpoint(tmp_path / "stage2.ckpt")  # tensors and plain containers only (issue #11)
+    state = torch.load(tmp_path / "stage2.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert any(k.startswith("lm.") for k in state)
     result = promote(stage="stage2", modules=stage.artifact_modules({}), metrics={"val/loss": 1.0},
                      artifacts_dir=tmp_path / "artifacts", info=stage.artifact_info())
     assert (result.path / "lm" / "model.safetensors").exists()
