@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from typing import IO, Any
 
 import numpy as np
@@ -42,7 +43,8 @@ SILENCE_PEAK = 1e-4
 
 
 class AudioDecodeError(ValueError):
-    """Audio that could not be decoded; ``reason`` is ``"unreadable"`` or ``"empty"`` (zero bytes)."""
+    """Audio that could not be decoded; ``reason`` is ``"unreadable"``, ``"empty"`` (zero bytes) or
+    ``"not_a_file"`` (a path to a directory, device, fifo or socket)."""
 
     def __init__(self, message: str, *, reason: str = "unreadable") -> None:
         super().__init__(message)
@@ -66,15 +68,22 @@ def load_audio(
         ``expected_rate`` was given, ``expected_rate`` and ``rate_mismatch`` (bool).
 
     Raises:
-        FileNotFoundError: ``source`` is a path that does not exist.
-        AudioDecodeError: the data is empty (zero bytes) or not audio libsndfile can decode.
+        FileNotFoundError: ``source`` is a path that does not exist (or a link to nothing).
+        AudioDecodeError: the path is not a regular file (``not_a_file``; it is never opened, so a
+            link to ``/dev/zero`` or a fifo is not read), the data is empty (zero bytes) or not
+            audio libsndfile can decode.
     """
     name = "<bytes>"
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"audio file not found: {name}")
-        if os.path.getsize(name) == 0:
+        try:
+            info = os.stat(name)  # follows links: a link to a regular file is that file
+        except (FileNotFoundError, NotADirectoryError):
+            raise FileNotFoundError(f"audio file not found: {name}") from None
+        if not stat.S_ISREG(info.st_mode):
+            kind = _file_kind(info.st_mode)
+            raise AudioDecodeError(f"{name}: not a regular file ({kind})", reason="not_a_file")
+        if info.st_size == 0:
             raise AudioDecodeError(f"{name}: zero-byte file", reason="empty")
     elif isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
@@ -100,6 +109,17 @@ def load_audio(
         notes["expected_rate"] = int(expected_rate)
         notes["rate_mismatch"] = int(expected_rate) != int(rate)
     return np.ascontiguousarray(x, dtype=np.float32), int(rate), notes
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a fifo"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), f"mode {mode:o}")
 
 
 def resample(x: np.ndarray, orig_rate: int, target_rate: int = TARGET_RATE) -> np.ndarray:

@@ -7,16 +7,30 @@ Inputs are a folder with a manifest (TSV or JSONL) or a Hugging Face ``datasets`
 ``json`` (``text``, ``language``, ``speaker``, ``duration``, ``source``, ...), one shard folder per
 split, ``<out>/<split>/<split>-NNNNNN.tar`` plus ``index.json``.
 
-Recordings longer than the encoders' 30 s window are cut at their quietest points
-(:func:`datamodules.audio.split_at_silence`). A transcript cannot be cut by time, so a piece never
-carries text it may not contain: pieces have ``text: ""``, ``parent_text`` (the full transcript),
-``text_scope: "parent"``, ``parent`` (the recording's key), ``segment`` and ``offset`` (seconds).
-Consumers pairing text with audio (stage 2) therefore see no text for them, while stage 1 (audio
-only) uses them like any other sample.
+Durations (``--max-seconds``, ``--min-seconds``, ``--min-piece-seconds``) obey
+``min_seconds <= min_piece_seconds <= max_seconds / 2``, with ``max_seconds`` in [1, 120] s:
+
+- a recording shorter than ``min_seconds`` (default 0.1 s) *after* resampling and trimming is
+  skipped as ``too_short`` (a 1-sample 44.1 kHz file resamples to no sample at all, a 3-sample
+  8 kHz one to 0.375 ms: no encoder frame, nothing to learn);
+- a recording longer than ``max_seconds`` (default 30 s, the encoders' window) is cut at its
+  quietest points (:func:`datamodules.audio.split_at_silence`, which searches each window's second
+  half) into pieces of at most ``max_seconds`` and at least ``min_piece_seconds`` (default 1 s, or
+  ``max_seconds / 2`` when that is less): every piece is therefore long enough to keep, and a
+  recording just over the cap can still be cut in two.
+
+A transcript cannot be cut by time, so a piece never carries text it may not contain: pieces have
+``text: ""``, ``parent_text`` (the full transcript), ``text_scope: "parent"``, ``parent`` (the
+recording's key), ``segment`` and ``offset`` (seconds). Stage 1 (audio only) uses them like any
+other sample; stage 2 (text -> tokens) skips a sample without its own ``text`` and counts it
+(``piece_without_text``, see :func:`stages.stage2.own_text`) rather than training on an empty
+prompt. A tool that aligns a transcript to a piece writes it into the piece's ``text``.
 
 Nothing is dropped silently: every input is either kept or skipped with one reason, the first that
-applies in this order: ``bad_manifest_row``, ``missing_text``, ``missing_file``, ``unreadable``,
-``empty``, ``non_finite``, ``silent``. Warnings on kept inputs are counted the same way:
+applies in this order: ``bad_manifest_row``, ``missing_text``, ``missing_file`` (no such path, or a
+link to nothing), ``not_a_file`` (a directory, device, fifo or socket, or a link to one: never
+opened, so a link to ``/dev/zero`` is not read), ``unreadable``, ``empty`` (zero bytes or zero
+samples), ``non_finite``, ``silent``, ``too_short``. Warnings on kept inputs are counted the same way:
 ``rate_mismatch`` (the file header's rate is used; the manifest's claim is kept in the sample's json
 as ``manifest_sample_rate``), ``clipped`` (resampling overshoot beyond full scale), ``split_long``,
 ``duplicate_key`` (a repeated id or stem gets ``_1``, ``_2``, ... in input order). The summary is
@@ -24,8 +38,10 @@ printed and written to ``<out>/prepare_summary.json``; every skipped input is li
 ``<out>/prepare_skipped.tsv``.
 
 Exit status: 0 when every input was kept, 3 when any input was skipped (the shards are still
-complete and valid for the rest), 2 for usage errors (bad arguments, unreadable manifest, missing
-columns).
+complete and valid for the rest), 2 for usage errors, before any input is read: a numeric option
+that is not a finite number in its range (see ``--help``; the same checks raise
+:class:`PrepareError` from :func:`prepare`), durations that break the rule above, an unreadable
+manifest, missing columns.
 
 Examples::
 
@@ -38,7 +54,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import multiprocessing as mp
+import numbers
 import os
 import re
 import sys
@@ -69,7 +87,9 @@ __all__ = [
     "PrepareError",
     "PrepareSummary",
     "build_parser",
+    "check_durations",
     "main",
+    "min_piece_default",
     "parse_size",
     "prepare",
     "print_summary",
@@ -85,10 +105,100 @@ MAX_EXAMPLES = 5
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _FIELDS = ("audio", "text", "speaker", "language", "id", "split")
+MIN_PIECE_SECONDS = 1.0
+# Sane ranges of the numeric options, (low, high) inclusive; also what --help states. max_seconds:
+# below 1 s the cutter (which cuts in a window's second half) leaves pieces shorter than many words;
+# above 120 s (four 30 s encoder windows) a sample is far longer than what stage 2 learns to generate
+# (the real config stops at 750 frames, 30 s). The other duration bounds follow from
+# min_seconds <= min_piece_seconds <= max_seconds / 2 (see check_durations).
+RANGES: dict[str, tuple[float, float]] = {
+    "max_seconds": (1.0, 120.0),
+    "min_seconds": (0.0, 60.0),
+    "min_piece_seconds": (0.0, 60.0),
+    "max_samples": (1, 1_000_000),
+    "max_bytes": (10**6, 64 * 1024**3),  # 1 MB to 64 GiB per shard
+    "workers": (1, 256),
+}
 
 
 class PrepareError(Exception):
     """A usage problem that stops the run before any input is processed (exit status 2)."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown(name: str, value: float) -> str:
+    if name == "max_bytes":
+        return "1MB" if value == 10**6 else "64GiB" if value == 64 * 1024**3 else str(value)
+    return f"{value:g} s" if "seconds" in name else f"{value:g}"
+
+
+def _range_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` is not a valid ``name`` (see :data:`RANGES`), or ``None`` when it is."""
+    lo, hi = RANGES[name]
+    integer = isinstance(lo, int)
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars too
+    if not number or (integer and not float(value).is_integer()):
+        return f"must be {'an integer' if integer else 'a number'}, got {value!r}"
+    if not math.isfinite(value) or not lo <= value <= hi:
+        return f"must be between {_shown(name, lo)} and {_shown(name, hi)}, got {value!r}"
+    return None
+
+
+def _check_range(name: str, value: Any) -> Any:
+    problem = _range_problem(name, value)
+    if problem:
+        raise PrepareError(f"{_flag(name)} {problem}")
+    return value
+
+
+def min_piece_default(max_seconds: float, min_seconds: float = 0.1) -> float:
+    """The shortest piece a cut leaves when not given: 1 s, or less to fit ``max_seconds / 2``.
+
+    Never below ``min_seconds`` (a piece is never ``too_short``); :func:`check_durations` refuses
+    the settings where that exceeds ``max_seconds / 2``.
+    """
+    return max(min_seconds, min(MIN_PIECE_SECONDS, max_seconds / 2))
+
+
+def check_durations(max_seconds: float, min_seconds: float, min_piece_seconds: float | None) -> float:
+    """Check ``min_seconds <= min_piece_seconds <= max_seconds / 2`` and each option's range.
+
+    Why: :func:`datamodules.audio.split_at_silence` cuts in the second half of each window, so a
+    recording just over ``max_seconds`` can only be cut in two when pieces may be half the cap; a
+    piece shorter than ``min_seconds`` would be kept though a whole recording that short is not.
+
+    Returns:
+        ``min_piece_seconds``, or :func:`min_piece_default` when it is ``None``.
+
+    Raises:
+        PrepareError: a value out of range, not finite, or breaking the rule (the message says which).
+    """
+    _check_range("max_seconds", max_seconds)
+    _check_range("min_seconds", min_seconds)
+    if min_seconds > max_seconds / 2:
+        raise PrepareError(
+            f"--min-seconds {min_seconds:g} is more than half of --max-seconds {max_seconds:g}: a "
+            f"recording just over {max_seconds:g} s could not be cut into pieces that long "
+            f"(use --max-seconds {2 * min_seconds:g} or more)"
+        )
+    if min_piece_seconds is None:
+        return min_piece_default(max_seconds, min_seconds)
+    _check_range("min_piece_seconds", min_piece_seconds)
+    if min_piece_seconds < min_seconds:
+        raise PrepareError(
+            f"--min-piece-seconds {min_piece_seconds:g} is less than --min-seconds {min_seconds:g}: "
+            "pieces of long recordings would be shorter than the shortest recording kept"
+        )
+    if min_piece_seconds > max_seconds / 2:
+        raise PrepareError(
+            f"--min-piece-seconds {min_piece_seconds:g} is more than half of --max-seconds "
+            f"{max_seconds:g}: a recording just over {max_seconds:g} s could not be cut into pieces that "
+            f"long (use --max-seconds {2 * min_piece_seconds:g} or more)"
+        )
+    return min_piece_seconds
 
 
 @dataclass
@@ -167,6 +277,8 @@ def read_manifest(
     path = Path(path)
     folder = os.path.dirname(os.fspath(path))
     try:
+        if path.exists() and not path.is_file():  # a directory, or /dev/zero, which would never end
+            raise PrepareError(f"manifest {path} is not a regular file")
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise PrepareError(f"cannot read manifest {path}: {err}") from err
@@ -349,6 +461,7 @@ class _Options:
     require_text: bool
     max_seconds: float
     min_piece_seconds: float
+    min_seconds: float = 0.0
     trim_silence: bool = False
 
 
@@ -405,6 +518,10 @@ def _process(item: Item, opts: _Options) -> _Outcome:
         if (start, end) != (0, len(y)):
             meta["trimmed"] = [round(start / TARGET_RATE, 3), round((len(y) - end) / TARGET_RATE, 3)]
             y = y[start:end]
+    if len(y) == 0 or len(y) < opts.min_seconds * TARGET_RATE:
+        where = "after trimming" if "trimmed" in meta else "at 16 kHz"
+        detail = f"{len(y) / TARGET_RATE * 1000:g} ms {where} (minimum {opts.min_seconds:g} s)"
+        return _Outcome(reason="too_short", detail=detail)
     clipped = int(np.count_nonzero(np.abs(y) > 1.0))
     if clipped:
         out.warnings.append(("clipped", f"{clipped} samples beyond full scale clipped to 16-bit"))
@@ -488,7 +605,8 @@ def prepare(
     max_samples: int = 1000,
     max_bytes: int = 256 * 1024**2,
     max_seconds: float = 30.0,
-    min_piece_seconds: float = 1.0,
+    min_seconds: float = 0.1,
+    min_piece_seconds: float | None = None,
     trim_silence: bool = False,
     workers: int | None = None,
     progress: bool = True,
@@ -508,24 +626,32 @@ def prepare(
         language, speaker: values for inputs whose column is absent or empty (else ``und`` and
             ``unknown``).
         require_text: skip inputs without a transcript (``missing_text``).
-        max_samples, max_bytes: shard size caps.
-        max_seconds: longer recordings are cut at silence into pieces at most this long.
-        min_piece_seconds: the shortest piece such a cut leaves.
+        max_samples, max_bytes: shard size caps (1 to 10^6 samples, 1MB to 64GiB).
+        max_seconds: longer recordings are cut at silence into pieces at most this long (1 to 120).
+        min_seconds: shorter recordings (after resampling and trimming) are skipped as
+            ``too_short``; 0 to ``max_seconds / 2``.
+        min_piece_seconds: the shortest piece such a cut leaves, ``min_seconds`` to
+            ``max_seconds / 2`` (default: :func:`min_piece_default`, 1 s or half of ``max_seconds``).
         trim_silence: cut leading and trailing silence (frames 35 dB below the loudest, 50 ms kept);
             the cut seconds are recorded as ``trimmed: [head, tail]``. Off by default.
-        workers: processes decoding in parallel (default: every CPU core).
+        workers: processes decoding in parallel, 1 to 256 (default: every CPU core).
         progress: show a progress bar on stderr.
 
     Returns:
         The :class:`PrepareSummary`, also written to ``<out>/prepare_summary.json``.
 
     Raises:
-        PrepareError: a usage problem (no or two sources, unreadable manifest, missing columns).
+        PrepareError: a usage problem (no or two sources, a numeric option out of its range or
+            breaking ``min_seconds <= min_piece_seconds <= max_seconds / 2``, unreadable manifest,
+            missing columns).
     """
     if (manifest is None) == (hf_dataset is None):
         raise PrepareError("give exactly one source: a manifest or a Hugging Face dataset")
-    if max_samples < 1 or max_bytes < 1 or max_seconds <= 0:
-        raise PrepareError("max_samples, max_bytes and max_seconds must be positive")
+    _check_range("max_samples", max_samples)
+    _check_range("max_bytes", max_bytes)
+    if workers is not None:
+        _check_range("workers", workers)
+    min_piece_seconds = check_durations(max_seconds, min_seconds, min_piece_seconds)
     defaults = {"split": split, "language": language or "und", "speaker": speaker or "unknown"}
     columns = {
         "audio": audio_column,
@@ -570,7 +696,11 @@ def prepare(
         summary.splits[name] = {"inputs": 0, "kept": 0, "samples": 0, "seconds": 0.0, "shards": 0}
     skipped_rows: list[str] = []
     opts = _Options(
-        require_text=require_text, max_seconds=max_seconds, min_piece_seconds=min_piece_seconds, trim_silence=trim_silence
+        require_text=require_text,
+        max_seconds=max_seconds,
+        min_piece_seconds=min_piece_seconds,
+        min_seconds=min_seconds,
+        trim_silence=trim_silence,
     )
     workers = min(workers or os.cpu_count() or 1, max(1, len(items)))
     jobs = items if audio_stream is None else _with_audio(items, audio_stream)
@@ -695,6 +825,24 @@ def parse_size(text: str | int) -> int:
     return int(float(number) * (1024 if binary else 1000) ** power)
 
 
+def _option(name: str, parse: Any = float) -> Any:
+    """An argparse ``type`` for option ``name``: ``parse``, then the range check of :data:`RANGES`."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError as err:
+            kind = "an integer" if parse is int else "a number" if parse is float else None
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}" if kind else str(err)) from None
+        problem = _range_problem(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    convert.__name__ = name  # argparse names the type in some messages
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``speechless-prepare`` argument parser."""
     p = argparse.ArgumentParser(
@@ -723,17 +871,48 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="skip inputs without a transcript (default: on)",
     )
-    p.add_argument("--max-samples", type=int, default=1000, help="samples per shard (default: 1000)")
     p.add_argument(
-        "--max-bytes", type=parse_size, default=256 * 1024**2, help="bytes per shard (default: 256MiB)"
+        "--max-samples",
+        type=_option("max_samples", int),
+        default=1000,
+        help="samples per shard, 1 to 10^6 (default: 1000)",
     )
     p.add_argument(
-        "--max-seconds", type=float, default=30.0, help="longer audio is cut at silence (default: 30)"
+        "--max-bytes",
+        type=_option("max_bytes", parse_size),
+        default=256 * 1024**2,
+        help="bytes per shard, 1MB to 64GiB (default: 256MiB)",
     )
     p.add_argument(
-        "--trim-silence", action="store_true", help="cut leading/trailing silence (35 dB below the peak frame)"
+        "--max-seconds",
+        type=_option("max_seconds"),
+        default=30.0,
+        help="longer audio is cut at silence into pieces at most this long; 1 to 120 (default: 30)",
     )
-    p.add_argument("--workers", type=int, help="decoding processes (default: all CPU cores)")
+    p.add_argument(
+        "--min-seconds",
+        type=_option("min_seconds"),
+        default=0.1,
+        help="shorter audio (after resampling and trimming) is skipped as too_short; 0 to half of "
+        "--max-seconds (default: 0.1)",
+    )
+    p.add_argument(
+        "--min-piece-seconds",
+        type=_option("min_piece_seconds"),
+        default=None,
+        help="the shortest piece a cut leaves; --min-seconds to half of --max-seconds "
+        "(default: 1, or half of --max-seconds when that is less)",
+    )
+    p.add_argument(
+        "--trim-silence",
+        action="store_true",
+        help="cut leading/trailing silence (35 dB below the peak frame)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_option("workers", int),
+        help="decoding processes, 1 to 256 (default: all CPU cores)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -743,6 +922,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        try:  # rules between options are usage errors too, reported the argparse way
+            args.min_piece_seconds = check_durations(
+                args.max_seconds, args.min_seconds, args.min_piece_seconds
+            )
+        except PrepareError as err:
+            parser.error(str(err))
     except SystemExit as exit_:  # argparse exits 2 on bad usage and 0 after --help
         return int(exit_.code or 0)
     try:

@@ -242,7 +242,11 @@ class ShardDataset(IterableDataset):
             counter.note(e.reason, raw.get("__key__", "?"), str(e))
             return None
         if self.transform is not None:
-            sample = self.transform(sample)
+            try:
+                sample = self.transform(sample)
+            except SampleError as e:  # a transform's own reason, counted like a decode error
+                counter.note(e.reason, raw.get("__key__", "?"), str(e))
+                return None
             if sample is None:
                 counter.note("transform_rejected", raw.get("__key__", "?"))
         return sample
@@ -475,7 +479,8 @@ class SpeechDataModule(L.LightningDataModule):
         built.
 
         ``transform(sample) -> sample | None`` runs in the workers on each decoded sample (None
-        skips it, counted as ``transform_rejected``); ``collate(samples) -> batch`` replaces
+        skips it, counted as ``transform_rejected``; raising ``SampleError(reason)`` skips it,
+        counted under ``reason``); ``collate(samples) -> batch`` replaces
         :func:`~datamodules.pipeline.collate_samples` and receives ``sample_weight`` per sample.
         Must be picklable when ``num_workers > 0`` with a spawn start method.
         """

@@ -16,12 +16,45 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric, SumMetric
 
+from datamodules.pipeline import SampleError
+from datamodules.speech import SpeechDataModule
 from models import distributed as dist_utils
 from models.rvq import ResidualVQ
 from models.speech_lm import SpeechLM
 from stages.promotion import ArtifactModule, load_artifact
 
-__all__ = ["SpeechlessStage", "WordMatchItems", "aligned_cosine", "dtw_cosine", "make_tiny_lm", "word_match"]
+__all__ = [
+    "SpeechlessStage",
+    "WordMatchItems",
+    "aligned_cosine",
+    "dtw_cosine",
+    "make_tiny_lm",
+    "own_text",
+    "word_match",
+]
+
+
+def own_text(sample: dict[str, Any]) -> dict[str, Any]:
+    """Stage 2's per-sample transform: keep only samples with their own transcript in ``meta["text"]``.
+
+    A text-conditioned model learns nothing it was asked for from an empty prompt (the unprompted
+    examples classifier-free guidance needs are made on purpose, by ``text_dropout``). Pieces of
+    long recordings cut by ``speechless-prepare`` have ``text: ""`` and the recording's transcript
+    as ``parent_text``, which the piece may not contain; stage 1 uses them, stage 2 does not,
+    unless a tool (an aligner) wrote the piece's own transcript into its ``text``.
+
+    Raises:
+        SampleError: ``piece_without_text`` (a piece, i.e. ``parent`` or ``text_scope: "parent"`` in
+            its json, without text) or ``no_text`` (another sample without text); the datamodule
+            skips the sample and counts it under that reason in ``batch["skipped"]``.
+    """
+    meta = sample["meta"]
+    if str(meta.get("text") or "").strip():
+        return sample
+    if "parent" in meta or meta.get("text_scope") == "parent":
+        where = f"segment {meta.get('segment', '?')} of {meta.get('parent', '?')}"
+        raise SampleError("piece_without_text", f"{where}: only the whole recording has a transcript")
+    raise SampleError("no_text", "no transcript to condition on")
 
 
 def aligned_cosine(gen: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -228,7 +261,8 @@ class SpeechlessStage(LightningModule):
     ``|T_gen - T_real|`` in frames; ``{val,test}/word_match`` is the fraction of held-out texts whose
     generations are closer (DTW-aligned cosine, :func:`word_match`) to their own real utterances
     than to any other text's (chance = 1 / number of texts; over all ranks, at most
-    ``word_match_texts`` texts).
+    ``word_match_texts`` texts). Samples without a transcript of their own (pieces of long
+    recordings) are skipped in every split and counted by reason (:func:`own_text`).
 
     Args:
         lm: the text -> token LM; may be omitted when ``artifact`` is given.
@@ -315,6 +349,12 @@ class SpeechlessStage(LightningModule):
         return self
 
     # ---- inputs -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Speech/token shards only (predict reads an InstructionDataModule): no empty-prompt examples.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if isinstance(datamodule, SpeechDataModule):
+            datamodule.bind(transform=own_text, collate=datamodule.collate)
+
     @staticmethod
     def _real(batch: dict) -> tuple[list[str], list[torch.Tensor]]:
         """Texts and trimmed codes ``[Q, T_i]`` of the weight > 0 samples."""

@@ -73,6 +73,11 @@ def test_load_audio_mp3_and_rate_notes():
 def test_load_audio_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_audio(tmp_path / "missing.wav")
+    (tmp_path / "dev_zero.wav").symlink_to("/dev/zero")
+    for path in (tmp_path, tmp_path / "dev_zero.wav"):  # refused from its stat, never opened
+        with pytest.raises(AudioDecodeError) as err:
+            load_audio(path)
+        assert err.value.reason == "not_a_file"
     with pytest.raises(AudioDecodeError) as err:
         load_audio(b"this is not audio at all" * 10)
     assert err.value.reason == "unreadable"

@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from datamodules.audio import decode_flac, resample
-from datamodules.prepare import EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, main, parse_size, prepare
+from datamodules.audio import decode_flac, resample, split_at_silence
+from datamodules.prepare import (
+    EXIT_OK,
+    EXIT_SKIPPED,
+    EXIT_USAGE,
+    PrepareError,
+    main,
+    min_piece_default,
+    parse_size,
+    prepare,
+)
 from datamodules.shards import iter_tar_samples, read_index
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -322,3 +331,137 @@ def test_interrupted_run_leaves_no_loadable_half_state(corpus, tmp_path, monkeyp
     with pytest.raises(FileNotFoundError):
         read_index(out / "train")  # the earlier run's index no longer claims to describe the folder
     assert not (out / "prepare_summary.json").exists()
+
+
+def read_skipped(out: Path) -> dict[str, str]:
+    """prepare_skipped.tsv as source file name -> reason."""
+    rows = [line.split("\t") for line in (out / "prepare_skipped.tsv").read_text().splitlines()[1:]]
+    return {Path(source).name: reason for source, reason, _ in rows}
+
+
+def test_too_short_after_resampling_is_skipped_and_listed(tmp_path):
+    sf.write(tmp_path / "one.wav", np.full(1, 0.5, np.float32), 44100)  # 0 samples at 16 kHz
+    sf.write(tmp_path / "three.wav", np.full(3, 0.5, np.float32), 8000)  # 6 samples: 0.375 ms
+    sf.write(tmp_path / "short.wav", tone(440, 22050, 0.2), 22050)
+    rows = [["one.wav", "a"], ["three.wav", "b"], ["short.wav", "c"]]
+    manifest = write_tsv(tmp_path / "m.tsv", ["audio", "text"], rows)
+    out = tmp_path / "out"
+    assert main(["--manifest", str(manifest), "--out", str(out), "--workers", "1", "--no-progress"]) == EXIT_SKIPPED
+    summary = json.loads((out / "prepare_summary.json").read_text())
+    assert summary["skipped"] == {"too_short": 2} and summary["kept"] == summary["samples"] == 1
+    assert read_skipped(out) == {"one.wav": "too_short", "three.wav": "too_short"}
+    details = [e["detail"] for e in summary["skipped_examples"]["too_short"]]
+    assert details[0].startswith("0 ms") and details[1].startswith("0.375 ms")
+    samples = read_split(out / "train")
+    assert list(samples) == ["short"] and samples["short"]["json"]["duration"] == pytest.approx(0.2)
+    # The threshold is an option: 0.25 s drops the 0.2 s file too; 0 keeps what has any sample.
+    strict = prepare(manifest=manifest, out=tmp_path / "strict", min_seconds=0.25, workers=1, progress=False)
+    assert strict.skipped == {"too_short": 3} and strict.kept == 0
+    loose = prepare(manifest=manifest, out=tmp_path / "loose", min_seconds=0.0, workers=1, progress=False)
+    assert loose.skipped == {"too_short": 1} and read_skipped(tmp_path / "loose") == {"one.wav": "too_short"}
+
+
+def test_max_seconds_1_5_cuts_pieces_that_are_all_kept(tmp_path):
+    # 1.5 s used to crash: the cutter needs pieces of at most half the cap, the fixed 1 s was more.
+    rng = np.random.default_rng(0)
+    sf.write(tmp_path / "long.wav", (0.2 * rng.standard_normal(4 * 16000)).astype(np.float32), 16000)
+    sf.write(tmp_path / "tiny.wav", tone(440, 16000, 0.3), 16000)
+    manifest = write_tsv(tmp_path / "m.tsv", ["audio", "text"], [["long.wav", "x"], ["tiny.wav", "y"]])
+    out = tmp_path / "out"
+    args = ["--manifest", str(manifest), "--out", str(out), "--workers", "1", "--no-progress"]
+    assert main([*args, "--max-seconds", "1.5"]) == EXIT_OK
+    samples = read_split(out / "train")
+    pieces = [s for k, s in samples.items() if k.startswith("long-")]
+    assert len(pieces) >= 3 and sum(len(p["audio"]) for p in pieces) == 4 * 16000
+    assert all(0.75 <= p["json"]["duration"] <= 1.5 for p in pieces)  # min_piece_seconds defaults to 1.5 / 2
+    assert samples["tiny"]["json"]["duration"] == pytest.approx(0.3)
+    # Pieces are never too_short: a minimum above what a cut could leave is a usage error instead.
+    assert main([*args, "--max-seconds", "1.5", "--min-seconds", "0.9"]) == EXIT_USAGE
+
+
+@pytest.mark.parametrize("max_seconds", [1.0, 1.00003, 1.5, 2.7, 7.77, 29.99, 30.0, 64.1, 120.0])
+def test_any_max_seconds_in_range_cuts_with_the_default_piece_length(max_seconds):
+    piece = min_piece_default(max_seconds)
+    assert 0.1 <= piece <= max_seconds / 2 and piece == min(1.0, max_seconds / 2)
+    x = np.random.default_rng(1).standard_normal(int(2.3 * max_seconds * 16000) + 1).astype(np.float32)
+    for n in (int(max_seconds * 16000) + 1, len(x)):  # just over the cap, and over two caps
+        cuts = split_at_silence(x[:n], 16000, max_seconds=max_seconds, min_seconds=piece)
+        lengths = [b - a for a, b in cuts]
+        assert sum(lengths) == n and len(cuts) >= 2
+        assert all(int(piece * 16000) <= k <= int(max_seconds * 16000) for k in lengths)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--max-seconds", "0.5"],
+        ["--max-seconds", "nan"],
+        ["--max-seconds", "inf"],
+        ["--max-seconds", "abc"],
+        ["--max-seconds", "-1"],
+        ["--max-seconds", "121"],
+        ["--min-seconds", "-0.1"],
+        ["--min-seconds", "nan"],
+        ["--min-piece-seconds", "inf"],
+        ["--min-piece-seconds", "2", "--max-seconds", "3"],  # more than half the cap
+        ["--min-piece-seconds", "0.05"],  # below --min-seconds (0.1)
+        ["--max-samples", "0"],
+        ["--max-samples", "1.5"],
+        ["--max-bytes", "0"],
+        ["--max-bytes", "lots"],
+        ["--workers", "0"],
+        ["--workers", "-3"],
+    ],
+)
+def test_numeric_options_out_of_range_are_usage_errors(bad, corpus, tmp_path, capsys):
+    manifest, _ = corpus
+    out = tmp_path / "out"
+    rc = main(["--manifest", str(manifest), "--out", str(out), "--no-progress", *bad])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE and "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # argparse: the usage, then one error line
+    assert last.startswith("speechless-prepare: error:") and bad[0] in last
+    assert not out.exists()  # refused before anything was read or written
+
+
+def test_prepare_refuses_bad_numbers_from_python_too(corpus, tmp_path):
+    manifest, _ = corpus
+    for kwargs in (
+        {"max_seconds": float("nan")},
+        {"max_seconds": float("inf")},
+        {"max_seconds": 0.5},
+        {"min_seconds": 2.0, "max_seconds": 3.0},
+        {"workers": 0},
+        {"max_bytes": 0},
+    ):
+        with pytest.raises(PrepareError, match="--"):
+            prepare(manifest=manifest, out=tmp_path / "o", progress=False, **kwargs)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.timeout(60)  # a link to /dev/zero must never be read
+def test_directories_and_special_files_are_not_a_file(tmp_path):
+    sf.write(tmp_path / "real.wav", tone(440, 16000, 0.5), 16000)
+    (tmp_path / "adir.wav").mkdir()
+    (tmp_path / "zero.wav").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo.wav")
+    (tmp_path / "link.wav").symlink_to(tmp_path / "real.wav")
+    (tmp_path / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    names = ["adir.wav", "zero.wav", "fifo.wav", "link.wav", "dangling.wav"]
+    manifest = write_tsv(tmp_path / "m.tsv", ["audio", "text"], [[n, "t"] for n in names])
+    out = tmp_path / "out"
+    assert main(["--manifest", str(manifest), "--out", str(out), "--workers", "1", "--no-progress"]) == EXIT_SKIPPED
+    summary = json.loads((out / "prepare_summary.json").read_text())
+    assert summary["skipped"] == {"not_a_file": 3, "missing_file": 1} and summary["kept"] == 1
+    assert read_skipped(out) == {
+        "adir.wav": "not_a_file",
+        "zero.wav": "not_a_file",
+        "fifo.wav": "not_a_file",
+        "dangling.wav": "missing_file",
+    }
+    details = " ".join(e["detail"] for e in summary["skipped_examples"]["not_a_file"])
+    assert "a directory" in details and "a character device" in details and "a fifo" in details
+    kept = read_split(out / "train")["link"]  # a link to a regular file is that file
+    assert np.abs(kept["audio"] - tone(440, 16000, 0.5)).max() <= PCM16_STEP
+    for not_a_manifest in ("zero.wav", "adir.wav"):  # nor is a manifest that is no file read
+        assert main(["--manifest", str(tmp_path / not_a_manifest), "--out", str(tmp_path / "o")]) == EXIT_USAGE

@@ -17,7 +17,7 @@ from datamodules.text import InstructionDataModule
 from models.rvq import ResidualVQ
 from models.speech_lm import SpeechLM
 from stages.promotion import load_artifact, promote
-from stages.stage2 import SpeechlessStage, aligned_cosine, dtw_cosine, make_tiny_lm, word_match
+from stages.stage2 import SpeechlessStage, aligned_cosine, dtw_cosine, make_tiny_lm, own_text, word_match
 from stages.writers import ShardPredictionWriter
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -239,3 +239,50 @@ def test_fit_promote_reload_and_synthesize(world, tmp_path):
     records = [json.loads(line) for r in range(2) for line in open(out / f"r{r}" / "synthetic.jsonl")]
     assert sorted(r["id"] for r in records) == [f"i{n}" for n in range(5)]
     assert all(len(r["codes"]) == Q and r["text"] in WORDS for r in records)
+
+
+def _piece(parent: str, segment: int, text: str = "", **extra) -> dict:
+    """A piece's json as speechless-prepare writes it for a recording cut at silence."""
+    return {"text": text, "parent_text": "zero one two", "text_scope": "parent", "parent": parent,
+            "segment": segment, "offset": 1.0 * segment, "duration": 0.2, **extra}
+
+
+def test_pieces_without_their_own_text_are_counted_skips_not_empty_prompts(world, tmp_path, monkeypatch):
+    writer = ShardWriter(tmp_path / "tokens", prefix="tokens", max_samples=100, kind="tokens")
+    metas = {f"u{n}": {"text": WORDS[n % 3], "duration": 0.2} for n in range(4)}
+    metas |= {f"long-{i:03d}": _piece("long", i) for i in range(3)}
+    metas["aligned-000"] = _piece("aligned", 0, text="two", text_scope="segment")  # an aligner's own text
+    metas["untranscribed"] = {"text": "", "duration": 0.2}  # kept by prepare --no-require-text
+    for key, meta in metas.items():
+        w = WORDS.index(meta["text"]) if meta["text"] else 0
+        codes = np.stack([np.full(5, w + q, dtype=np.int16) for q in range(Q)])
+        writer.write({"__key__": key, "json": meta, "codes.npy": codes}, seconds=0.2)
+    writer.close()
+    folder = str(tmp_path / "tokens")
+    dm = SpeechDataModule(train_shards=folder, val_shards=folder, fields="tokens", max_batch_size=4,
+                          max_batch_seconds=100.0)
+    dm.setup("fit")
+    # Unbound, as stage 1 (audio only) reads its shards: every piece is a sample.
+    assert sorted(k for b in dm.train_dataloader() for k in b["keys"]) == sorted(metas)
+
+    stage = _stage(world)
+    seen: list[tuple[bool, dict]] = []
+    real = stage._real
+    monkeypatch.setattr(stage, "_real", lambda batch: seen.append((stage.training, batch)) or real(batch))
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(stage, datamodule=dm)
+    assert dm.transform is own_text
+    expected = {"piece_without_text": 3, "no_text": 1}
+    kept = sorted(["aligned-000", *(f"u{n}" for n in range(4))])
+    for training in (True, False):  # one training epoch, then one validation pass
+        batches = [b for t, b in seen if t == training]
+        split = "train" if training else "val"
+        keys = [k for b in batches for k, w in zip(b["keys"], b["sample_weight"], strict=True) if w > 0]
+        assert sorted(keys) == kept, split
+        skipped: dict[str, int] = {}
+        for b in batches:
+            for reason, n in b["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        assert skipped == expected, split
+        assert all(m["text"] for b in batches for m in b["meta"])  # no empty prompt reached the LM
