@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from stages.averaging import CheckpointAveraging, checkpoint_candidates, save_final_checkpoint
 from stages.promote import GATE_EXIT, Promote
 from stages.promotion import GateError
+from stages.skips import skip_tally, with_skip_tally
 
 __all__ = ["SpeechlessCLI", "main"]
 
@@ -50,6 +51,10 @@ class SpeechlessCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
 
+    def instantiate_trainer(self, **kwargs):
+        """Every trainer counts skipped samples (``stages.skips``) without its config naming it."""
+        return with_skip_tally(super().instantiate_trainer(**kwargs))
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         # Tokenizing 100 h must not keep every prediction in memory: writers stream them to disk.
@@ -78,17 +83,20 @@ class SpeechlessCLI(LightningCLI):
         chosen, chosen_path = promoter.choose(candidates) if promoter else (None, None)
         # The chosen checkpoint is validated last, so the module holds its weights for export.
         order = [n for n in candidates if n != chosen] + ([chosen] if chosen in candidates else [])
+        tally = skip_tally(trainer)  # validating a checkpoint loads its train skip counts: keep the fit's
+        skipped = {"train": tally.record("train")} if tally else {}
         results = {}
         for name in order:
             metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=candidates[name], verbose=False)
             results[name] = {k: float(v) for k, v in (metrics[0] if metrics else {}).items()}
+            results[name].update(tally.metrics("train") if tally else {})  # as far as this checkpoint
         log_dir = trainer.log_dir  # a broadcast: every rank reads it
         if trainer.is_global_zero:
             print_checkpoint_table(results, getattr(model, "summary_metrics", None))
             if log_dir:
                 os.makedirs(log_dir, exist_ok=True)
                 with open(os.path.join(log_dir, "checkpoint_metrics.json"), "w") as f:
-                    json.dump({"candidates": candidates, "metrics": results}, f, indent=1)
+                    json.dump({"candidates": candidates, "metrics": results, "skipped": skipped}, f, indent=1)
         if promoter is None:
             return
         try:
