@@ -20,6 +20,8 @@ from stages.averaging import CheckpointAveraging, checkpoint_candidates, save_fi
 from stages.promote import GATE_EXIT, Promote
 from stages.promotion import GateError
 from stages.resume import ExactResume, resume_version
+from stages.safety import checkpoint_weights_only
+from stages.skips import skip_tally, with_skip_tally
 
 __all__ = ["SpeechlessCLI", "main"]
 
@@ -66,14 +68,18 @@ class SpeechlessCLI(LightningCLI):
                 args["version"] = version
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer, with the callbacks every run needs whether or not its config names them."""
-        trainer = super().instantiate_trainer(**kwargs)
+        """The trainer, with the callbacks every run needs whether or not its config names them:
+        skipped samples are counted (``stages.skips``) and a resumed fit is exact (``stages.resume``)."""
+        trainer = with_skip_tally(super().instantiate_trainer(**kwargs))
         if not any(isinstance(cb, ExactResume) for cb in trainer.callbacks):
             trainer.callbacks.append(ExactResume())
         return trainer
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        # A checkpoint fetched by URL is never unpickled (Lightning's own default there is weights_only=False).
+        if "ckpt_path" in kwargs:
+            kwargs["weights_only"] = checkpoint_weights_only(kwargs["ckpt_path"], kwargs.get("weights_only"))
         # Tokenizing 100 h must not keep every prediction in memory: writers stream them to disk.
         if subcommand == "predict" and kwargs.get("return_predictions") is None:
             kwargs["return_predictions"] = False
@@ -100,17 +106,20 @@ class SpeechlessCLI(LightningCLI):
         chosen, chosen_path = promoter.choose(candidates) if promoter else (None, None)
         # The chosen checkpoint is validated last, so the module holds its weights for export.
         order = [n for n in candidates if n != chosen] + ([chosen] if chosen in candidates else [])
+        tally = skip_tally(trainer)  # validating a checkpoint loads its train skip counts: keep the fit's
+        skipped = {"train": tally.record("train")} if tally else {}
         results = {}
         for name in order:
             metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=candidates[name], verbose=False)
             results[name] = {k: float(v) for k, v in (metrics[0] if metrics else {}).items()}
+            results[name].update(tally.metrics("train") if tally else {})  # as far as this checkpoint
         log_dir = trainer.log_dir  # a broadcast: every rank reads it
         if trainer.is_global_zero:
             print_checkpoint_table(results, getattr(model, "summary_metrics", None))
             if log_dir:
                 os.makedirs(log_dir, exist_ok=True)
                 with open(os.path.join(log_dir, "checkpoint_metrics.json"), "w") as f:
-                    json.dump({"candidates": candidates, "metrics": results}, f, indent=1)
+                    json.dump({"candidates": candidates, "metrics": results, "skipped": skipped}, f, indent=1)
         if promoter is None:
             return
         try:

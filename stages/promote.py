@@ -4,6 +4,9 @@ After ``fit``, the CLI validates the best, final and averaged checkpoints, then 
 callback (when configured) picks one by config, checks its gates and writes the artifact
 (:mod:`stages.promotion`). Only rank 0 writes; the other ranks wait at a barrier and all ranks
 leave with the same outcome, so nobody hangs. A gate failure ends the command with exit status 4.
+The run's skipped samples (:mod:`stages.skips`) are gated like any metric (``skipped/train/fraction``
+joins the validation metrics) and recorded in ``provenance["data"]["skipped"]``; over a finished run
+the train counts come from the checkpoint's ``SkipTally`` state, the val counts from validating it.
 
 Over a finished run::
 
@@ -28,6 +31,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from stages.promotion import GateError, PromotionResult, code_version, promote
 from stages.safety import checkpoint_weights_only
+from stages.skips import explain_skips, skip_tally
 
 __all__ = ["Promote", "main", "plain", "provenance_for"]
 
@@ -82,7 +86,8 @@ class Promote(Callback):
         stage: artifact stage name (``stage1`` ...).
         select: which checkpoint: ``averaged``, ``best`` or ``final`` (falls back in that order
             when the chosen one does not exist, and says so).
-        gates: ``{"val/cosine": {"min": 0.9}, "val/utilisation": {"min": 0.05}}``.
+        gates: ``{"val/cosine": {"min": 0.9}, "skipped/train/fraction": {"max": 0.01}}``: bounds on
+            the chosen checkpoint's validation metrics and the fit's skip counts (``stages.skips``).
         compare_metric: the metric deciding whether the new version replaces ``current``.
         compare_mode: ``max`` or ``min``.
         artifacts_dir: root of the artifacts.
@@ -122,8 +127,14 @@ class Promote(Callback):
         raises ``RuntimeError`` (with rank 0's message) on every rank, so no rank is left waiting.
         """
         outcome: tuple[str, str] | None = None  # (kind, message) of rank 0's failure
+        # The run's skips: train counts join the gated metrics (val ones are validation metrics).
+        tally = skip_tally(trainer)
+        metrics = {**metrics, **(tally.metrics("train") if tally else {})}
         if trainer.is_global_zero:
             try:
+                provenance = provenance_for(config=config, model=model, datamodule=datamodule, checkpoint=checkpoint, selected=selected)
+                if tally is not None:
+                    provenance["data"]["skipped"] = tally.records()
                 self.result = promote(
                     stage=self.stage,
                     modules=model.artifact_modules(plain(config)),
@@ -134,12 +145,12 @@ class Promote(Callback):
                     compare_mode=self.compare_mode,
                     force=self.force,
                     info=model.artifact_info(),
-                    provenance=provenance_for(config=config, model=model, datamodule=datamodule, checkpoint=checkpoint, selected=selected),
+                    provenance=provenance,
                 )
                 verdict = "now current" if self.result.became_current else "kept; current is better (use force to replace)"
                 print(f"[promote] {self.stage}: {selected} checkpoint -> {self.result.path} ({verdict})", flush=True)
             except GateError as exc:
-                outcome = ("gate", str(exc))
+                outcome = ("gate", explain_skips(str(exc), tally))
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
                 outcome = ("error", f"{type(exc).__name__}: {exc}")
                 traceback.print_exc()
@@ -190,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     promoter.force = promoter.force or args.force
     if args.artifacts_dir:
         promoter.artifacts_dir = args.artifacts_dir
+    # The fit's train skips ride in its checkpoints; validating here counts the val ones anew.
+    tally = skip_tally(cli.trainer)
+    if tally is not None and not tally.load_checkpoint(args.ckpt_path):
+        print(f"speechless-promote: {args.ckpt_path} holds no skip counts of its fit", file=sys.stderr)
     metrics = cli.trainer.validate(
         cli.model, datamodule=cli.datamodule, ckpt_path=args.ckpt_path, verbose=False,
         weights_only=checkpoint_weights_only(args.ckpt_path, None),  # a URL is never unpickled

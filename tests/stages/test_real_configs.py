@@ -230,6 +230,12 @@ def test_stage1_real_config(chain):
     assert info["num_quantizers"] == LEVELS and info["codebook_size"] == CODES
     provenance = json.loads((artifact / "provenance.json").read_text())
     assert {s["weight"] for s in provenance["data"]["sources"]} == {1.0, 1.7, 2.0, 2.5}
+    # Clean data: zero skips, over every use of every utterance the weights ask for in 3 exact epochs,
+    # summed over the ranks, and one pass over the val set (the sanity batches are not counted).
+    skipped = provenance["data"]["skipped"]
+    assert skipped["train"] == {"reasons": {}, "total": 0, "fraction": 0.0,
+                                "used": 3 * sum(s["epoch_samples"] for s in provenance["data"]["sources"])}
+    assert skipped["val"]["total"] == 0 and skipped["val"]["used"] == 8
     for split, corpora in (("train", [f"data/twi/{c}/train" for c in TWI_CORPORA]), ("val", ["data/twi/shards/val"])):
         tokens = json.loads((chain.root / "data" / "twi" / "tokens" / split / "index.json").read_text())
         speech = sum(resolve_shards(chain.root / c).samples for c in corpora)
@@ -276,4 +282,5 @@ def test_real_config_gates_are_kept(chain):
         metrics = json.loads((chain.root / "artifacts" / stage / "current" / "metrics.json").read_text())
         for key, minimum in gates.items():
             assert metrics[key] >= minimum, (stage, key, metrics[key])
+        assert metrics["skipped/train/fraction"] == 0 and metrics["skipped/val/fraction"] == 0, stage
 

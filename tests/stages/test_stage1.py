@@ -47,6 +47,10 @@ def test_fit_leaves_three_checkpoints_metrics_and_current_artifact(fitted):
     assert "val/cosine" in card
     provenance = json.loads((current / "provenance.json").read_text())
     assert provenance["data"]["samples"] == 30 and provenance["data"]["shards"]
+    # Clean shards: zero skips on the record, over both epochs' 30 samples and the val set's 12.
+    assert provenance["data"]["skipped"]["train"] == {"reasons": {}, "total": 0, "used": 60, "fraction": 0.0}
+    assert provenance["data"]["skipped"]["val"]["total"] == 0 and provenance["data"]["skipped"]["val"]["used"] == 12
+    assert summary["skipped"]["train"]["total"] == 0 and summary["metrics"]["averaged"]["skipped/val/fraction"] == 0
 
 
 def test_every_checkpoint_loads_with_weights_only(fitted):
