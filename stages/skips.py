@@ -141,9 +141,17 @@ class SkipTally(Callback):
         )
 
     # ---- checkpoints: the fit's train counts, so a resumed fit goes on counting ---------------
+    # A checkpoint written between syncs (``ModelCheckpoint(every_n_train_steps=...)``) also holds
+    # the saving rank's train counts since the last sync; a resume gives them back to global rank 0
+    # only, so on one rank the resumed counts are exact, and on N ranks the other ranks' counts
+    # since the last sync (at most one epoch or validation interval) are not recounted.
     def state_dict(self) -> dict[str, Any]:
         rec = self.record("train")
-        return {"train": {"reasons": rec["reasons"], "used": rec["used"]}} if rec else {}
+        state: dict[str, Any] = {"train": {"reasons": rec["reasons"], "used": rec["used"]}} if rec else {}
+        if "train" in self._pending:
+            counts, used = self._pending["train"]
+            state["pending_train"] = {"reasons": dict(counts), "used": used}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         train = state_dict.get("train")
@@ -152,6 +160,14 @@ class SkipTally(Callback):
                 Counter({str(k): int(v) for k, v in train["reasons"].items()}),
                 int(train["used"]),
             )
+        self._restored_pending = state_dict.get("pending_train")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        restored, self._restored_pending = getattr(self, "_restored_pending", None), None
+        if restored and trainer.is_global_zero:
+            counts, used = self._pending.setdefault("train", (Counter(), 0))
+            counts.update({str(k): int(v) for k, v in restored["reasons"].items()})
+            self._pending["train"] = (counts, used + int(restored["used"]))
 
     def load_checkpoint(self, path: str) -> bool:
         """Take the train counts of the fit that wrote checkpoint ``path``; False when it has none."""
