@@ -21,6 +21,7 @@ import importlib.util
 import keyword
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,26 @@ def _check_package_is_ours(package: str, what: str) -> None:
     """The importable ``package`` must be this checkout's, not another install that shadows the name."""
     spec = importlib.util.find_spec(package)  # top level: finds, imports nothing
     want = _project_module_file([package])
+    # A folder of the same name in the working directory (``models/`` of downloaded weights) makes
+    # ``models`` a namespace package that runs no code; the installed project's finder still serves
+    # ``models.rvq``, and each module's file is checked before it is imported (``_check_module``).
+    namespace = spec is not None and spec.origin in (None, "namespace") and spec.submodule_search_locations is not None
+    if namespace:
+        return
     if spec is None or spec.origin is None or want is None or Path(spec.origin).resolve() != want:
         raise _fail(what, f"package {package!r} does not resolve to this project ({_PROJECT_ROOT})")
+
+
+def _check_module(parts: list[str], what: str) -> None:
+    """Each module on the way to ``parts`` not yet imported must be found at its project file before
+    it runs (``models.encoders``, then ``models.encoders.base``), so no other file is ever executed."""
+    for cut in range(2, len(parts) + 1):
+        name, want = ".".join(parts[:cut]), _project_module_file(parts[:cut])
+        if name in sys.modules:
+            continue  # already loaded (its file is checked after the import)
+        spec = importlib.util.find_spec(name)  # imports its parent, checked in the previous round
+        if spec is None or spec.origin is None or want is None or Path(spec.origin).resolve() != want:
+            raise _fail(what, f"module {name!r} does not resolve to this project ({want})")
 
 
 def resolve_class_path(class_path: Any, expected: type, *, what: str) -> Any:
@@ -112,6 +131,7 @@ def resolve_class_path(class_path: Any, expected: type, *, what: str) -> Any:
     if len(attrs) > 2:
         raise _fail(what, f"class_path {class_path!r}: expected module.Class or module.Class.classmethod")
     module_name = ".".join(parts[:cut])
+    _check_module(parts[:cut], what)
     module = importlib.import_module(module_name)
     if getattr(module, "__file__", None) is None or Path(module.__file__).resolve() != module_file:
         raise _fail(what, f"module {module_name!r} was not loaded from this project ({module_file})")

@@ -112,6 +112,36 @@ def test_a_package_shadowing_models_is_never_imported(tmp_path):
     assert not marker.exists()
 
 
+def test_a_models_folder_in_the_working_directory_neither_breaks_loading_nor_runs(tmp_path):
+    """``lightning fit`` run where a ``models/`` folder of weights lies (the real-config tests do so):
+    ``models`` becomes a namespace package there; a genuine artifact still loads, and a file of that
+    folder that shadows a project module is refused before it runs."""
+    probe = subprocess.run([sys.executable, "-c", "import stages"], capture_output=True, cwd=tmp_path)
+    if probe.returncode:
+        pytest.skip("the project is not installed (scripts/setup.sh installs it)")
+    marker = tmp_path / "RAN"
+    (tmp_path / "models" / "weights").mkdir(parents=True)
+    (tmp_path / "models" / "ctc.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass X: pass\n")
+    init = {"dim": 8, "num_quantizers": 2, "codebook_size": 4, "kmeans_init": False}
+    script = (
+        "import sys, json\n"
+        "from stages.promotion import ArtifactModule, promote, load_artifact, UnsafeArtifactError\n"
+        "from models.rvq import ResidualVQ\n"
+        f"init = {init!r}\n"
+        "r = promote(stage='stage1', modules={'quantizer': ArtifactModule('models.rvq.ResidualVQ', init,"
+        " ResidualVQ(**init).state_dict())}, metrics={}, artifacts_dir='arts')\n"
+        "print('loaded:', type(load_artifact(r.path)['modules']['quantizer']).__name__)\n"
+        "config = json.loads((r.path / 'config.json').read_text())\n"
+        "config['modules']['quantizer']['class_path'] = 'models.ctc.X'\n"
+        "(r.path / 'config.json').write_text(json.dumps(config))\n"
+        "try:\n    load_artifact(r.path)\nexcept UnsafeArtifactError as e:\n    print('refused:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert "loaded: ResidualVQ" in out.stdout, out.stderr[-3000:]
+    assert "refused:" in out.stdout and "does not resolve to this project" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(
     ("class_path", "message"),
     [
