@@ -5,6 +5,10 @@ encoder -> (RVQ round trip, as in training, when ``--stage1`` is given) -> Gemma
 A tokens-mode model (a text-only LLM with sound tokens) hears speech through the stage-1 artifact it was
 trained on: speech -> that artifact's frozen encoder (its normalisation) -> RVQ codes -> sound tokens
 (as the stage-3 artifact's ``info.sound_tokens`` says) -> LLM; ``--stage1`` defaults to the recorded one.
+A projector model (``info.audio_path: projector``: any stage-1 encoder into a text LLM) hears speech the
+same way up to the states: that artifact's frozen encoder -> (RVQ round trip, as the artifact's
+``info.rvq_round_trip`` says unless ``--rvq-round-trip``/``--no-rvq-round-trip``) -> the trained
+projector (rebuilt from the artifact's ``projector`` module) -> the merged LLM.
 Scoring follows DiffusionGemma ASR / Whisper practice: WER and CER (torchmetrics) after Whisper's
 ``EnglishTextNormalizer`` for transcription prompts, exact match of the first word for closed tasks.
 
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage1", help="stage-1 artifact: RVQ round trip of the speech, as in training; "
                         "tokens mode: its encoder + RVQ make the sound tokens (default: the one stage 3 recorded)")
     parser.add_argument("--input-mode", choices=["embeddings", "tokens"], help="with --model (default embeddings)")
+    parser.add_argument("--rvq-round-trip", action=argparse.BooleanOptionalAction, default=None,
+                        help="projector models: RVQ round trip of the encoder states (default: as in training)")
     parser.add_argument("--sound-levels", type=int, help="with --model in tokens mode: RVQ levels per frame (1)")
     parser.add_argument("--audio", nargs="*", default=[])
     parser.add_argument("--manifest")
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from datamodules.audio import split_at_silence
     from models.spoken_llm import SpokenLLM
-    from stages.promotion import resolve_artifact
+    from stages.promotion import load_artifact, resolve_artifact
     from stages.safety import inside_artifact
     from stages.stage3 import attach_stage1
 
@@ -118,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --artifact or --model")
     sound = info.get("sound_tokens") or {}
     mode = info.get("input_mode", spec.get("input_mode", args.input_mode or "embeddings"))
+    proj = info.get("projector") or {}  # the trained projector's sizes (a text LLM without them cannot hear)
+    projector = {"audio_dim": proj["input_dim"], "projector_stack": proj["stack"], "projector_hidden": proj["hidden_dim"],
+                 "projector_activation": proj["activation"]} if proj else {}  # fmt: skip
     llm = SpokenLLM(
         model=source, dtype=args.dtype or spec.get("dtype", "bf16"), lora_r=1, input_mode=mode,
+        audio_path=info.get("audio_path") or spec.get("audio_path", "auto"), **projector,
         num_levels=info.get("num_levels", spec.get("num_levels", 8)),
         codebook_size=info.get("codebook_size", spec.get("codebook_size", 2048)),
         sound_levels=sound.get("levels", spec.get("sound_levels", args.sound_levels or 1)),
@@ -128,14 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip  (the fresh LoRA is zero-initialised: the merged weights answer unchanged)
     # Real speech is normalised as the stage-1 encoder did (recorded in both artifacts).
     llm.set_audio_normalization(**info.get("audio_normalization", {}))
+    if llm.projector is not None:  # only from an artifact (info.projector): its trained weights are in it
+        llm.load_projector(load_artifact(root, names=["projector"])["modules"]["projector"])
     recorded = info.get("stage1") or {}
-    stage1_path = args.stage1 or (recorded.get("path") if mode == "tokens" else None)
-    if mode == "tokens" and not stage1_path:
-        parser.error("tokens mode needs the stage-1 artifact it was trained on: give --stage1")
+    encoder = llm.hears_through_encoder
+    stage1_path = args.stage1 or (recorded.get("path") if encoder else None)
+    if encoder and not stage1_path:
+        parser.error(f"{llm.audio_path or 'tokens'} mode needs the stage-1 artifact it was trained on: give --stage1")
     if stage1_path:
-        stage1 = attach_stage1(llm, stage1_path, encoder=mode == "tokens")
+        stage1 = attach_stage1(llm, stage1_path, encoder=encoder)
         sha = stage1["config"].get("sha256", "")
-        if mode == "tokens" and recorded.get("sha256") and sha != recorded["sha256"]:
+        if encoder and recorded.get("sha256") and sha != recorded["sha256"]:
             raise SystemExit(f"speechless-infer: {stage1_path} (sha256 {sha[:12]}) is not the stage-1 artifact this "
                              f"model was trained on ({recorded.get('path')}, sha256 {recorded['sha256'][:12]})")  # fmt: skip
     items = load_inputs(audio=args.audio, manifest=args.manifest, shards=args.shards)
@@ -148,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         for it in items:
             it["reference"] = it["text"]
 
+    # Native Gemma 4 path: the round trip whenever a stage-1 artifact is given; projector: as in training.
+    round_trip = bool(stage1_path) if llm.projector is None else info.get("rvq_round_trip", True)
+    if args.rvq_round_trip is not None:
+        if args.rvq_round_trip and not stage1_path:
+            parser.error("--rvq-round-trip needs the stage-1 artifact's RVQ: give --stage1")
+        round_trip = args.rvq_round_trip
     out = open(args.output, "w") if args.output else sys.stdout
     answers = []
     for start in range(0, len(items), args.batch_size):
@@ -159,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             instruction_text=args.prompt,
             pieces_per_item=[len(item_pieces) for item_pieces in pieces],
         )
-        batch["rvq_round_trip"] = bool(stage1_path)
+        batch["rvq_round_trip"] = round_trip
         for it, answer in zip(chunk, llm.generate(batch, max_new_tokens=args.max_new_tokens), strict=True):
             answers.append(answer)
             out.write(json.dumps({"id": it["id"], "answer": answer.strip(), "reference": it["reference"]}) + "\n")
