@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-__all__ = ["load_inputs", "main", "score"]
+__all__ = ["load_inputs", "main", "normalizer", "score"]
 
 
 def _read_wave(source: Any) -> np.ndarray:
@@ -56,7 +56,8 @@ def load_inputs(*, audio: list[str], manifest: str | None, shards: str | None) -
                 raise ValueError(f"{manifest}:{i + 1}: needs 'audio'")
             path = Path(row["audio"]) if Path(row["audio"]).is_absolute() else base / row["audio"]
             items.append({"id": row.get("id", str(path)), "wave": _read_wave(path),
-                          "text": row.get("text", row.get("instruction")), "reference": row.get("reference", row.get("response"))})  # fmt: skip
+                          "text": row.get("text", row.get("instruction")), "reference": row.get("reference", row.get("response")),
+                          "language": row.get("language")})  # fmt: skip
     if shards:
         from datamodules.shards import iter_tar_samples, resolve_shards
 
@@ -64,22 +65,36 @@ def load_inputs(*, audio: list[str], manifest: str | None, shards: str | None) -
             for raw in iter_tar_samples(path):
                 meta = json.loads(raw["json"])
                 items.append({"id": raw["__key__"], "wave": _read_wave(io.BytesIO(raw["flac"])),
-                              "text": meta.get("text"), "reference": None})  # fmt: skip
+                              "text": meta.get("text"), "reference": None, "language": meta.get("language")})  # fmt: skip
     if not items:
         raise ValueError("no input: give --audio, --manifest or --shards")
     return items
 
 
-def score(answers: list[str], references: list[str], *, mode: str) -> dict[str, float]:
-    """``exact`` -> ``{"accuracy"}``; ``transcription`` -> ``{"wer", "cer"}`` on normalised text."""
+def normalizer(language: str | None = "en"):
+    """Whisper's text normaliser for ``language``: the English one for ``en`` (spellings, numbers,
+    contractions), the basic one otherwise (case, punctuation, symbols), which keeps the letters of
+    other languages (Twi's ɛ and ɔ) intact."""
+    if (language or "en").lower().split("-")[0] == "en":
+        from whisper_normalizer.english import EnglishTextNormalizer
+
+        norm = EnglishTextNormalizer()
+    else:
+        from whisper_normalizer.basic import BasicTextNormalizer
+
+        norm = BasicTextNormalizer()
+    return lambda text: " ".join(norm(text).split())  # punctuation leaves spaces: collapse them
+
+
+def score(answers: list[str], references: list[str], *, mode: str, language: str | None = "en") -> dict[str, float]:
+    """``exact`` -> ``{"accuracy"}``; ``transcription`` -> ``{"wer", "cer"}`` on text normalised for ``language``."""
     if mode == "exact":
         from stages.stage3 import exact_match
 
         return {"accuracy": float(np.mean([exact_match(a, r) for a, r in zip(answers, references, strict=True)]))}
     from torchmetrics.text import CharErrorRate, WordErrorRate
-    from whisper_normalizer.english import EnglishTextNormalizer
 
-    norm = EnglishTextNormalizer()
+    norm = normalizer(language)
     hyp, ref = [norm(a) for a in answers], [norm(r) for r in references]
     return {"wer": float(WordErrorRate()(hyp, ref)), "cer": float(CharErrorRate()(hyp, ref))}
 
@@ -98,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest")
     parser.add_argument("--shards")
     parser.add_argument("--prompt", help="text before the audio in the user turn")
-    parser.add_argument("--closed-task", help="reference = task(transcript), scored by exact match (next_digit)")
+    parser.add_argument("--closed-task", help="reference = task(transcript): next_digit (exact match) or repeat "
+                        "(the transcript itself, scored by WER/CER)")
     parser.add_argument("--transcribe", action="store_true", help="score answers as transcripts (WER/CER)")
+    parser.add_argument("--language", help="text normaliser for WER/CER: Whisper's English one for en, its basic "
+                        "one otherwise (default: the inputs' language when they all agree, else en)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
@@ -184,8 +202,12 @@ def main(argv: list[str] | None = None) -> int:
             out.write(json.dumps({"id": it["id"], "answer": answer.strip(), "reference": it["reference"]}) + "\n")
     scored = [(a, it["reference"]) for a, it in zip(answers, items, strict=True) if it["reference"] is not None]
     if scored:
-        mode = "exact" if args.closed_task else "transcription"
-        metrics = score([a for a, _ in scored], [r for _, r in scored], mode=mode)
+        from datamodules.instructions import OPEN_TASKS
+
+        mode = "exact" if args.closed_task and args.closed_task not in OPEN_TASKS else "transcription"
+        languages = {it.get("language") for it in items if it.get("language")}
+        language = args.language or (languages.pop() if len(languages) == 1 else "en")
+        metrics = score([a for a, _ in scored], [r for _, r in scored], mode=mode, language=language)
         chance = " (chance 0.100)" if args.closed_task == "next_digit" else ""
         print(f"[infer] {len(scored)} scored: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + chance,
               file=sys.stderr)  # fmt: skip

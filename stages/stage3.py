@@ -35,13 +35,15 @@ import soundfile as sf
 import torch
 from lightning import LightningModule
 from torchmetrics import MeanMetric
+from torchmetrics.text import WordErrorRate
 
-from datamodules.instructions import CLOSED_TASKS
+from datamodules.instructions import CLOSED_TASKS, OPEN_TASKS
 from datamodules.shards import iter_tar_samples, resolve_shards
 from models.chat_format import IGNORE_INDEX, collate_padded
 from models.encoders import FrozenEncoder
 from models.rvq import ResidualVQ
 from models.spoken_llm import SpokenLLM
+from stages.infer import normalizer
 from stages.promotion import ArtifactModule, load_artifact
 from stages.stage1 import check_encoder_matches
 
@@ -186,7 +188,9 @@ class SpokenInstructionStage(LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps, then cosine decay to 10 % over the run.
         eval_audio_shards: Audio shards of real speech (held-out speakers) scored at each validation end.
-        eval_closed_task: How the reference answer follows from a shard's ``json.text`` (``next_digit``).
+        eval_closed_task: How the reference answer follows from a shard's ``json.text``: ``next_digit``
+            (a closed set, exact match) or ``repeat`` (the transcript; also logs ``val/spoken_wer``).
+        eval_language: Text normaliser of that WER (Whisper's English one for ``en``, its basic one otherwise).
         eval_instruction_text: Text placed before the audio in the eval prompt (as in training).
         eval_max_samples: Cap on scored utterances (``None``: all).
         eval_batch_size: Utterances per ``generate`` call.
@@ -207,6 +211,7 @@ class SpokenInstructionStage(LightningModule):
         warmup_steps: int = 0,
         eval_audio_shards: str | None = None,
         eval_closed_task: str = "next_digit",
+        eval_language: str = "en",
         eval_instruction_text: str | None = None,
         eval_max_samples: int | None = None,
         eval_batch_size: int = 16,
@@ -219,6 +224,9 @@ class SpokenInstructionStage(LightningModule):
         if eval_closed_task not in CLOSED_TASKS:
             raise ValueError(f"eval_closed_task must be one of {sorted(CLOSED_TASKS)}, got {eval_closed_task!r}")
         self.eval_task = CLOSED_TASKS[eval_closed_task]
+        self.eval_closed_task, self.eval_open = eval_closed_task, eval_closed_task in OPEN_TASKS
+        self.eval_language = eval_language
+        self._spoken_wer = float("nan")
         self.eval_max_samples, self.eval_batch_size = eval_max_samples, eval_batch_size
         self.rvq_round_trip = rvq_round_trip
         # Checkpoints carry only the adapter: the frozen base reloads from its source.
@@ -282,9 +290,14 @@ class SpokenInstructionStage(LightningModule):
             return
         accuracy, n = self.spoken_accuracy()
         self.log("val/spoken_accuracy", accuracy)
+        line = f"spoken accuracy {accuracy:.3f} on {n} real utterances"
+        if self.eval_open:  # an open task ("repeat"): word error rate of the answers
+            self.log("val/spoken_wer", self._spoken_wer)
+            line += f", WER {self._spoken_wer:.3f}"
+        elif self.eval_closed_task == "next_digit":
+            line += f" (chance {1 / 10:.3f})"
         if self.trainer.is_global_zero:
-            print(f"\n[stage3] epoch {self.current_epoch}: spoken accuracy {accuracy:.3f} on {n} real "
-                  f"utterances (chance {1 / 10:.3f})", flush=True)  # fmt: skip
+            print(f"\n[stage3] epoch {self.current_epoch}: {line}", flush=True)
 
     def _eval_samples(self) -> list[tuple[Any, str]]:
         samples = []
@@ -304,15 +317,20 @@ class SpokenInstructionStage(LightningModule):
         rank, world = self.global_rank, self.trainer.world_size if self._trainer else 1
         mine = samples[rank::world]
         correct = 0
+        wer = WordErrorRate()  # its state: word edits and reference words, summed over ranks below
+        norm = normalizer(self.eval_language)
         for start in range(0, len(mine), self.eval_batch_size):
             chunk = mine[start : start + self.eval_batch_size]
             batch = self.llm.prompts_from_audio([w for w, _ in chunk], instruction_text=self.eval_instruction_text)
             batch["rvq_round_trip"] = self.rvq_round_trip
-            answers = self.llm.generate(batch, max_new_tokens=4)
+            answers = self.llm.generate(batch, max_new_tokens=48 if self.eval_open else 4)
             correct += sum(exact_match(a, ref) for a, (_, ref) in zip(answers, chunk, strict=True))
-        total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=self.device)
+            if self.eval_open:
+                wer.update([norm(a) for a in answers], [norm(ref) for _, ref in chunk])
+        total = torch.tensor([correct, len(mine), float(wer.errors), float(wer.total)], dtype=torch.float64, device=self.device)
         if self._trainer is not None and world > 1:
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        self._spoken_wer = float(total[2] / total[3].clamp(min=1))
         return float(total[0] / total[1].clamp(min=1)), int(total[1])
 
     # ---- optimisation ------------------------------------------------------------------------
