@@ -24,6 +24,18 @@ semantic tokens, and decoding is greedy by default. Two output forms:
     heads' ``EOS`` is masked until their frame count reaches it, then forced), so levels never
     disagree on ``T``.
 
+``length_conditioning`` (``all_levels`` only)
+    A read sentence's length is set by its text, and a small LM trained on a few hundred sentences
+    does not learn where its speech should end: greedy decoding then overruns by seconds. With
+    this option a *length head* (a linear layer on the last prompt position, which has read the
+    whole text and nothing of the speech) predicts ``log T``, trained by MSE beside the speech
+    loss, and every answer position's input also carries an embedding of its *progress*: frames
+    left ``T - s`` and the fraction ``s / T`` (sinusoids, projected; zero-initialised), with the real
+    ``T`` in training and the predicted (or a given) one at generation, where head 0's end of speech
+    is placed exactly at ``T``. Knowing how far it is into the utterance also tells the model how
+    far it should be into the text, which is what the alignment of a read sentence needs (the
+    length-conditioned TTS family: total duration given to the decoder, as in E2/F5-TTS).
+
 Both forms share one layout: prompts left-padded to ``P`` columns, answers right-padded to ``S``
 columns, explicit ``position_ids`` so padding never shifts positions, and the text part always
 embedded by the LM's own table (fed as ``inputs_embeds``). :meth:`SpeechLM.generate` is a manual
@@ -60,6 +72,28 @@ DEFAULT_LM = "google/gemma-3-270m"
 IGNORE_INDEX = -100
 _CONFIG_NAME = "speech_lm.json"
 _WEIGHTS_NAME = "model.safetensors"
+_PROGRESS_FREQS = 16  # sinusoid pairs per progress quantity (frames left, fraction done)
+
+
+def progress_features(steps: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Sinusoids of frames left ``total - steps`` and of the fraction ``steps / total``.
+
+    Args:
+        steps: ``[B, S]`` answer step of each position (frame index of level 0).
+        total: ``[B]`` utterance length in frames.
+
+    Returns:
+        ``[B, S, 4 * _PROGRESS_FREQS]`` float features (frames left at periods 2 to ~2000 frames,
+        the fraction at periods 1/8 to ~4 utterances).
+    """
+    total = total.to(steps.device, torch.float32).clamp(min=1)[:, None]
+    left = (total - steps.float()).clamp(min=-1)
+    frac = steps.float() / total
+    j = torch.arange(_PROGRESS_FREQS, device=steps.device, dtype=torch.float32)
+    w_left = 2 * torch.pi / (2.0 * 1000.0 ** (j / (_PROGRESS_FREQS - 1)))
+    w_frac = 2 * torch.pi / (0.125 * 32.0 ** (j / (_PROGRESS_FREQS - 1)))
+    a, b = left[..., None] * w_left, frac[..., None] * w_frac
+    return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], -1)
 
 
 def tiny_lm_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, **overrides: Any):
@@ -120,6 +154,8 @@ class SpeechLM(nn.Module):
         max_duration: Largest duration token.
         delay: ``all_levels``: MusicGen delay pattern.
         loss_on_prompt: Also train next-token prediction on the prompt (off: loss on speech only).
+        length_conditioning: ``all_levels``: a length head and progress embeddings (see the module
+            docstring); generation then ends each utterance at its predicted length.
         dtype: Weight dtype when ``lm`` is loaded from a path or id; default float32, the training
             dtype (transformers >= 5 would otherwise keep the checkpoint's, bf16 for Gemma 3, leaving
             the LM in bf16 beside float32 level tables: a dtype error under ``32-true`` and bf16
@@ -138,11 +174,14 @@ class SpeechLM(nn.Module):
         max_duration: int = 49,
         delay: bool = True,
         loss_on_prompt: bool = False,
+        length_conditioning: bool = False,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if output_form not in ("one_level", "all_levels"):
             raise ValueError(f"output_form must be 'one_level' or 'all_levels', got {output_form!r}")
+        if length_conditioning and output_form != "all_levels":
+            raise ValueError("length_conditioning needs output_form='all_levels' (one position per frame)")
         if isinstance(lm, str):
             lm = AutoModelForCausalLM.from_pretrained(lm, dtype=dtype or torch.float32)
         elif isinstance(lm, PretrainedConfig):
@@ -152,7 +191,7 @@ class SpeechLM(nn.Module):
         self.lm, self.tokenizer = lm, tokenizer
         self.num_levels, self.codebook_size = num_levels, codebook_size
         self.output_form, self.use_durations, self.max_duration = output_form, use_durations, max_duration
-        self.delay, self.loss_on_prompt = delay, loss_on_prompt
+        self.delay, self.loss_on_prompt, self.length_conditioning = delay, loss_on_prompt, length_conditioning
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         hidden = lm.config.get_text_config().hidden_size
         if output_form == "one_level":
@@ -172,6 +211,12 @@ class SpeechLM(nn.Module):
             self.heads = nn.ModuleList(
                 nn.Linear(hidden, codebook_size + 1, bias=False) for _ in range(num_levels)
             )
+        if length_conditioning:
+            self.length_head = nn.Linear(hidden, 1)  # log frames, from the last prompt position
+            nn.init.zeros_(self.length_head.weight)
+            nn.init.constant_(self.length_head.bias, 4.0)  # e^4 = 55 frames (2 s) before training
+            self.progress = nn.Linear(4 * _PROGRESS_FREQS, hidden, bias=False)
+            nn.init.zeros_(self.progress.weight)  # starts as the plain model; learns to use progress
 
     # ----------------------------------------------------------------------------------- setup
     def _add_sound_tokens(self) -> None:
@@ -267,7 +312,8 @@ class SpeechLM(nn.Module):
             ``input_ids [B, P]`` left-padded prompts; ``answer_inputs [B, Q', S]`` right-padded
             (``Q' = 1`` for one_level, LM token ids; else per-level ids in ``[0, K + 1]``);
             ``labels [B, Q', S]`` targets, ``-100`` where ignored; ``attention_mask [B, P + S]``;
-            ``position_ids [B, P + S]``; and ``prompt_labels [B, P]`` when ``loss_on_prompt``.
+            ``position_ids [B, P + S]``; ``answer_frames [B]`` (frames per utterance) when ``codes``
+            are given; and ``prompt_labels [B, P]`` when ``loss_on_prompt``.
         """
         if codes is not None and len(codes) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(codes)} code arrays")
@@ -303,6 +349,8 @@ class SpeechLM(nn.Module):
             attention_mask=mask,
             position_ids=(mask.cumsum(1) - 1).clamp(min=0),
         )
+        if codes is not None:
+            batch["answer_frames"] = torch.tensor([int(torch.as_tensor(c).shape[1]) for c in codes], dtype=torch.long)
         if self.loss_on_prompt if loss_on_prompt is None else loss_on_prompt:
             nxt = input_ids[:, 1:].masked_fill(mask[:, 1:p_len] == 0, IGNORE_INDEX)
             batch["prompt_labels"] = torch.cat([nxt, torch.full((b, 1), IGNORE_INDEX)], 1)
@@ -314,6 +362,10 @@ class SpeechLM(nn.Module):
         if self.output_form == "one_level":
             return self.lm.get_input_embeddings()(answer_inputs[:, 0])
         return torch.stack([e(answer_inputs[:, q]) for q, e in enumerate(self.level_embeddings)]).sum(0)
+
+    def _progress(self, steps: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """``[B, S, H]`` progress embeddings of answer steps ``[B, S]`` of utterances of ``total [B]`` frames."""
+        return self.progress(progress_features(steps, total).to(self.progress.weight.dtype))
 
     def _lm_logits(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """LM-head logits (optionally restricted to rows ``weight``), with Gemma's final softcap."""
@@ -334,12 +386,18 @@ class SpeechLM(nn.Module):
             ``loss`` (speech CE, plus prompt CE when ``prompt_labels`` is in the batch),
             ``speech_loss``, ``level_loss [Q']``, ``logits [B, Q', S, V']``, ``correct [Q']`` and
             ``total [Q']`` (argmax hits / counted targets per level over speech positions), and
-            ``prompt_loss`` when computed.
+            ``prompt_loss`` when computed; with ``length_conditioning`` also ``length_loss`` (MSE of
+            ``log T``, included in ``loss``) and ``length_error`` (mean ``|T_pred - T|`` frames).
         """
         dev = self.device
         input_ids, answer = batch["input_ids"].to(dev), batch["answer_inputs"].to(dev)
         p_len = input_ids.shape[1]
-        embeds = torch.cat([self.lm.get_input_embeddings()(input_ids), self._embed_answer(answer)], 1)
+        answer_embeds = self._embed_answer(answer)
+        if self.length_conditioning:
+            frames = batch["answer_frames"].to(dev)
+            steps = torch.arange(answer.shape[-1], device=dev).expand(answer.shape[0], -1)
+            answer_embeds = answer_embeds + self._progress(steps, frames)
+        embeds = torch.cat([self.lm.get_input_embeddings()(input_ids), answer_embeds], 1)
         h = self.lm.get_decoder()(
             inputs_embeds=embeds,
             attention_mask=batch["attention_mask"].to(dev),
@@ -362,6 +420,11 @@ class SpeechLM(nn.Module):
             total=total,
         )
         loss = speech_loss
+        if self.length_conditioning:
+            log_pred = self.length_head(h[:, p_len - 1]).squeeze(-1).float()  # the prompt's last token
+            out["length_loss"] = F.mse_loss(log_pred, frames.float().clamp(min=1).log())
+            out["length_error"] = (log_pred.detach().exp() - frames.float()).abs().mean()
+            loss = loss + out["length_loss"]
         if "prompt_labels" in batch:
             pl = batch["prompt_labels"].to(dev)
             out["prompt_loss"] = F.cross_entropy(
@@ -385,6 +448,7 @@ class SpeechLM(nn.Module):
         seed: int | None = None,
         eos_rule: Literal["argmax", "median"] = "argmax",
         cfg_scale: float = 1.0,
+        lengths: list[int] | torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Batched synthesis with a KV cache; each sequence stops at its own end of speech.
 
@@ -409,6 +473,9 @@ class SpeechLM(nn.Module):
                 (``u``) model, run as one doubled batch. ``1`` is plain decoding. Useful only for a
                 model trained with some empty prompts (``SpeechlessStage(text_dropout=...)``);
                 it pushes generations towards what is specific to the text.
+            lengths: ``all_levels``: ``B`` frame counts; each utterance ends exactly there (clamped
+                to ``[min_frames, max_frames]``), whatever ``eos_rule`` says. A length-conditioned
+                model (``length_conditioning``) uses its own predicted lengths when this is None.
 
         Returns:
             ``B`` int64 code tensors on the CPU: ``[Q, T_i]`` (all_levels) or ``[1, T_i]``
@@ -422,6 +489,12 @@ class SpeechLM(nn.Module):
             raise ValueError(f"eos_rule must be 'argmax' or 'median', got {eos_rule!r}")
         if cfg_scale <= 0:
             raise ValueError(f"cfg_scale must be > 0, got {cfg_scale}")
+        if lengths is not None:
+            if self.output_form != "all_levels":
+                raise ValueError("lengths needs output_form='all_levels'")
+            lengths = torch.as_tensor(lengths, dtype=torch.long).reshape(-1)
+            if lengths.numel() != len(texts):
+                raise ValueError(f"{len(texts)} texts but {lengths.numel()} lengths")
         was_training = self.training
         self.eval()
         try:
@@ -432,9 +505,11 @@ class SpeechLM(nn.Module):
             if seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(seed)
             pick = lambda logits: _pick(logits, greedy, temperature, top_k, gen)  # noqa: E731
-            step = self._decode_one_level if self.output_form == "one_level" else self._decode_all_levels
-            return step(batch, max_frames, min_frames, pick, median=(eos_rule == "median" and greedy),
-                        cfg_scale=cfg_scale if guided else None)
+            median, cfg = eos_rule == "median" and greedy, (cfg_scale if guided else None)
+            if self.output_form == "one_level":
+                return self._decode_one_level(batch, max_frames, min_frames, pick, median=median, cfg_scale=cfg)
+            return self._decode_all_levels(batch, max_frames, min_frames, pick, median=median, cfg_scale=cfg,
+                                           lengths=lengths)
         finally:
             self.train(was_training)
 
@@ -452,6 +527,24 @@ class SpeechLM(nn.Module):
             inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True
         )
         return out.last_hidden_state[:, -1], out.past_key_values, mask, pos[:, -1:]
+
+    def _prefill_prompt(self, batch: dict[str, torch.Tensor]):
+        """Prefill the prompt alone: the last prompt position's state (the length head's input)."""
+        dev, p_len = self.device, batch["input_ids"].shape[1]
+        mask, pos = batch["attention_mask"][:, :p_len].to(dev), batch["position_ids"][:, :p_len].to(dev)
+        out = self.lm.get_decoder()(
+            inputs_embeds=self.lm.get_input_embeddings()(batch["input_ids"].to(dev)), attention_mask=mask,
+            position_ids=pos, use_cache=True,
+        )
+        return out.last_hidden_state[:, -1], out.past_key_values, mask, pos[:, -1:]
+
+    @torch.no_grad()
+    def predict_lengths(self, texts: list[str]) -> torch.Tensor:
+        """``[B]`` predicted frames per text (``length_conditioning`` models), at least 1."""
+        if not self.length_conditioning:
+            raise ValueError("predict_lengths needs a model built with length_conditioning=True")
+        h = self._prefill_prompt(self.build_batch(texts, None, loss_on_prompt=False))[0]
+        return self.length_head(h).squeeze(-1).float().exp().round().long().clamp(min=1).cpu()
 
     def _advance(self, embeds: torch.Tensor, cache, mask: torch.Tensor, pos: torch.Tensor):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
@@ -534,15 +627,31 @@ class SpeechLM(nn.Module):
         return [out[i, : int(frames[i])].unsqueeze(0).cpu() for i in range(b)]
 
     def _decode_all_levels(
-        self, batch, max_frames: int, min_frames: int, pick, median: bool = False, cfg_scale: float | None = None
+        self, batch, max_frames: int, min_frames: int, pick, median: bool = False, cfg_scale: float | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         dev, k, q_n = self.device, self.codebook_size, self.num_levels
         eos, pad = k, k + 1
         shift = (
             torch.arange(q_n, device=dev) if self.delay else torch.zeros(q_n, dtype=torch.long, device=dev)
         )
-        h, cache, mask, pos = self._prefill(batch)
-        b = h.shape[0] // (1 if cfg_scale is None else 2)
+        target = None  # [B] frames each row ends at, when fixed in advance
+        if self.length_conditioning:
+            h, cache, mask, pos = self._prefill_prompt(batch)
+            b = h.shape[0] // (1 if cfg_scale is None else 2)
+            if lengths is None:
+                lengths = self.length_head(h[:b]).squeeze(-1).float().exp().round().long()
+            target = lengths.to(dev).clamp(min_frames, max_frames)
+            first = torch.full((h.shape[0], q_n), pad, dtype=torch.long, device=dev)
+            embeds = self._embed_answer(first[..., None])  # [B', 1, H]: begin of speech
+            steps = torch.zeros(h.shape[0], 1, dtype=torch.long, device=dev)
+            h, cache, mask, pos = self._advance(embeds + self._progress(steps, self._twice(target, cfg_scale)),
+                                                cache, mask, pos)
+        else:
+            h, cache, mask, pos = self._prefill(batch)
+            b = h.shape[0] // (1 if cfg_scale is None else 2)
+            if lengths is not None:
+                target = lengths.to(dev).clamp(min_frames, max_frames)
         length = torch.full((b,), -1, dtype=torch.long, device=dev)  # T per row, -1 until head 0 ends
         out = torch.zeros(b, q_n, max_frames, dtype=torch.long, device=dev)
         survival = torch.ones(b, device=dev)  # P(speech has not ended yet) under head 0's EOS hazard
@@ -551,7 +660,12 @@ class SpeechLM(nn.Module):
             logits = self._guide(torch.stack([head(h) for head in self.heads], 1).float(), cfg_scale)  # [B, Q, K+1]
             # Head 0 ends the utterance (forced at max_frames); the others may not end on their own.
             logits[:, 1:, eos] = float("-inf")
-            if frame[0] >= 0 and frame[0] >= max_frames:
+            if target is not None:
+                if frame[0] >= 0:  # end exactly at the row's target: forbidden before, forced there
+                    end = (frame[0] >= target)[:, None]
+                    is_eos = torch.arange(k + 1, device=dev)[None] == eos
+                    logits[:, 0] = logits[:, 0].masked_fill(end ^ is_eos, float("-inf"))
+            elif frame[0] >= 0 and frame[0] >= max_frames:
                 logits[:, 0, :eos] = float("-inf")
             elif frame[0] < min_frames:
                 logits[:, 0, eos] = float("-inf")
@@ -570,8 +684,14 @@ class SpeechLM(nn.Module):
                     out[:, q, fq] = torch.where(choice[:, q] < k, choice[:, q], out[:, q, fq])
             if bool(((length >= 0) & (s >= length + shift[-1])).all()):
                 break
-            embeds = torch.stack([e(choice[:, q]) for q, e in enumerate(self.level_embeddings)]).sum(0)
-            h, cache, mask, pos = self._advance(self._twice(embeds.unsqueeze(1), cfg_scale), cache, mask, pos)
+            embeds = self._twice(
+                torch.stack([e(choice[:, q]) for q, e in enumerate(self.level_embeddings)]).sum(0).unsqueeze(1),
+                cfg_scale,
+            )
+            if self.length_conditioning:  # the next input is answer step s + 1
+                steps = torch.full((embeds.shape[0], 1), s + 1, dtype=torch.long, device=dev)
+                embeds = embeds + self._progress(steps, self._twice(target, cfg_scale))
+            h, cache, mask, pos = self._advance(embeds, cache, mask, pos)
         return [out[i, :, : int(length[i])].cpu() for i in range(b)]
 
     # ----------------------------------------------------------------------------------- persistence
@@ -585,6 +705,7 @@ class SpeechLM(nn.Module):
             max_duration=self.max_duration,
             delay=self.delay,
             loss_on_prompt=self.loss_on_prompt,
+            **({"length_conditioning": True} if self.length_conditioning else {}),
             lm_config=self.lm.config.to_dict(),
         )
 

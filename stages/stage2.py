@@ -8,6 +8,7 @@ data set, which stage 3 trains on. The model itself is :class:`models.speech_lm.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.text import CharErrorRate, WordErrorRate
 
 from datamodules.pipeline import SampleError
 from datamodules.speech import SpeechDataModule
@@ -27,8 +29,10 @@ __all__ = [
     "SpeechlessStage",
     "WordMatchItems",
     "aligned_cosine",
+    "asr_source",
     "dtw_cosine",
     "make_tiny_lm",
+    "normalize_transcript",
     "own_text",
     "word_match",
 ]
@@ -55,6 +59,46 @@ def own_text(sample: dict[str, Any]) -> dict[str, Any]:
         where = f"segment {meta.get('segment', '?')} of {meta.get('parent', '?')}"
         raise SampleError("piece_without_text", f"{where}: only the whole recording has a transcript")
     raise SampleError("no_text", "no transcript to condition on")
+
+
+@functools.lru_cache(maxsize=2)
+def _normalizer(english: bool):
+    from whisper_normalizer.basic import BasicTextNormalizer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    return EnglishTextNormalizer() if english else BasicTextNormalizer()
+
+
+def normalize_transcript(text: str, language: str | None) -> str:
+    """Whisper's ``EnglishTextNormalizer`` for English (``en``, ``en-US``, ``eng``), else its basic one."""
+    lang = str(language or "").lower().replace("_", "-").split("-")[0]
+    return _normalizer(lang in ("en", "eng", "english"))(text).strip()
+
+
+def asr_source(asr_decoder: str | None, encoder: dict[str, Any] | None, *, where: str) -> str | None:
+    """The Whisper folder that transcribes stage-2 speech, or None when the metric is off.
+
+    ``"auto"`` takes the stage-1 encoder's own source when it is a Whisper model loaded from a hub id or
+    folder (a config-built random encoder has no source to reload, and any other encoder's states
+    mean nothing to a Whisper decoder: off). An explicit folder must go with a Whisper stage-1
+    encoder. States centred per utterance (``center_states``) have lost their mean, which the
+    decoder needs: ``"auto"`` turns the metric off, an explicit folder is refused. ``level_db``
+    only rescales the audio before the encoder, so its states stay Whisper states: allowed.
+    """
+    if asr_decoder is None:
+        return None
+    enc = encoder or {}
+    if asr_decoder == "auto":
+        if enc.get("kind") != "whisper" or not enc.get("source") or enc.get("center_states"):
+            return None
+        return str(enc["source"])
+    if enc and enc.get("kind") != "whisper":
+        raise ValueError(f"asr_decoder={asr_decoder!r} reads Whisper states, but {where} quantizes "
+                         f"{enc.get('kind')!r} states: set asr_decoder: null")
+    if enc.get("center_states"):
+        raise ValueError(f"{where} centres its encoder states per utterance (center_states), which removes "
+                         "what the Whisper decoder reads: set asr_decoder: null")
+    return asr_decoder
 
 
 def aligned_cosine(gen: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -264,6 +308,15 @@ class SpeechlessStage(LightningModule):
     ``word_match_texts`` texts). Samples without a transcript of their own (pieces of long
     recordings) are skipped in every split and counted by reason (:func:`own_text`).
 
+    Intelligibility (``{val,test}/gen_wer``, ``gen_cer``): when stage 1 sits on a Whisper encoder,
+    the generated codes, decoded by the stage-1 RVQ, are transcribed by that Whisper model's frozen
+    decoder (:class:`models.whisper_asr.WhisperASR`: the window padded with the states of silence,
+    ``pooling=2`` undone) and scored against the input text with torchmetrics' WER/CER after
+    Whisper's normaliser (English for ``en``, basic otherwise; the sample's ``language``, else
+    ``asr_language``). ``real_wer`` / ``real_cer`` are the same figures for the real speech's codes:
+    the tokenizer's own WER, the floor for the generated speech. Computed on the ``gen_batches``
+    subset, summed over ranks.
+
     Args:
         lm: the text -> token LM; may be omitted when ``artifact`` is given.
         stage1_artifact: promoted stage-1 artifact (``artifacts/stage1/current``); its quantizer is
@@ -277,7 +330,8 @@ class SpeechlessStage(LightningModule):
         eos_rule: how greedy decoding ends speech (see :meth:`SpeechLM.generate`): ``"median"``
             (default) stops at the median of the model's own length distribution; ``"argmax"``
             waits for end-of-speech to be the top output, as Ichigo does, which overruns on data
-            whose durations vary.
+            whose durations vary. A length-conditioned LM (``SpeechLM(length_conditioning=True)``)
+            ends every utterance at the length its length head predicts instead.
         text_dropout: fraction of training texts replaced by the empty prompt, so that the model
             also learns the unprompted distribution that classifier-free guidance needs.
         cfg_scale: classifier-free guidance at generation (``1`` = off); needs ``text_dropout > 0``.
@@ -288,6 +342,19 @@ class SpeechlessStage(LightningModule):
             this many validation/test batches of each rank; ``None`` = all. Teacher-forced loss and
             accuracy always cover every batch. Generation dominates a validation pass on a large
             held-out set, and the first batches are the same ones every epoch (exact epochs).
+        gen_batch_size: utterances generated at once. Evaluation batches are cut by audio seconds,
+            so a corpus of long sentences gives batches of one or two utterances, and one decode
+            step costs about the same for 1 row as for 16: the texts of several batches are queued
+            and generated together (per rank; flushed at the epoch's end).
+        asr_decoder: Whisper folder (or hub id) whose decoder transcribes the speech for
+            ``gen_wer`` / ``real_wer``; ``"auto"`` (default): the stage-1 artifact's encoder source
+            when that is a Whisper model (see :func:`asr_source`); ``None``: off.
+        asr_padding: what fills the Whisper window past the speech: ``"silence"`` (the encoder's
+            states of a silent window) or ``"zeros"``.
+        asr_language: Whisper's language (multilingual models) and the normaliser's when a sample
+            names none.
+        asr_max_new_tokens: token limit per 30 s window.
+        asr_batch_size: windows transcribed at once.
     """
 
     summary_metrics = ["val/loss", "val/acc", "val/gen_cosine", "val/len_error", "val/word_match"]
@@ -297,7 +364,9 @@ class SpeechlessStage(LightningModule):
         lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 0, gen_max_frames: int = 250,
         greedy: bool = True, temperature: float = 1.0, top_k: int | None = None,
         eos_rule: Literal["argmax", "median"] = "median", text_dropout: float = 0.0, cfg_scale: float = 1.0,
-        word_match_texts: int = 64, gen_batches: int | None = None,
+        word_match_texts: int = 64, gen_batches: int | None = None, gen_batch_size: int = 16,
+        asr_decoder: str | None = "auto", asr_padding: Literal["silence", "zeros"] = "silence",
+        asr_language: str = "en", asr_max_new_tokens: int = 128, asr_batch_size: int = 16,
     ) -> None:
         super().__init__()
         self._parents: list[dict[str, Any]] = []
@@ -332,6 +401,10 @@ class SpeechlessStage(LightningModule):
         if gen_batches is not None and gen_batches < 1:
             raise ValueError(f"gen_batches must be >= 1 or None, got {gen_batches}")
         self.gen_batches = gen_batches
+        if gen_batch_size < 1:
+            raise ValueError(f"gen_batch_size must be >= 1, got {gen_batch_size}")
+        self.gen_batch_size = gen_batch_size
+        self._queue: list[tuple[str, str, torch.Tensor]] = []  # (text, language, real codes) to generate
         n_out = 1 if lm.output_form == "one_level" else lm.num_levels
         for split in ("val", "test"):
             setattr(self, f"{split}_loss", MeanMetric())
@@ -342,6 +415,23 @@ class SpeechlessStage(LightningModule):
             setattr(self, f"{split}_gen_cosine", MeanMetric())
             setattr(self, f"{split}_len_error", MeanMetric())
         self._items = WordMatchItems(word_match_texts)
+        self.asr, self.asr_language = None, asr_language
+        source = asr_source(asr_decoder, info.get("encoder"), where=str(stage1_artifact))
+        if source is not None:
+            from models.whisper_asr import WhisperASR
+
+            pooling = int((info.get("encoder") or {}).get("pooling", 1))
+            self.asr = WhisperASR(source=source, pooling=pooling, padding=asr_padding, language=asr_language,
+                                  max_new_tokens=asr_max_new_tokens, batch_size=asr_batch_size)
+            if self.asr.dim != quantizer.dim:
+                raise ValueError(f"asr_decoder {source} reads {self.asr.dim}-dim states but the stage-1 RVQ "
+                                 f"decodes {quantizer.dim}-dim ones: name the Whisper model stage 1 used")
+            for split in ("val", "test"):
+                for side in ("gen", "real"):
+                    setattr(self, f"{split}_{side}_wer", WordErrorRate())
+                    setattr(self, f"{split}_{side}_cer", CharErrorRate())
+            self.summary_metrics = [*self.summary_metrics, "val/gen_wer", "val/real_wer"]
+        self._real_transcripts: dict[bytes, str] = {}  # real codes -> transcript (the RVQ is frozen)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -374,6 +464,9 @@ class SpeechlessStage(LightningModule):
         out = self.lm(self.lm.build_batch(texts, codes, loss_on_prompt=False))
         acc = out["correct"].sum() / out["total"].sum().clamp(min=1)
         self.log_dict({"train/loss": out["loss"], "train/acc": acc}, prog_bar=True, batch_size=len(texts))
+        if "length_loss" in out:  # a length-conditioned LM: MSE of log frames, and |T_pred - T| in frames
+            self.log_dict({"train/length_loss": out["length_loss"], "train/length_error": out["length_error"]},
+                          batch_size=len(texts))
         return out["loss"]
 
     # ---- evaluation ---------------------------------------------------------------------------
@@ -403,15 +496,63 @@ class SpeechlessStage(LightningModule):
             m("level_total")[q].update(out["total"][q])
         if self.gen_batches is not None and batch_idx >= self.gen_batches:
             return
-        gen = self._generate(texts)
-        for text, g, r in zip(texts, gen, codes, strict=True):
-            gs, rs = self._states(g), self._states(r)
-            m("gen_cosine").update(aligned_cosine(gs, rs))
-            m("len_error").update(abs(g.shape[1] - r.shape[1]))
-            self._items.add(text, gs.cpu(), rs.cpu())
+        langs = [(meta.get("language") or self.asr_language) for meta in self._live_meta(batch)]
+        self._queue += list(zip(texts, langs, codes, strict=True))
+        if len(self._queue) >= self.gen_batch_size:
+            self._flush(prefix)
+
+    def _flush(self, prefix: str) -> None:
+        """Generate the queued texts and update the generation metrics with them."""
+        queue, self._queue = self._queue, []
+        m = lambda name: getattr(self, f"{prefix}_{name}")  # noqa: E731
+        for start in range(0, len(queue), self.gen_batch_size):
+            part = queue[start : start + self.gen_batch_size]
+            texts, langs, codes = [list(x) for x in zip(*part, strict=True)]
+            gen = self._generate(texts)
+            gen_states, real_states = [], []
+            for text, g, r in zip(texts, gen, codes, strict=True):
+                gs, rs = self._states(g), self._states(r)
+                m("gen_cosine").update(aligned_cosine(gs, rs))
+                m("len_error").update(abs(g.shape[1] - r.shape[1]))
+                self._items.add(text, gs.cpu(), rs.cpu())
+                gen_states.append(gs)
+                real_states.append(rs)
+            if self.asr is not None:
+                self._score_asr(prefix, texts, langs, gen_states, real_states, codes)
+
+    @staticmethod
+    def _live_meta(batch: dict) -> list[dict]:
+        weight = batch.get("sample_weight")
+        return [m for i, m in enumerate(batch["meta"]) if weight is None or float(weight[i]) > 0]
+
+    def _transcribe(self, states: list[torch.Tensor]) -> list[str]:
+        lengths = torch.tensor([s.shape[0] for s in states])
+        padded = torch.nn.utils.rnn.pad_sequence(states, batch_first=True)
+        return self.asr.transcribe_states(padded, lengths)
+
+    def _score_asr(self, prefix: str, texts: list[str], langs: list[str], gen_states: list[torch.Tensor],
+                   real_states: list[torch.Tensor], codes: list[torch.Tensor]) -> None:
+        """Update ``{prefix}_{gen,real}_{wer,cer}`` with the transcripts of generated and real codes."""
+        refs = [normalize_transcript(t, lang) for t, lang in zip(texts, langs, strict=True)]
+        keep = [i for i, ref in enumerate(refs) if ref]  # a text with no word left scores nothing
+        if not keep:
+            return
+        hyp_gen = self._transcribe([gen_states[i] for i in keep])
+        keys = [codes[i].numpy().tobytes() + bytes(str(tuple(codes[i].shape)), "ascii") for i in keep]
+        todo = [j for j, key in enumerate(keys) if key not in self._real_transcripts]
+        if todo:
+            for j, hyp in zip(todo, self._transcribe([real_states[keep[j]] for j in todo]), strict=True):
+                self._real_transcripts[keys[j]] = hyp
+        hyp_real = [self._real_transcripts[key] for key in keys]
+        ref = [refs[i] for i in keep]
+        for side, hyps in (("gen", hyp_gen), ("real", hyp_real)):
+            norm = [normalize_transcript(h, langs[i]) for h, i in zip(hyps, keep, strict=True)]
+            getattr(self, f"{prefix}_{side}_wer").update(norm, ref)
+            getattr(self, f"{prefix}_{side}_cer").update(norm, ref)
 
     def _eval_epoch_end(self, prefix: str) -> None:
         m = lambda name: getattr(self, f"{prefix}_{name}")  # noqa: E731
+        self._flush(prefix)
         if m("total").compute() == 0:
             return
         self.log(f"{prefix}/loss", m("loss").compute())
@@ -426,6 +567,20 @@ class SpeechlessStage(LightningModule):
             self.log(f"{prefix}/word_match_chance", 1.0 / n_words)
             if prefix == "test" and self.global_rank == 0:
                 print(f"[stage2] test/word_match {frac:.3f} over {n_words} words (chance {1 / n_words:.3f})", flush=True)
+        if self.asr is not None:
+            scores = {f"{side}_{kind}": getattr(self, f"{prefix}_{side}_{kind}") for side in ("gen", "real")
+                      for kind in ("wer", "cer")}
+            if int(scores["gen_wer"].total.sum()) > 0 or dist_utils.is_dist():  # the same on every rank
+                values = {k: metric.compute() for k, metric in scores.items()}
+                if bool(torch.isfinite(values["gen_wer"])):
+                    for k, v in values.items():
+                        self.log(f"{prefix}/{k}", v)
+                    if prefix == "test" and self.global_rank == 0:
+                        print(f"[stage2] test/gen_wer {float(values['gen_wer']):.3f} (real speech's codes: "
+                              f"{float(values['real_wer']):.3f}), gen_cer {float(values['gen_cer']):.3f} "
+                              f"(real {float(values['real_cer']):.3f})", flush=True)
+            for metric in scores.values():
+                metric.reset()
         self._items.clear()
         for name in ("loss", "correct", "total", "gen_cosine", "len_error"):
             m(name).reset()

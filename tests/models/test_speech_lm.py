@@ -291,3 +291,50 @@ def test_guidance_combines_prompted_and_empty_prompt_logits(tokenizer):
     assert torch.equal(first, expected)
     # At this seed guidance changes the pick, so the check tells guided from plain decoding.
     assert not torch.equal(first, model.generate([text], max_frames=1, min_frames=1)[0][:, 0])
+
+
+def test_length_conditioning_learns_the_length_and_ends_there(tokenizer):
+    with pytest.raises(ValueError, match="all_levels"):
+        make_model(tokenizer, "one_level", length_conditioning=True)
+    model = make_model(tokenizer, "all_levels", length_conditioning=True)
+    batch = model.build_batch(TEXTS, CODES)
+    assert batch["answer_frames"].tolist() == [12, 5]
+    out = model(batch)
+    assert float(out["loss"].detach()) == pytest.approx(float((out["speech_loss"] + out["length_loss"]).detach()), rel=1e-5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        model(batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    assert model.predict_lengths(TEXTS).tolist() == [12, 5]
+    # Greedy decoding ends each utterance at its predicted length and reproduces the codes.
+    for gen, ref in zip(model.generate(TEXTS, max_frames=30), CODES, strict=True):
+        assert torch.equal(gen, ref)
+    # A given length is obeyed exactly (clamped to the guard), batched or alone.
+    forced = model.generate(TEXTS, max_frames=9, lengths=[7, 20])
+    assert [g.shape[1] for g in forced] == [7, 9]
+    alone = model.generate(TEXTS[1:], max_frames=9, lengths=[20])
+    assert torch.equal(alone[0], forced[1])
+
+
+def test_length_conditioned_decoding_matches_the_teacher_forced_pass(tokenizer):
+    """The cached decode feeds each step the same progress embedding as the training pass does."""
+    model = make_model(tokenizer, "all_levels", seed=5, length_conditioning=True)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.progress.weight, std=0.5)  # make progress matter
+    gen = model.generate(TEXTS, max_frames=6, lengths=[6, 4])
+    with torch.no_grad():
+        out = model(model.build_batch(TEXTS, gen))
+    for i, g in enumerate(gen):  # each generated code is the argmax of the teacher-forced pass
+        n = g.shape[1]
+        for q in range(Q):
+            assert torch.equal(out["logits"][i, q, q : q + n, :K].argmax(-1), g[q])
+
+
+def test_length_conditioning_survives_save_and_load(tokenizer, tmp_path):
+    model = make_model(tokenizer, "all_levels", length_conditioning=True)
+    with torch.no_grad():
+        model.length_head.bias.fill_(2.0)
+    model.save(tmp_path / "lm")
+    loaded = SpeechLM.load(tmp_path / "lm")
+    assert loaded.length_conditioning and torch.equal(loaded.predict_lengths(TEXTS), model.predict_lengths(TEXTS))

@@ -184,9 +184,33 @@ def test_gen_batches_limits_generation_not_teacher_forced_metrics(world, monkeyp
     n = int((batch["sample_weight"] > 0).sum())
     for idx in range(3):
         stage.validation_step(batch, idx)
+    assert calls == []  # queued until gen_batch_size texts wait, or the epoch ends
+    stage._flush("val")
     assert calls == [n]  # only the first batch generated
     assert stage.val_len_error.update_count == n  # one length per generated utterance
     assert int(stage.val_loss.update_count) == 3  # the loss saw every batch
+
+
+def test_generation_is_queued_across_batches_with_the_same_figures(world, monkeypatch):
+    """Long sentences make one-utterance evaluation batches; generating them together changes no figure."""
+    with pytest.raises(ValueError, match="gen_batch_size"):
+        _stage(world, gen_batch_size=0)
+    batch = _batch(world)
+    live = [i for i, w in enumerate(batch["sample_weight"]) if w > 0]
+    singles = [{**batch, "codes": batch["codes"][i : i + 1], "code_lengths": batch["code_lengths"][i : i + 1],
+                "meta": [batch["meta"][i]], "sample_weight": batch["sample_weight"][i : i + 1]} for i in live]
+    figures = []
+    for size in (1, 4):
+        stage = _stage(world, gen_batch_size=size)
+        calls = []
+        generate = stage._generate
+        monkeypatch.setattr(stage, "_generate", lambda texts, g=generate, c=calls: c.append(len(texts)) or g(texts))
+        for idx, single in enumerate(singles):
+            stage.validation_step(single, idx)
+        stage._flush("val")
+        figures.append((float(stage.val_gen_cosine.compute()), float(stage.val_len_error.compute())))
+        assert calls == ([1] * len(singles) if size == 1 else [4] * (len(singles) // 4) + [len(singles) % 4] * (len(singles) % 4 > 0))
+    assert figures[0] == pytest.approx(figures[1])
 
 
 def test_instruction_ranks_cover_each_once(world):
@@ -286,3 +310,101 @@ def test_pieces_without_their_own_text_are_counted_skips_not_empty_prompts(world
                 skipped[reason] = skipped.get(reason, 0) + n
         assert skipped == expected, split
         assert all(m["text"] for b in batches for m in b["meta"])  # no empty prompt reached the LM
+
+
+# ---- intelligibility: the frozen Whisper decoder transcribes generated and real codes -------------
+@pytest.fixture(scope="module")
+def asr_world(tmp_path_factory):
+    """A stage-1 artifact over a tiny random Whisper encoder (pooling 2) and token shards for it."""
+    from models.encoders import WhisperEncoder
+    from models.whisper_asr import make_tiny_whisper
+    from stages.promotion import ArtifactModule
+
+    root = tmp_path_factory.mktemp("stage2_asr")
+    whisper = make_tiny_whisper(root / "whisper", WORDS * 3)
+    encoder = WhisperEncoder(source=str(whisper), pooling=2)
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=encoder.dim, num_quantizers=Q, codebook_size=K, kmeans_init=False)
+    spec = {"dim": encoder.dim, "num_quantizers": Q, "codebook_size": K, "kmeans_init": False}
+    info = {"num_quantizers": Q, "codebook_size": K, "dim": encoder.dim, "encoder": encoder.describe()}
+    promote(stage="stage1", modules={"quantizer": ArtifactModule("models.rvq.ResidualVQ", spec, rvq.state_dict())},
+            metrics={"val/cosine": 1.0}, artifacts_dir=root / "artifacts", info=info)
+    writer = ShardWriter(root / "tokens", prefix="tokens", max_samples=100, kind="tokens")
+    for n in range(6):
+        w = n % len(WORDS)
+        codes = np.stack([np.full(3 + w, w + q, dtype=np.int16) for q in range(Q)])
+        writer.write({"__key__": f"u{n:03d}", "json": {"text": WORDS[w].capitalize() + "!", "language": "en"},
+                      "codes.npy": codes}, seconds=0.04 * codes.shape[1])
+    writer.close()
+    return root, make_tiny_lm(root / "lm", WORDS * 5, vocab_size=300, hidden_size=32), info
+
+
+def _asr_stage(asr_world, **kw) -> SpeechlessStage:
+    root, lm_dir, _ = asr_world
+    torch.manual_seed(0)
+    lm = SpeechLM(lm=str(lm_dir), tokenizer=str(lm_dir), num_levels=Q, codebook_size=K)
+    return SpeechlessStage(lm=lm, stage1_artifact=str(root / "artifacts/stage1/current"), gen_max_frames=8,
+                           asr_max_new_tokens=6, **kw)
+
+
+def test_validate_logs_the_wer_of_generated_and_of_real_codes(asr_world):
+    from torchmetrics.text import CharErrorRate, WordErrorRate
+
+    from stages.stage2 import normalize_transcript
+
+    root, _, _ = asr_world
+    stage = _asr_stage(asr_world)  # asr_decoder "auto": the stage-1 encoder's Whisper folder
+    assert stage.asr is not None and stage.asr.pooling == 2 and stage.asr.source == str(root / "whisper")
+    assert not any(k.startswith("asr") for k in stage.state_dict())  # frozen weights stay out of checkpoints
+    folder = str(root / "tokens")
+    dm = SpeechDataModule(val_shards=folder, test_shards=folder, fields="tokens", max_batch_size=4,
+                          max_batch_seconds=100.0)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.validate(stage, datamodule=dm)[0]
+    for key in ("val/gen_wer", "val/gen_cer", "val/real_wer", "val/real_cer"):
+        assert key in metrics, key
+
+    # The same figures by hand: decode both code sequences with the RVQ, transcribe, score.
+    dm = SpeechDataModule(val_shards=folder, fields="tokens", max_batch_size=4, max_batch_seconds=100.0)
+    dm.setup("validate")
+    refs, gen_hyps, real_hyps = [], [], []
+    for batch in dm.val_dataloader():
+        texts, codes = stage._real(batch)
+        gen = stage._generate(texts)
+        refs += [normalize_transcript(t, "en") for t in texts]
+        gen_hyps += stage._transcribe([stage._states(g) for g in gen])
+        real_hyps += stage._transcribe([stage._states(c) for c in codes])
+    assert sorted(set(refs)) == ["0", "2", "one"]  # Whisper's English normaliser: "Zero!" -> "0", "One!" -> "one"
+    norm = lambda hyps: [normalize_transcript(h, "en") for h in hyps]  # noqa: E731
+    assert metrics["val/gen_wer"] == pytest.approx(float(WordErrorRate()(norm(gen_hyps), refs)))
+    assert metrics["val/real_wer"] == pytest.approx(float(WordErrorRate()(norm(real_hyps), refs)))
+    assert metrics["val/real_cer"] == pytest.approx(float(CharErrorRate()(norm(real_hyps), refs)))
+    assert len(stage._real_transcripts) == len(set(WORDS))  # real transcripts cached per distinct codes
+
+    test = trainer.test(stage, datamodule=SpeechDataModule(test_shards=folder, fields="tokens", max_batch_size=4,
+                                                           max_batch_seconds=100.0))[0]
+    assert test["test/real_wer"] == pytest.approx(metrics["val/real_wer"])
+
+
+def test_asr_decoder_choice_follows_the_stage1_encoder(asr_world, tmp_path):
+    from stages.stage2 import asr_source
+
+    _, _, info = asr_world
+    enc = info["encoder"]
+    assert asr_source("auto", enc, where="s1") == enc["source"]
+    assert asr_source(None, enc, where="s1") is None
+    assert asr_source("auto", {**enc, "source": None}, where="s1") is None  # random weights: nothing to reload
+    assert asr_source("auto", {"kind": "gemma4_audio", "source": "google/gemma-4-E2B-it"}, where="s1") is None
+    assert asr_source("auto", None, where="s1") is None  # stage 1 trained from cached states
+    assert asr_source("auto", {**enc, "level_db": -20.0}, where="s1") == enc["source"]  # still Whisper states
+    assert asr_source("auto", {**enc, "center_states": True}, where="s1") is None  # the mean the decoder needs is gone
+    with pytest.raises(ValueError, match="center_states"):
+        asr_source("other/whisper", {**enc, "center_states": True}, where="s1")
+    with pytest.raises(ValueError, match="gemma4_audio"):
+        asr_source("other/whisper", {"kind": "gemma4_audio"}, where="s1")
+    assert _asr_stage(asr_world, asr_decoder=None).asr is None
+    from models.whisper_asr import make_tiny_whisper
+
+    narrow = make_tiny_whisper(tmp_path / "narrow", WORDS, d_model=16)
+    with pytest.raises(ValueError, match="16-dim"):
+        _asr_stage(asr_world, asr_decoder=str(narrow))

@@ -1,0 +1,256 @@
+"""Stage 2 on sentences: length error, gen_cosine, WER and test time on espeak-ng read sentences.
+
+A user's corpus of read news sentences (463 utterances of ~17 s) trained stage 1 well but stage 2's
+generations overran by ~300 frames, with gen_cosine 0.06 and a 13-minute ``lightning test``. This
+script rebuilds that situation from nothing but espeak-ng and a Whisper tiny.en folder, through the
+same classes the CLI runs (``SpeechlessStage`` under a Lightning ``Trainer``):
+
+1. ``benchmarks/sentence_corpus.py`` sentences (``--sentences``, ``--voices``, ``--min-words``,
+   ``--max-words``), synthesized and encoded once by the frozen Whisper encoder (``pooling=2``,
+   25 frames/s, as Ichigo) and cached under ``--workdir``;
+2. a stage-1 RVQ (``--rvq QxK``) trained on the training states, promoted as a stage-1 artifact, and
+   token shards written for train/val/test;
+3. stage 2 (a random-init Gemma 3 of ``--layers`` x ``--hidden``, the demo's size by default) fit for
+   ``--epochs``, then ``Trainer.test`` on the held-out sentences: ``test/len_error``,
+   ``test/gen_cosine``, ``test/gen_wer`` beside ``test/real_wer`` (Whisper's transcript of the real
+   codes), and the wall time of the test with its parts (generation, DTW word match, ASR).
+
+    WHISPER_TINY_EN=<folder> .venv/bin/python benchmarks/exp_stage2_sentences.py --workdir runs/exp_sentences
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sentence_corpus import VOICES, news_sentences  # noqa: E402
+
+__all__ = ["main"]
+
+
+def build_corpus(work: Path, args) -> dict:
+    """Synthesize and encode the sentences once: ``{"texts", "split", "voice", "states" [T_i, D]}``."""
+    cache = work / f"corpus_{args.sentences}x{args.voices}_{args.min_words}-{args.max_words}.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    from datamodules.tts import synthesize
+    from models.encoders import WhisperEncoder
+
+    texts = news_sentences(args.sentences, seed=args.seed, min_words=args.min_words, max_words=args.max_words)
+    n_eval = max(2, round(0.05 * len(texts)))
+    enc = WhisperEncoder(source=args.model, pooling=2)
+    out: dict = {"texts": [], "split": [], "voice": [], "states": []}
+    t0 = time.perf_counter()
+    for i, text in enumerate(texts):
+        split = "test" if i < n_eval else "val" if i < 2 * n_eval else "train"
+        for v, (voice, pitch, rate) in enumerate(VOICES[: args.voices]):
+            wave = torch.from_numpy(synthesize(text, voice=voice, pitch=pitch, rate_wpm=rate))
+            states = enc(wave[None]).states[0]
+            out["texts"].append(text)
+            out["split"].append(split)
+            out["voice"].append(v)
+            out["states"].append(states.half())
+        if i % 50 == 0:
+            print(f"  encoded {i + 1}/{len(texts)} sentences, {time.perf_counter() - t0:.0f} s", flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.save(out, cache)
+    return out
+
+
+def build_tokens(work: Path, corpus: dict, args) -> Path:
+    """Train the stage-1 RVQ, promote it, write token shards; returns the token root."""
+    from datamodules.shards import ShardWriter
+    from models.encoders import WhisperEncoder
+    from models.rvq import ResidualVQ
+    from stages.promotion import ArtifactModule, promote
+
+    q, k = (int(x) for x in args.rvq.split("x"))
+    root = work / f"tokens_{cache_tag(args)}_{args.rvq}"
+    if (root / "done").exists():
+        return root
+    train = torch.cat([s.float() for s, sp in zip(corpus["states"], corpus["split"], strict=True) if sp == "train"])
+    dim = train.shape[1]
+    rvq = ResidualVQ(dim=dim, num_quantizers=q, codebook_size=k, kmeans_buffer_frames=min(len(train), 16384),
+                     seed=args.seed).train()
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    for _ in range(args.rvq_steps):
+        rvq(train[torch.randint(len(train), (2048,), generator=g)][None])
+    rvq.eval()
+    mask = torch.ones(1, len(train), dtype=torch.bool)
+    recon = rvq.decode(rvq.encode(train[None], mask))[0]
+    cos = float(torch.nn.functional.cosine_similarity(recon, train, dim=-1).mean())
+    print(f"stage 1: RVQ {q}x{k} on {len(train)} frames, {time.perf_counter() - t0:.0f} s, train cosine {cos:.3f}")
+    enc = WhisperEncoder(source=args.model, pooling=2)
+    spec = {"dim": dim, "num_quantizers": q, "codebook_size": k}
+    info = {"num_quantizers": q, "codebook_size": k, "dim": dim, "encoder": enc.describe()}
+    promote(stage="stage1", modules={"quantizer": ArtifactModule("models.rvq.ResidualVQ", spec, rvq.state_dict())},
+            metrics={"val/cosine": cos}, artifacts_dir=root / "artifacts", info=info)
+    for split in ("train", "val", "test"):
+        writer = ShardWriter(root / split, prefix="tokens", max_samples=10000, kind="tokens")
+        for i, (text, sp, s) in enumerate(zip(corpus["texts"], corpus["split"], corpus["states"], strict=True)):
+            if sp != split:
+                continue
+            codes = rvq.encode(s.float()[None])[0].numpy().astype(np.int16)
+            writer.write({"__key__": f"u{i:05d}", "json": {"text": text, "language": "en", "speaker": f"v{corpus['voice'][i]}",
+                                                         "n_frames": int(codes.shape[1])},
+                          "codes.npy": codes}, seconds=codes.shape[1] / 25.0)
+        writer.close()
+    (root / "done").write_text("ok")
+    return root
+
+
+def cache_tag(args) -> str:
+    return f"{args.sentences}x{args.voices}_{args.min_words}-{args.max_words}"
+
+
+class _Timer:
+    """Wall time of a few SpeechlessStage parts during ``Trainer.test``, by monkeypatching them."""
+
+    def __init__(self, stage) -> None:
+        import stages.stage2 as s2
+
+        self.totals: dict[str, float] = {}
+        self.lengths: list[tuple[str, int]] = []  # (text, generated frames)
+        generate = stage._generate
+
+        def recorded(texts):
+            out = generate(texts)
+            self.lengths += [(t, int(g.shape[1])) for t, g in zip(texts, out, strict=True)]
+            return out
+
+        stage._generate = recorded
+        self._wrap(stage, "_generate", "generate")
+        if stage.asr is not None:
+            self._wrap(stage, "_transcribe", "asr")
+        original = s2.word_match
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return original(*a, **kw)
+            finally:
+                self.totals["word_match"] = self.totals.get("word_match", 0.0) + time.perf_counter() - t
+
+        s2.word_match = timed
+
+    def _wrap(self, obj, name: str, label: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.totals[label] = self.totals.get(label, 0.0) + time.perf_counter() - t
+
+        setattr(obj, name, timed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=os.environ.get("WHISPER_TINY_EN"), help="HF Whisper tiny.en folder")
+    parser.add_argument("--workdir", default="runs/exp_sentences")
+    parser.add_argument("--sentences", type=int, default=460)
+    parser.add_argument("--voices", type=int, default=1)
+    parser.add_argument("--min-words", type=int, default=35)
+    parser.add_argument("--max-words", type=int, default=60)
+    parser.add_argument("--rvq", default="4x256")
+    parser.add_argument("--rvq-steps", type=int, default=60)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--max-batch-seconds", type=float, default=8.0, help="the demo config's value")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--eos-rule", default="median")
+    parser.add_argument("--gen-max-frames", type=int, default=750)
+    parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser.add_argument("--text-dropout", type=float, default=0.0)
+    parser.add_argument("--stage-args", default="{}", help="JSON of further SpeechlessStage arguments")
+    parser.add_argument("--lm-args", default="{}", help="JSON of further SpeechLM arguments")
+    parser.add_argument("--asr", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", help="write the metrics as JSON here")
+    args = parser.parse_args(argv)
+    if not args.model or not Path(args.model, "config.json").exists():
+        print("needs a Whisper tiny.en folder: --model DIR or WHISPER_TINY_EN=DIR")
+        return 0
+    torch.set_num_threads(args.threads)
+    from lightning.pytorch import Trainer, seed_everything
+
+    from datamodules.speech import SpeechDataModule
+    from models.speech_lm import SpeechLM
+    from stages.stage2 import SpeechlessStage, make_tiny_lm
+
+    work = Path(args.workdir)
+    corpus = build_corpus(work, args)
+    seconds = [s.shape[0] / 25.0 for s in corpus["states"]]
+    print(f"corpus: {len(seconds)} utterances, {sum(seconds) / 3600:.2f} h, mean {np.mean(seconds):.1f} s; "
+          f"splits " + ", ".join(f"{s} {corpus['split'].count(s)}" for s in ("train", "val", "test")))
+    tokens = build_tokens(work, corpus, args)
+    q, k = (int(x) for x in args.rvq.split("x"))
+    lm_dir = work / f"lm_{args.layers}x{args.hidden}"
+    if not (lm_dir / "config.json").exists():
+        make_tiny_lm(lm_dir, sorted(set(corpus["texts"])), vocab_size=1000, hidden_size=args.hidden, num_layers=args.layers)
+    seed_everything(args.seed)
+    lm = SpeechLM(lm=str(lm_dir), tokenizer=str(lm_dir), num_levels=q, codebook_size=k, **json.loads(args.lm_args))
+    stage = SpeechlessStage(
+        lm=lm, stage1_artifact=str(tokens / "artifacts/stage1/current"), lr=args.lr, warmup_steps=args.warmup,
+        gen_max_frames=args.gen_max_frames, eos_rule=args.eos_rule, cfg_scale=args.cfg_scale,
+        text_dropout=args.text_dropout, asr_decoder="auto" if args.asr else None, **json.loads(args.stage_args),
+    )
+    dm = SpeechDataModule(train_shards=str(tokens / "train"), val_shards=str(tokens / "val"),
+                          test_shards=str(tokens / "test"), fields="tokens", max_batch_seconds=args.max_batch_seconds,
+                          max_batch_size=args.max_batch_size, seed=args.seed)
+    trainer = Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      limit_val_batches=0, gradient_clip_val=1.0)
+    t0 = time.perf_counter()
+    trainer.fit(stage, datamodule=dm)
+    fit_s = time.perf_counter() - t0
+    train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    timer = _Timer(stage)
+    t0 = time.perf_counter()
+    metrics = trainer.test(stage, datamodule=dm, verbose=False)[0]
+    test_s = time.perf_counter() - t0
+    real_len = [s.shape[0] for s, sp in zip(corpus["states"], corpus["split"], strict=True) if sp == "test"]
+    print(f"\nfit {fit_s:.0f} s ({trainer.global_step} steps, train/loss {train_metrics.get('train/loss', float('nan')):.3f}, "
+          f"train/acc {train_metrics.get('train/acc', float('nan')):.3f})")
+    print(f"test {test_s:.0f} s over {len(real_len)} utterances (mean {np.mean(real_len):.0f} frames): "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in timer.totals.items()))
+    real_by_text: dict[str, list[int]] = {}
+    for t, s_, sp in zip(corpus["texts"], corpus["states"], corpus["split"], strict=True):
+        if sp == "test":
+            real_by_text.setdefault(t, []).append(s_.shape[0])
+    signed = [n - float(np.mean(real_by_text[t])) for t, n in timer.lengths]
+    print(f"  generated - real frames: mean {np.mean(signed):+.1f}, median {np.median(signed):+.1f}, "
+          f"at the guard {sum(n >= args.gen_max_frames for _, n in timer.lengths)}/{len(signed)}")
+    metrics["overrun_mean"] = float(np.mean(signed))
+    for key in ("test/loss", "test/acc", "test/len_error", "test/gen_cosine", "test/word_match", "test/gen_wer",
+                "test/gen_cer", "test/real_wer", "test/real_cer"):
+        if key in metrics:
+            print(f"  {key:<16} {metrics[key]:.3f}")
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save).write_text(json.dumps({"args": vars(args), "fit_s": fit_s, "test_s": test_s,
+                                               "timing": timer.totals, "metrics": metrics,
+                                               "steps": trainer.global_step}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
