@@ -158,6 +158,32 @@ class _Timer:
         setattr(obj, name, timed)
 
 
+def oracle_length_figures(stage, corpus: dict) -> dict[str, float]:
+    """gen_cosine and WER of the test texts generated with each utterance's real length given."""
+    from torchmetrics.text import WordErrorRate
+
+    from stages.stage2 import aligned_cosine, normalize_transcript
+
+    stage.eval()
+    items = [(t, s) for t, s, sp in zip(corpus["texts"], corpus["states"], corpus["split"], strict=True) if sp == "test"]
+    cos, hyps = [], []
+    q = stage.quantizer
+    for start in range(0, len(items), 16):
+        part = items[start : start + 16]
+        codes = [q.encode(s.float()[None])[0] for _, s in part]
+        gen = stage.lm.generate([t for t, _ in part], max_frames=stage.gen_max_frames, min_frames=1,
+                                lengths=[c.shape[1] for c in codes], cfg_scale=stage.cfg_scale)
+        gs = [stage._states(g) for g in gen]
+        cos += [float(aligned_cosine(g, stage._states(c))) for g, c in zip(gs, codes, strict=True)]
+        if stage.asr is not None:
+            hyps += stage._transcribe(gs)
+    out = {"oracle/gen_cosine": float(np.mean(cos))}
+    if hyps:
+        norm = lambda x: normalize_transcript(x, "en")  # noqa: E731
+        out["oracle/gen_wer"] = float(WordErrorRate()([norm(h) for h in hyps], [norm(t) for t, _ in items]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=os.environ.get("WHISPER_TINY_EN"), help="HF Whisper tiny.en folder")
@@ -185,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", help="write the metrics as JSON here")
+    parser.add_argument("--oracle-length", action="store_true", help="also generate at the real lengths")
     args = parser.parse_args(argv)
     if not args.model or not Path(args.model, "config.json").exists():
         print("needs a Whisper tiny.en folder: --model DIR or WHISPER_TINY_EN=DIR")
@@ -216,9 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     dm = SpeechDataModule(train_shards=str(tokens / "train"), val_shards=str(tokens / "val"),
                           test_shards=str(tokens / "test"), fields="tokens", max_batch_seconds=args.max_batch_seconds,
                           max_batch_size=args.max_batch_size, seed=args.seed)
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochLog(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            m = trainer.callback_metrics
+            extra = f", length_error {float(m['train/length_error']):.1f}" if "train/length_error" in m else ""
+            print(f"  epoch {trainer.current_epoch}: step {trainer.global_step}, train/loss {float(m['train/loss']):.3f}, "
+                  f"train/acc {float(m['train/acc']):.3f}{extra}, {time.perf_counter() - t0:.0f} s", flush=True)
+
     trainer = Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, gradient_clip_val=1.0)
+                      limit_val_batches=0, gradient_clip_val=1.0, callbacks=[EpochLog()])
     t0 = time.perf_counter()
     trainer.fit(stage, datamodule=dm)
     fit_s = time.perf_counter() - t0
@@ -244,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
                 "test/gen_cer", "test/real_wer", "test/real_cer"):
         if key in metrics:
             print(f"  {key:<16} {metrics[key]:.3f}")
+    if args.oracle_length:  # the same test texts generated at their real lengths: content alone
+        metrics.update(oracle_length_figures(stage, corpus))
+        print(f"  at the real length: gen_cosine {metrics['oracle/gen_cosine']:.3f}"
+              + (f", gen_wer {metrics['oracle/gen_wer']:.3f}" if "oracle/gen_wer" in metrics else ""))
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save).write_text(json.dumps({"args": vars(args), "fit_s": fit_s, "test_s": test_s,
