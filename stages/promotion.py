@@ -348,12 +348,13 @@ def remove_stale_tmp(stage_dir: Path) -> list[str]:
 
 
 #: What each artifact module may be built as, by module name, when ``load_artifact`` is given no
-#: ``expect``: stage 1 ``quantizer`` and ``encoder``, stage 2 ``lm``, stage 3 ``llm``.
+#: ``expect``: stage 1 ``quantizer`` and ``encoder``, stage 2 ``lm``, stage 3 ``llm`` (and ``projector``).
 ARTIFACT_KINDS: dict[str, str] = {
     "quantizer": "models.rvq.ResidualVQ",
     "encoder": "models.encoders.base.FrozenEncoder",
     "lm": "models.speech_lm.SpeechLM",
     "llm": "models.spoken_llm.SpokenLLM",
+    "projector": "models.projector.AudioProjector",
 }
 
 

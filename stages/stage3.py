@@ -6,13 +6,20 @@ pre-projection space and enter the LLM through its native audio path (``models.s
 only LoRA trains, on the response tokens. Validation also feeds *real* speech of held-out speakers
 through the audio tower and scores greedy answers against a closed task (the demo: next digit).
 
-For a text-only causal LM (``llm.input_mode: tokens``, e.g. Gemma 3) the codes are written into the
-prompt as Ichigo-style sound tokens (``SpokenLLM.example``) and real speech reaches the LLM through the
-stage-1 artifact's own frozen encoder and RVQ (``attach_stage1``), normalised as stage 1 normalised it.
-With ``llm.ctc_weight > 0`` the datamodule also gets each spoken instruction's text as CTC targets.
+For a text-only causal LM (e.g. Gemma 3) there are two ways. ``llm.input_mode: tokens``: the codes are
+written into the prompt as Ichigo-style sound tokens (``SpokenLLM.example``). ``llm.input_mode:
+embeddings`` with a projector (``llm.audio_path: projector``, the default for an LLM without an audio
+tower; any stage-1 encoder, Whisper included): the dequantized states go through a trainable
+``models.projector.AudioProjector`` (frame stacking + MLP, as Ultravox) into placeholder slots. In both,
+real speech reaches the LLM through the stage-1 artifact's own frozen encoder (``attach_stage1``),
+normalised as stage 1 normalised it (and, for the projector, through the RVQ round trip when
+``rvq_round_trip``). With ``llm.ctc_weight > 0`` the datamodule also gets each spoken instruction's
+text as CTC targets.
 
-Checkpoints hold only the trainable weights (``DESIGN.md``: a LoRA checkpoint holds the adapter); the
-promoted artifact holds the PEFT adapter and a merged Hugging Face export.
+Checkpoints hold only the trainable weights (``DESIGN.md``: a LoRA checkpoint holds the adapter, and
+the projector when there is one); the promoted artifact holds the PEFT adapter (with the projector's
+``projector.safetensors``), a merged Hugging Face export, and a ``projector`` module entry that
+``load_artifact`` rebuilds from the adapter folder (``AudioProjector.load``).
 """
 
 from __future__ import annotations
@@ -28,13 +35,15 @@ import soundfile as sf
 import torch
 from lightning import LightningModule
 from torchmetrics import MeanMetric
+from torchmetrics.text import WordErrorRate
 
-from datamodules.instructions import CLOSED_TASKS
+from datamodules.instructions import CLOSED_TASKS, OPEN_TASKS
 from datamodules.shards import iter_tar_samples, resolve_shards
 from models.chat_format import IGNORE_INDEX, collate_padded
 from models.encoders import FrozenEncoder
 from models.rvq import ResidualVQ
 from models.spoken_llm import SpokenLLM
+from stages.infer import normalizer
 from stages.promotion import ArtifactModule, load_artifact
 from stages.stage1 import check_encoder_matches
 
@@ -53,9 +62,10 @@ def attach_stage1(llm: SpokenLLM, path: str, *, encoder: bool = False) -> dict[s
     Args:
         llm: The stage-3 model.
         path: Promoted stage-1 folder.
-        encoder: Also rebuild the encoder stage 1 was trained on (``input_mode="tokens"`` hears real
-            speech through it); it must be reloadable (a hub id or folder, or weight-free) and match
-            the artifact's ``info.encoder`` (kind, source, dim, frame rate, layer, normalisation).
+        encoder: Also rebuild the encoder stage 1 was trained on (``input_mode="tokens"`` and the
+            projector path hear real speech through it); it must be reloadable (a hub id or folder, or
+            weight-free) and match the artifact's ``info.encoder`` (kind, source, dim, frame rate, layer,
+            normalisation).
 
     Returns:
         ``load_artifact``'s dict.
@@ -72,7 +82,7 @@ def attach_stage1(llm: SpokenLLM, path: str, *, encoder: bool = False) -> dict[s
             f"stage-1 artifact {path} has {got[0]} levels x {got[1]} codes but the LLM expects "
             f"{want[0]} x {want[1]}: set llm.init_args.num_levels/codebook_size to match"
         )
-    if llm.input_mode == "embeddings":
+    if llm.audio_path == "native":  # the projector checks its own width (attach_rvq)
         width = llm.base.model.audio_tower.output_proj.in_features
         if rvq.dim != width:
             raise ValueError(f"stage-1 RVQ dim {rvq.dim} != the audio tower's pre-projection width {width}")
@@ -83,7 +93,7 @@ def attach_stage1(llm: SpokenLLM, path: str, *, encoder: bool = False) -> dict[s
         built = loaded["modules"].get("encoder")
         if built is None:
             raise ValueError(f"stage-1 artifact {path} records no encoder (trained on cached states?): "
-                             "tokens mode cannot hear real speech without it")  # fmt: skip
+                             f"{llm.audio_path or 'tokens'} mode cannot hear real speech without it")  # fmt: skip
         described, recorded = built.describe(), (loaded["config"].get("info") or {}).get("encoder") or {}
         if built.model is not None and described["source"] is None:
             raise ValueError(f"stage-1 artifact {path}: its encoder has config-built random weights, which "
@@ -178,12 +188,15 @@ class SpokenInstructionStage(LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps, then cosine decay to 10 % over the run.
         eval_audio_shards: Audio shards of real speech (held-out speakers) scored at each validation end.
-        eval_closed_task: How the reference answer follows from a shard's ``json.text`` (``next_digit``).
+        eval_closed_task: How the reference answer follows from a shard's ``json.text``: ``next_digit``
+            (a closed set, exact match) or ``repeat`` (the transcript; also logs ``val/spoken_wer``).
+        eval_language: Text normaliser of that WER (Whisper's English one for ``en``, its basic one otherwise).
         eval_instruction_text: Text placed before the audio in the eval prompt (as in training).
         eval_max_samples: Cap on scored utterances (``None``: all).
         eval_batch_size: Utterances per ``generate`` call.
-        rvq_round_trip: Embeddings mode: pass real speech through RVQ encode/decode before the LLM, as in
-            training (tokens mode always goes through the RVQ: its tokens are codes).
+        rvq_round_trip: Embeddings mode (native or projector): pass real speech's encoder states through
+            RVQ encode/decode before the LLM, as in training (tokens mode always goes through the RVQ:
+            its tokens are codes). Recorded in the artifact; ``speechless-infer`` follows it.
     """
 
     summary_metrics = ["val/loss", "val/spoken_accuracy"]
@@ -198,6 +211,7 @@ class SpokenInstructionStage(LightningModule):
         warmup_steps: int = 0,
         eval_audio_shards: str | None = None,
         eval_closed_task: str = "next_digit",
+        eval_language: str = "en",
         eval_instruction_text: str | None = None,
         eval_max_samples: int | None = None,
         eval_batch_size: int = 16,
@@ -210,6 +224,9 @@ class SpokenInstructionStage(LightningModule):
         if eval_closed_task not in CLOSED_TASKS:
             raise ValueError(f"eval_closed_task must be one of {sorted(CLOSED_TASKS)}, got {eval_closed_task!r}")
         self.eval_task = CLOSED_TASKS[eval_closed_task]
+        self.eval_closed_task, self.eval_open = eval_closed_task, eval_closed_task in OPEN_TASKS
+        self.eval_language = eval_language
+        self._spoken_wer = float("nan")
         self.eval_max_samples, self.eval_batch_size = eval_max_samples, eval_batch_size
         self.rvq_round_trip = rvq_round_trip
         # Checkpoints carry only the adapter: the frozen base reloads from its source.
@@ -222,8 +239,9 @@ class SpokenInstructionStage(LightningModule):
         self.val_ctc = MeanMetric()
 
     def _attach_stage1(self, path: str) -> None:
-        # Tokens mode hears real speech through the stage-1 encoder: loaded only when validation needs it.
-        encoder = self.llm.input_mode == "tokens" and bool(self.eval_audio_shards)
+        # Tokens mode and the projector hear real speech through the stage-1 encoder: loaded only when
+        # validation needs it (speechless-infer loads it from the artifact the stage-3 one records).
+        encoder = self.llm.hears_through_encoder and bool(self.eval_audio_shards)
         loaded = attach_stage1(self.llm, path, encoder=encoder)
         self._parents = [{"path": str(loaded["path"]), "sha256": loaded["config"].get("sha256", "")}]
         self._stage1_encoder = (loaded["config"].get("info") or {}).get("encoder")
@@ -272,9 +290,14 @@ class SpokenInstructionStage(LightningModule):
             return
         accuracy, n = self.spoken_accuracy()
         self.log("val/spoken_accuracy", accuracy)
+        line = f"spoken accuracy {accuracy:.3f} on {n} real utterances"
+        if self.eval_open:  # an open task ("repeat"): word error rate of the answers
+            self.log("val/spoken_wer", self._spoken_wer)
+            line += f", WER {self._spoken_wer:.3f}"
+        elif self.eval_closed_task == "next_digit":
+            line += f" (chance {1 / 10:.3f})"
         if self.trainer.is_global_zero:
-            print(f"\n[stage3] epoch {self.current_epoch}: spoken accuracy {accuracy:.3f} on {n} real "
-                  f"utterances (chance {1 / 10:.3f})", flush=True)  # fmt: skip
+            print(f"\n[stage3] epoch {self.current_epoch}: {line}", flush=True)
 
     def _eval_samples(self) -> list[tuple[Any, str]]:
         samples = []
@@ -294,15 +317,20 @@ class SpokenInstructionStage(LightningModule):
         rank, world = self.global_rank, self.trainer.world_size if self._trainer else 1
         mine = samples[rank::world]
         correct = 0
+        wer = WordErrorRate()  # its state: word edits and reference words, summed over ranks below
+        norm = normalizer(self.eval_language)
         for start in range(0, len(mine), self.eval_batch_size):
             chunk = mine[start : start + self.eval_batch_size]
             batch = self.llm.prompts_from_audio([w for w, _ in chunk], instruction_text=self.eval_instruction_text)
             batch["rvq_round_trip"] = self.rvq_round_trip
-            answers = self.llm.generate(batch, max_new_tokens=4)
+            answers = self.llm.generate(batch, max_new_tokens=48 if self.eval_open else 4)
             correct += sum(exact_match(a, ref) for a, (_, ref) in zip(answers, chunk, strict=True))
-        total = torch.tensor([correct, len(mine)], dtype=torch.float64, device=self.device)
+            if self.eval_open:
+                wer.update([norm(a) for a in answers], [norm(ref) for _, ref in chunk])
+        total = torch.tensor([correct, len(mine), float(wer.errors), float(wer.total)], dtype=torch.float64, device=self.device)
         if self._trainer is not None and world > 1:
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        self._spoken_wer = float(total[2] / total[3].clamp(min=1))
         return float(total[0] / total[1].clamp(min=1)), int(total[1])
 
     # ---- optimisation ------------------------------------------------------------------------
@@ -320,35 +348,54 @@ class SpokenInstructionStage(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- checkpoints: the adapter only -------------------------------------------------------
+    # ---- checkpoints: the adapter (and projector) only ---------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {f"llm.peft_model.{k}": v for k, v in self.llm.trainable_state_dict().items()}
+        # Keys are the weights' own module paths: llm.peft_model.<peft name>, llm.projector.<name>.
+        checkpoint["state_dict"] = {
+            (f"llm.{k}" if k.startswith("projector.") else f"llm.peft_model.{k}"): v
+            for k, v in self.llm.trainable_state_dict().items()
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        prefix = "llm.peft_model."
-        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        state = {}
+        for k, v in checkpoint["state_dict"].items():
+            if k.startswith("llm.peft_model."):
+                state[k[len("llm.peft_model.") :]] = v
+            elif k.startswith("llm.projector."):
+                state[k[len("llm.") :]] = v
         # Exact key check here: strict_loading=False below must not hide a wrong adapter.
         self.llm.load_trainable_state_dict(state)
 
     # ---- promotion ---------------------------------------------------------------------------
     def artifact_modules(self, config: dict[str, Any]) -> dict[str, ArtifactModule]:
-        """The PEFT adapter and a merged Hugging Face export, each in its own subfolder of ``llm/``."""
+        """The PEFT adapter and a merged Hugging Face export, each in its own subfolder of ``llm/``.
+
+        With a projector, also a ``projector`` module that ``load_artifact`` rebuilds (kind-checked,
+        ``AudioProjector.load``) from the adapter folder's ``projector.json`` + ``projector.safetensors``.
+        """
         spec = config.get("model", {}).get("init_args", {}).get("llm") or {}
 
         def save(directory: Path) -> None:
             self.llm.save_adapter(directory / "adapter")
             self.llm.export_merged(directory / "merged")
 
-        return {
+        modules = {
             "llm": ArtifactModule(
                 spec.get("class_path", "models.spoken_llm.SpokenLLM"), spec.get("init_args", {}), save=save
             )
         }
+        if self.llm.projector is not None:
+            modules["projector"] = ArtifactModule("models.projector.AudioProjector.load",
+                                                  {"directory": "@artifact/llm/adapter"})  # fmt: skip
+        return modules
 
     def artifact_info(self) -> dict[str, Any]:
         return {
             "base_model": self.llm.model_name,
             "input_mode": self.llm.input_mode,
+            "audio_path": self.llm.audio_path,
+            **({"projector": self.llm.projector.config()} if self.llm.projector is not None else {}),
+            "rvq_round_trip": self.rvq_round_trip,
             "num_levels": self.llm.num_levels,
             "codebook_size": self.llm.codebook_size,
             "adapter": "llm/adapter",

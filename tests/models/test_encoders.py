@@ -49,6 +49,7 @@ BUILDERS = {
     "gemma4": (lambda: Gemma4AudioEncoder(config=tiny_gemma4_audio_config()), 25.0, 64),
     "whisper": (lambda: WhisperEncoder(config=tiny_whisper_config()), 50.0, 32),
     "whisper_pool2": (lambda: WhisperEncoder(config=tiny_whisper_config(), pooling=2), 25.0, 32),
+    "whisper_clip": (lambda: WhisperEncoder(config=tiny_whisper_config(), window="clip"), 50.0, 32),
     "hubert": (lambda: SSLEncoder(config=tiny_hubert_config(), layer=2), 50.0, 32),
     "logmel": (lambda: LogMelEncoder(n_mels=40), 100.0, 40),
 }
@@ -117,7 +118,7 @@ class _Parent(nn.Module):
         self.head = nn.Linear(encoder.dim, 4)
 
 
-@pytest.mark.parametrize("name", ["gemma4", "whisper", "hubert", "logmel"])
+@pytest.mark.parametrize("name", ["gemma4", "whisper", "whisper_clip", "hubert", "logmel"])
 def test_frozen_and_out_of_checkpoints(name):
     torch.manual_seed(0)
     enc = BUILDERS[name][0]()
@@ -142,7 +143,7 @@ def test_frozen_and_out_of_checkpoints(name):
     assert parent.head.weight.grad is not None
 
 
-@pytest.mark.parametrize("name", ["gemma4", "whisper"])
+@pytest.mark.parametrize("name", ["gemma4", "whisper", "whisper_clip"])
 def test_bf16_autocast_runs_close_to_fp32(encoders, name):
     torch.manual_seed(0)
     enc32 = encoders[name]
@@ -264,6 +265,106 @@ def test_whisper_long_audio_is_chunked_by_window(encoders):
     torch.testing.assert_close(out.states[0, :200], first.states[0], atol=1e-4, rtol=1e-4)
 
 
+def _whisper_pair(pooling: int = 1) -> tuple[WhisperEncoder, WhisperEncoder]:
+    """The same tiny random Whisper (4 s window) behind ``window="full"`` and ``window="clip"``."""
+    torch.manual_seed(0)
+    full = WhisperEncoder(config=tiny_whisper_config(), pooling=pooling)
+    clip = WhisperEncoder(config=tiny_whisper_config(), pooling=pooling, window="clip")
+    clip._set_model(full.model)
+    return full, clip
+
+
+def test_whisper_full_window_is_the_library_forward():
+    """``window="full"`` (the default) is transformers' encoder on the whole padded window, cut."""
+    full, _ = _whisper_pair()
+    audio, lengths = _batch([16000, 7000, 333], seed=13)
+    out = full(audio, lengths)
+    items = [a[:n].numpy() for a, n in zip(audio, lengths.tolist())]
+    feats = full.extractor(items, sampling_rate=SR, return_tensors="pt")["input_features"]
+    assert feats.shape[-1] == 400  # the whole 4 s window
+    with torch.no_grad():
+        ref = full.model(feats).last_hidden_state
+    assert out.lengths.tolist() == [50, 22, 2]
+    torch.testing.assert_close(
+        out.states[out.mask], ref[:, : out.states.shape[1]][out.mask], atol=1e-6, rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("pooling", [1, 2])
+def test_whisper_clip_lengths_and_independence_of_the_batch(pooling):
+    """Clip mode: right lengths for many lengths in one batch, each clip's states as if it were alone.
+
+    Tolerance 1e-5: padded keys get exactly zero attention weight, so what is left between a clip in
+    a batch and the clip alone is float reassociation over other sequence lengths (measured ~5e-7 in
+    fp32). The effect the mask removes, attending to padded frames, is four orders larger: the
+    full-window states of the same clips differ by more than 1e-2 (asserted below).
+    """
+    full, clip = _whisper_pair(pooling)
+    lengths = [16000, 9000, 4321, 641, 320, 321, 1]
+    audio, lengths_t = _batch(lengths, seed=14)
+    out = clip(audio, lengths_t)
+    step = 320 * pooling
+    expected = [(n + step - 1) // step for n in lengths]
+    assert out.lengths.tolist() == expected == clip.num_frames(lengths_t).tolist()
+    assert out.states.shape == (len(lengths), max(expected), 32)
+    assert torch.isfinite(out.states).all() and out.states[~out.mask].abs().sum() == 0
+    for b, n in enumerate(lengths):
+        alone = clip(audio[b : b + 1, :n])
+        assert alone.lengths.item() == expected[b]
+        torch.testing.assert_close(out.states[b, : expected[b]], alone.states[0], atol=1e-5, rtol=1e-5)
+    # Reordering the batch (other neighbours, another padded length) changes nothing either.
+    perm = torch.tensor([3, 0, 6, 1])
+    sub = clip(audio[perm, : max(lengths[i] for i in perm.tolist())], lengths_t[perm])
+    for row, b in enumerate(perm.tolist()):
+        torch.testing.assert_close(
+            sub.states[row, : expected[b]], out.states[b, : expected[b]], atol=1e-5, rtol=1e-5
+        )
+    # Clip mode really changed what the short clips attend to: not the full-window states.
+    ref = full(audio, lengths_t)
+    assert torch.equal(ref.lengths, out.lengths)
+    assert (ref.states[1:] - out.states[1:]).abs().max() > 1e-2
+
+
+def test_whisper_clip_of_a_whole_window_is_the_full_window():
+    """A clip that fills the window has nothing to pad: the hand-run layers equal the library's forward."""
+    full, clip = _whisper_pair()
+    audio, lengths = _batch([4 * SR, 4 * SR - 5000], seed=15)
+    a, b = full(audio, lengths), clip(audio, lengths)
+    torch.testing.assert_close(b.states[0], a.states[0], atol=1e-5, rtol=1e-5)
+    # The other clip is 0.3 s short of the window: its states move a little (~3e-3), not nothing.
+    assert (b.states[1, : b.lengths[1]] - a.states[1, : a.lengths[1]]).abs().max() > 1e-3
+
+
+def test_whisper_clip_long_audio_is_chunked_by_window():
+    full, clip = _whisper_pair()
+    n = 9 * SR + 1234  # two whole 4 s windows and a 1.08 s tail
+    audio, lengths = _batch([n, 3000], seed=16)
+    out = clip(audio, lengths)
+    assert out.lengths.tolist() == [clip.num_frames(torch.tensor(n)).item(), 10] == [454, 10]
+    # Whole windows: the full-window states; the tail: the tail encoded alone at its own length.
+    torch.testing.assert_close(out.states[0, :200], full(audio[:1, : 4 * SR]).states[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.states[0, 200:400], full(audio[:1, 4 * SR : 8 * SR]).states[0], atol=1e-5, rtol=1e-5
+    )
+    tail = clip(audio[:1, 8 * SR : n])
+    assert tail.lengths.item() == 54
+    torch.testing.assert_close(out.states[0, 400:454], tail.states[0], atol=1e-5, rtol=1e-5)
+    assert (out.states[0, 400:454] - full(audio[:1, 8 * SR : n]).states[0]).abs().max() > 1e-2
+
+
+def test_whisper_window_is_described_and_checked():
+    from stages.stage1 import check_encoder_matches
+
+    full, clip = _whisper_pair()
+    assert "window" not in full.describe()  # artifacts from before the option still match
+    assert clip.describe() == {**full.describe(), "window": "clip"}
+    check_encoder_matches(clip.describe(), clip.describe(), where="artifact")
+    with pytest.raises(ValueError, match="window: artifact None vs config 'clip'"):
+        check_encoder_matches(full.describe(), clip.describe(), where="artifact")
+    with pytest.raises(ValueError, match="window"):
+        WhisperEncoder(config=tiny_whisper_config(), window="short")
+
+
 def test_whisper_and_hubert_load_from_saved_folders(tmp_path):
     audio, lengths = _batch([16000, 7000], seed=7)
     torch.manual_seed(11)
@@ -324,7 +425,7 @@ def test_bad_inputs_raise_clear_errors(encoders):
 
 
 @pytest.mark.skipif(not (DATA / "english_clips" / "jfk.flac").exists(), reason="../shared/data not present")
-@pytest.mark.parametrize("name", ["gemma4", "whisper_pool2", "logmel"])
+@pytest.mark.parametrize("name", ["gemma4", "whisper_pool2", "whisper_clip", "logmel"])
 def test_real_clip_frame_count(encoders, name):
     sf = pytest.importorskip("soundfile")
     soxr = pytest.importorskip("soxr")

@@ -339,3 +339,205 @@ def test_real_audio_is_normalised_as_the_stage1_encoder_does(tiny_path):
     m.set_audio_normalization()
     raw, _ = m.encoder_states(batch["input_features"], batch["input_features_mask"])
     assert raw[0, : ref.lengths[0]].mean(0).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------ projector (any LLM)
+WD, KS = 24, 4  # the stage-1 encoder's state width (a tiny Whisper's d_model), frames stacked per slot
+
+
+class DimRVQ(SumRVQ):
+    """The stand-in RVQ at another width (real RVQs expose ``dim``; the projector checks it)."""
+
+    def __init__(self, dim: int = WD) -> None:
+        nn.Module.__init__(self)
+        torch.manual_seed(2)
+        self.dim = dim
+        self.tables = nn.ModuleList(nn.Embedding(K, dim) for _ in range(Q))
+
+
+def tiny_whisper_encoder(dim: int = WD):
+    from models.encoders import WhisperEncoder
+    from models.gemma4_configs import tiny_whisper_config
+
+    torch.manual_seed(0)
+    config = tiny_whisper_config(d_model=dim, encoder_layers=1, max_source_positions=50)
+    return WhisperEncoder(config=config)  # a 1 s window (longer audio in pieces), 50 frames/s
+
+
+@pytest.fixture(scope="module")
+def gemma3_path(tmp_path_factory):
+    """A tiny random Gemma 3 text LM (no audio tower) with a locally trained tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from models.speech_lm import tiny_lm_config
+    from models.text_tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_gemma3")
+    tok = train_tokenizer(["Accra is the capital", "one two three four five", "Answer the question."] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    # Embeddings at a pretrained LM's scale: at init's 0.02 the frozen tied lm_head could not sharpen any
+    # answer (every logit within ~1 of the others), whatever LoRA and the projector learn.
+    config = tiny_lm_config(len(tok), hidden_size=32, initializer_range=0.2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_projected(path, **kw) -> SpokenLLM:
+    args = dict(model=str(path), dtype="fp32", num_levels=Q, codebook_size=K, lora_r=4, lora_alpha=8,
+                lora_dropout=0.0, audio_dim=WD, projector_stack=KS)  # fmt: skip
+    m = SpokenLLM(**{**args, **kw})
+    m.attach_rvq(DimRVQ())
+    return m
+
+
+@pytest.fixture(scope="module")
+def projected(gemma3_path):
+    """A Gemma 3 + projector model trained on one spoken example (7 frames: not a multiple of k)."""
+    m = make_projected(gemma3_path)
+    codes = torch.randint(0, K, (Q, 7), generator=torch.Generator().manual_seed(3))
+    batch = collate_instructions_([m.example(instruction_text="Answer the question.", codes=codes, response="Accra")], m)
+    frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
+    projector = {n: p.detach().clone() for n, p in m.projector.named_parameters()}
+    losses = train(m, batch, steps=15)
+    return {"model": m, "batch": batch, "codes": codes, "losses": losses, "frozen": frozen, "projector": projector}
+
+
+def collate_instructions_(examples, m):
+    from models.chat_format import collate_padded as pad
+
+    batch = pad(examples, pad_id=m.pad_id)
+    width = max(e["codes"].shape[-1] for e in examples)
+    batch["codes"] = torch.stack([nn.functional.pad(e["codes"], (0, width - e["codes"].shape[-1]), value=-1) for e in examples])
+    batch["code_lengths"] = torch.tensor([e["codes"].shape[-1] for e in examples])
+    return batch
+
+
+def test_frame_stacking_covers_every_frame_in_ceil_t_over_k_slots():
+    from models.projector import AudioProjector, stack_frames
+
+    states = torch.randn(2, 9, 3)
+    stacked, groups = stack_frames(states, torch.tensor([9, 5]), 4)
+    assert stacked.shape == (2, 3, 12) and groups.tolist() == [3, 2]
+    torch.testing.assert_close(stacked[0, 1], states[0, 4:8].reshape(-1))  # frames 4..7 side by side
+    torch.testing.assert_close(stacked[0, 2], torch.cat([states[0, 8], torch.zeros(9)]))  # last group padded
+    torch.testing.assert_close(stacked[1, 1], torch.cat([states[1, 4], torch.zeros(9)]))  # past its length: zeros
+    proj = AudioProjector(input_dim=3, output_dim=8, stack=4, hidden_dim=16).eval()
+    assert [proj.num_positions(t) for t in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+    # An utterance gives the same vectors alone and padded in a batch with a longer one (garbage in the pad).
+    padded = states.clone()
+    padded[1, 5:] = 1e3
+    with torch.no_grad():
+        alone, n = proj(states[1:2, :5], torch.tensor([5]))
+        batched, _ = proj(padded, torch.tensor([9, 5]))
+    assert alone.shape == (1, 2, 8) and n.tolist() == [2]
+    torch.testing.assert_close(batched[1, :2], alone[0])
+    with pytest.raises(ValueError, match="stack"):
+        AudioProjector(input_dim=3, output_dim=8, stack=0)
+
+
+def test_projector_example_and_prompt_place_ceil_t_over_k_slots(gemma3_path):
+    m = make_projected(gemma3_path)
+    assert m.audio_path == "projector" and m.projector.output_dim == 32 and m.projector.stack == KS
+    start, slot, end = (m.tokenizer.convert_tokens_to_ids(t) for t in ("<|audio_start|>", "<|audio|>", "<|audio_end|>"))
+    for t in (1, 4, 7, 9):
+        ex = m.example(instruction_text="Answer the question.", codes=torch.zeros(Q, t, dtype=torch.long), response="x")
+        ids = ex["input_ids"].tolist()
+        n = -(-t // KS)
+        assert int(ex["audio_positions"].sum()) == ids.count(slot) == n
+        first = ids.index(slot)
+        assert ids[first - 1] == start and ids[first + n] == end and ex["audio_positions"][first : first + n].all()
+        assert (ex["labels"][ex["audio_positions"]] == IGNORE_INDEX).all()
+    # The placeholders are special: answers never show them.
+    assert m.tokenizer.decode([start, slot, end], skip_special_tokens=True) == ""
+    # The slots get the projector's output, frame groups of the decoded codes, in segment order.
+    codes = torch.randint(0, K, (2, Q, 7))
+    lengths = torch.tensor([7, 5])
+    with torch.no_grad():
+        got = m.embed_codes(codes, lengths)
+        states = m.rvq.decode(codes)
+        first, _ = m.projector(states[:1], torch.tensor([7]))
+        second, _ = m.projector(states[1:, :5], torch.tensor([5]))
+    assert got.shape == (2 + 2, 32)
+    torch.testing.assert_close(got, torch.cat([first[0], second[0]]))
+
+
+def test_projector_sizes_are_clear_errors(gemma3_path, tiny_path):
+    from models.projector import AudioProjector
+
+    with pytest.raises(ValueError, match="audio_dim"):
+        SpokenLLM(model=str(gemma3_path), dtype="fp32", num_levels=Q, codebook_size=K, lora_r=2)
+    with pytest.raises(ValueError, match="no audio tower"):
+        SpokenLLM(model=str(gemma3_path), dtype="fp32", audio_path="native", lora_r=2)
+    with pytest.raises(ValueError, match="tokens mode has no audio path"):
+        SpokenLLM(model=str(gemma3_path), dtype="fp32", input_mode="tokens", audio_path="projector", lora_r=2,
+                  num_levels=Q, codebook_size=K)  # fmt: skip
+    m = make_projected(gemma3_path)
+    with pytest.raises(ValueError, match=rf"gives 40-dim states but the projector reads {WD}: set llm.init_args.audio_dim: 40"):
+        m.attach_rvq(DimRVQ(40))
+    with pytest.raises(ValueError, match=rf"gives 40-dim states but the projector reads {WD}"):
+        m.attach_encoder(tiny_whisper_encoder(40))
+    with pytest.raises(ValueError, match="gives 16-dim states"):
+        m.embed_states(torch.randn(1, 5, 16), torch.tensor([5]))
+    with pytest.raises(ValueError, match=rf"reads \[B, T, {WD}\] encoder states"):
+        m.projector(torch.randn(1, 5, 16), torch.tensor([5]))
+    with pytest.raises(ValueError, match="saved projector .* != this model"):
+        m.load_projector(AudioProjector(input_dim=WD, output_dim=32, stack=2))
+    with pytest.raises(ValueError, match="not Gemma 4 audio features"):
+        m({"input_ids": torch.zeros(1, 3, dtype=torch.long), "labels": torch.zeros(1, 3, dtype=torch.long),
+           "input_features": torch.zeros(1, 8, 128), "input_features_mask": torch.ones(1, 8)})  # fmt: skip
+    # Gemma 4 with a projector (another encoder than its own) keeps its own audio tokens as slots.
+    g4 = make_projected(tiny_path, audio_path="projector")
+    assert g4._placeholders == ("<|audio>", "<|audio|>", "<audio|>") and g4.audio_token_id == g4.base.config.audio_token_id
+    ex = g4.example(instruction_text=None, codes=torch.zeros(Q, 6, dtype=torch.long), response="x")
+    with torch.no_grad():
+        assert torch.isfinite(g4(collate_instructions_([ex], g4))["loss"])
+
+
+def test_projector_trains_with_lora_and_the_base_stays_frozen(projected):
+    m = projected["model"]
+    assert projected["losses"][-1] < 0.5 * projected["losses"][0], projected["losses"]
+    after = dict(m.named_parameters())
+    assert all(torch.equal(v, after[n]) for n, v in projected["frozen"].items())  # base weights untouched
+    assert all(not torch.equal(v, after[f"projector.{n}"]) for n, v in projected["projector"].items())
+    sd = m.trainable_state_dict()
+    assert {k for k in sd if k.startswith("projector.")} == {f"projector.{n}" for n in projected["projector"]}
+    assert all(k.startswith("projector.") or "lora_" in k or "trainable_tokens" in k for k in sd)
+    prompt = collate_padded([m._mark_audio(build_prompt(m.tokenizer, audio_frames=None, instruction_text=m._with_sound(
+        "Answer the question.", m._audio_block(2))), 2)], pad_id=m.pad_id, side="left")  # fmt: skip
+    prompt.update(codes=projected["codes"][None], code_lengths=torch.tensor([7]))
+    assert m.generate(prompt, max_new_tokens=6) == ["Accra"]
+
+
+def test_projector_reloads_from_the_adapter_with_the_same_answers(projected, tmp_path):
+    from models.projector import AudioProjector
+
+    m, batch = projected["model"], projected["batch"]
+    adapter = m.save_adapter(tmp_path / "adapter")
+    assert (adapter / "projector.safetensors").is_file() and (adapter / "projector.json").is_file()
+    merged = m.export_merged(tmp_path / "merged")
+    fresh = make_projected(merged, lora_r=1)  # as speechless-infer builds it: merged LLM + saved projector
+    assert len(fresh.tokenizer) == len(m.tokenizer)  # the placeholders came with the merged tokenizer
+    with torch.no_grad():
+        before = fresh(batch)["loss"]
+        fresh.load_projector(AudioProjector.load(adapter))
+        want, got = m(batch, return_logits=True), fresh(batch, return_logits=True)
+    assert not torch.allclose(before, want["loss"])
+    torch.testing.assert_close(got["logits"], want["logits"], atol=1e-4, rtol=1e-4)
+    # Real speech: a tiny Whisper's states through the RVQ round trip -> the projector, same answers.
+    encoder = tiny_whisper_encoder()
+    rng = np.random.default_rng(0)
+    waves = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (8_000, 20_800)]  # 25 and 65 frames
+    answers, logits = [], []
+    for model in (m, fresh):
+        model.attach_encoder(encoder)
+        prompts = model.prompts_from_audio(waves, instruction_text="Answer the question.")
+        assert prompts["audio_lengths"].tolist() == [25, 65] and prompts["audio_positions"].sum(1).tolist() == [7, 17]
+        answers.append([model.generate({**prompts, "rvq_round_trip": rt}, max_new_tokens=4) for rt in (False, True)])
+        with torch.no_grad():
+            logits.append([model({**prompts, "rvq_round_trip": rt}, return_logits=True)["logits"] for rt in (False, True)])
+    assert answers[0] == answers[1] and all(len(a) == 2 for a in answers[0])
+    keep = prompts["attention_mask"].bool()
+    for ours, theirs in zip(logits[0], logits[1], strict=True):
+        torch.testing.assert_close(theirs[keep], ours[keep], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits[0][0][keep], logits[0][1][keep])  # the round trip changes what it hears

@@ -39,3 +39,17 @@ def test_long_audio_fills_one_block_with_every_frame(tiny_llm):
 def test_pieces_must_match_waveforms(tiny_llm):
     with pytest.raises(ValueError, match="pieces_per_item"):
         tiny_llm.prompts_from_audio([np.zeros(16000, np.float32)], pieces_per_item=[2])
+
+
+def test_repeat_is_an_open_task_scored_by_wer_with_the_language_s_normaliser():
+    from datamodules.instructions import CLOSED_TASKS, OPEN_TASKS
+    from stages.infer import score
+
+    assert "repeat" in OPEN_TASKS and "next_digit" not in OPEN_TASKS
+    assert CLOSED_TASKS["repeat"]("  the  cat sat ") == "the cat sat"
+    with pytest.raises(ValueError, match="empty"):
+        CLOSED_TASKS["repeat"]("   ")
+    # Twi keeps its letters under the basic normaliser; English gets Whisper's English one.
+    assert score(["ɔkɔɔ fie"], ["Ɔkɔɔ fie!"], mode="transcription", language="tw") == {"wer": 0.0, "cer": 0.0}
+    assert score(["it is ten dollars"], ["It's $10."], mode="transcription", language="en")["wer"] == 0.0
+    assert score(["the cat"], ["the cat sat"], mode="transcription", language="tw")["wer"] == pytest.approx(1 / 3)
