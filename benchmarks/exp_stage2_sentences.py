@@ -184,6 +184,31 @@ def oracle_length_figures(stage, corpus: dict) -> dict[str, float]:
     return out
 
 
+def real_code_wer(tokens: Path, corpus: dict, args) -> float:
+    """WER of Whisper's transcripts of the test split's real codes (RVQ-decoded), and of the states."""
+    from torchmetrics.text import WordErrorRate
+
+    from models.rvq import ResidualVQ
+    from models.whisper_asr import WhisperASR
+    from stages.promotion import load_artifact
+    from stages.stage2 import normalize_transcript
+
+    rvq = load_artifact(tokens / "artifacts/stage1/current", names=["quantizer"],
+                        expect={"quantizer": ResidualVQ})["modules"]["quantizer"].eval()
+    asr = WhisperASR(source=args.model, pooling=2)
+    items = [(t, s.float()) for t, s, sp in zip(corpus["texts"], corpus["states"], corpus["split"], strict=True)
+             if sp == "test"]
+    lengths = torch.tensor([s.shape[0] for _, s in items])
+    states = torch.nn.utils.rnn.pad_sequence([s for _, s in items], batch_first=True)
+    mask = torch.arange(states.shape[1])[None] < lengths[:, None]
+    decoded = rvq.decode(rvq.encode(states, mask)) * mask[..., None]
+    norm = lambda x: normalize_transcript(x, "en")  # noqa: E731
+    refs = [norm(t) for t, _ in items]
+    wer = lambda hyps: float(WordErrorRate()([norm(h) for h in hyps], refs))  # noqa: E731
+    print(f"  states (no RVQ): WER {wer(asr.transcribe_states(states, lengths)):.3f}")
+    return wer(asr.transcribe_states(decoded, lengths))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=os.environ.get("WHISPER_TINY_EN"), help="HF Whisper tiny.en folder")
@@ -212,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", help="write the metrics as JSON here")
     parser.add_argument("--oracle-length", action="store_true", help="also generate at the real lengths")
+    parser.add_argument("--load", help="an LM state dict saved by a run (--save X writes X.lm.pt): test only")
+    parser.add_argument("--rvq-only", action="store_true", help="build the tokens, print the real codes' WER, stop")
+    parser.add_argument("--test-gen-batch-sizes", type=lambda x: [int(v) for v in x.split(",")], default=[16],
+                        help="run the test once per gen_batch_size (comma list): 1 is generation per eval batch")
     args = parser.parse_args(argv)
     if not args.model or not Path(args.model, "config.json").exists():
         print("needs a Whisper tiny.en folder: --model DIR or WHISPER_TINY_EN=DIR")
@@ -229,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {len(seconds)} utterances, {sum(seconds) / 3600:.2f} h, mean {np.mean(seconds):.1f} s; "
           f"splits " + ", ".join(f"{s} {corpus['split'].count(s)}" for s in ("train", "val", "test")))
     tokens = build_tokens(work, corpus, args)
+    if args.rvq_only:  # the tokenizer's own WER on the test sentences: real codes, RVQ-decoded
+        print(f"RVQ {args.rvq}: test real_wer {real_code_wer(tokens, corpus, args):.3f}")
+        return 0
     q, k = (int(x) for x in args.rvq.split("x"))
     lm_dir = work / f"lm_{args.layers}x{args.hidden}"
     if not (lm_dir / "config.json").exists():
@@ -256,13 +288,24 @@ def main(argv: list[str] | None = None) -> int:
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                       limit_val_batches=0, gradient_clip_val=1.0, callbacks=[EpochLog()])
     t0 = time.perf_counter()
-    trainer.fit(stage, datamodule=dm)
+    if args.load:  # a saved run's LM: test only (e.g. another eos_rule)
+        stage.lm.load_state_dict(torch.load(args.load, weights_only=True))
+    else:
+        trainer.fit(stage, datamodule=dm)
     fit_s = time.perf_counter() - t0
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    timer = _Timer(stage)
-    t0 = time.perf_counter()
-    metrics = trainer.test(stage, datamodule=dm, verbose=False)[0]
-    test_s = time.perf_counter() - t0
+    if args.save and not args.load:
+        torch.save(stage.lm.state_dict(), Path(args.save).with_suffix(".lm.pt"))
+    timings = {}
+    for size in args.test_gen_batch_sizes:  # the last one's figures are reported
+        stage.gen_batch_size = size
+        timer = _Timer(stage)
+        t0 = time.perf_counter()
+        metrics = trainer.test(stage, datamodule=dm, verbose=False)[0]
+        test_s = time.perf_counter() - t0
+        timings[size] = {"test_s": test_s, **timer.totals}
+        print(f"test with gen_batch_size {size}: {test_s:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timer.totals.items()) + ")",
+              flush=True)
     real_len = [s.shape[0] for s, sp in zip(corpus["states"], corpus["split"], strict=True) if sp == "test"]
     print(f"\nfit {fit_s:.0f} s ({trainer.global_step} steps, train/loss {train_metrics.get('train/loss', float('nan')):.3f}, "
           f"train/acc {train_metrics.get('train/acc', float('nan')):.3f})")
@@ -287,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save).write_text(json.dumps({"args": vars(args), "fit_s": fit_s, "test_s": test_s,
-                                               "timing": timer.totals, "metrics": metrics,
+                                               "timing": timings, "metrics": metrics,
                                                "steps": trainer.global_step}, indent=2))
     return 0
 

@@ -213,6 +213,29 @@ def test_generation_is_queued_across_batches_with_the_same_figures(world, monkey
     assert figures[0] == pytest.approx(figures[1])
 
 
+def test_cosine_schedule_warms_up_then_decays_to_the_floor_at_the_last_step(world):
+    from lightning.pytorch.callbacks import Callback
+
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _stage(world, lr_schedule="linear")
+    rates = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    for limit in ({"max_steps": 7}, {"max_epochs": 3}):  # steps given, or counted from the datamodule
+        rates.clear()
+        stage = _stage(world, lr=1e-2, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
+        Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Record()],
+                **limit).fit(stage, datamodule=_data(world))
+        assert rates[0] == pytest.approx(5e-3) and rates[1] == pytest.approx(1e-2)  # warm-up, then the peak
+        assert all(a >= b for a, b in zip(rates[1:], rates[2:]))  # then only down
+        assert len(rates) == stage._total_steps()
+        assert rates[-1] == pytest.approx(1e-3, rel=1e-6)  # the floor, min_lr_ratio * lr, at the last step
+
+
 def test_instruction_ranks_cover_each_once(world):
     root, _ = world
     seen, batches = [], []
@@ -421,6 +444,7 @@ def test_asr_decoder_choice_follows_the_stage1_encoder(asr_world, tmp_path):
     assert asr_source("auto", {"kind": "gemma4_audio", "source": "google/gemma-4-E2B-it"}, where="s1") is None
     assert asr_source("auto", None, where="s1") is None  # stage 1 trained from cached states
     assert asr_source("auto", {**enc, "level_db": -20.0}, where="s1") == enc["source"]  # still Whisper states
+    assert asr_source("auto", {**enc, "window": "clip"}, where="s1") == enc["source"]  # read about as well
     assert asr_source("auto", {**enc, "center_states": True}, where="s1") is None  # the mean the decoder needs is gone
     with pytest.raises(ValueError, match="center_states"):
         asr_source("other/whisper", {**enc, "center_states": True}, where="s1")
