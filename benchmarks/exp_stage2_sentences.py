@@ -158,6 +158,57 @@ class _Timer:
         setattr(obj, name, timed)
 
 
+def oracle_length_figures(stage, corpus: dict) -> dict[str, float]:
+    """gen_cosine and WER of the test texts generated with each utterance's real length given."""
+    from torchmetrics.text import WordErrorRate
+
+    from stages.stage2 import aligned_cosine, normalize_transcript
+
+    stage.eval()
+    items = [(t, s) for t, s, sp in zip(corpus["texts"], corpus["states"], corpus["split"], strict=True) if sp == "test"]
+    cos, hyps = [], []
+    q = stage.quantizer
+    for start in range(0, len(items), 16):
+        part = items[start : start + 16]
+        codes = [q.encode(s.float()[None])[0] for _, s in part]
+        gen = stage.lm.generate([t for t, _ in part], max_frames=stage.gen_max_frames, min_frames=1,
+                                lengths=[c.shape[1] for c in codes], cfg_scale=stage.cfg_scale)
+        gs = [stage._states(g) for g in gen]
+        cos += [float(aligned_cosine(g, stage._states(c))) for g, c in zip(gs, codes, strict=True)]
+        if stage.asr is not None:
+            hyps += stage._transcribe(gs)
+    out = {"oracle/gen_cosine": float(np.mean(cos))}
+    if hyps:
+        norm = lambda x: normalize_transcript(x, "en")  # noqa: E731
+        out["oracle/gen_wer"] = float(WordErrorRate()([norm(h) for h in hyps], [norm(t) for t, _ in items]))
+    return out
+
+
+def real_code_wer(tokens: Path, corpus: dict, args) -> float:
+    """WER of Whisper's transcripts of the test split's real codes (RVQ-decoded), and of the states."""
+    from torchmetrics.text import WordErrorRate
+
+    from models.rvq import ResidualVQ
+    from models.whisper_asr import WhisperASR
+    from stages.promotion import load_artifact
+    from stages.stage2 import normalize_transcript
+
+    rvq = load_artifact(tokens / "artifacts/stage1/current", names=["quantizer"],
+                        expect={"quantizer": ResidualVQ})["modules"]["quantizer"].eval()
+    asr = WhisperASR(source=args.model, pooling=2)
+    items = [(t, s.float()) for t, s, sp in zip(corpus["texts"], corpus["states"], corpus["split"], strict=True)
+             if sp == "test"]
+    lengths = torch.tensor([s.shape[0] for _, s in items])
+    states = torch.nn.utils.rnn.pad_sequence([s for _, s in items], batch_first=True)
+    mask = torch.arange(states.shape[1])[None] < lengths[:, None]
+    decoded = rvq.decode(rvq.encode(states, mask)) * mask[..., None]
+    norm = lambda x: normalize_transcript(x, "en")  # noqa: E731
+    refs = [norm(t) for t, _ in items]
+    wer = lambda hyps: float(WordErrorRate()([norm(h) for h in hyps], refs))  # noqa: E731
+    print(f"  states (no RVQ): WER {wer(asr.transcribe_states(states, lengths)):.3f}")
+    return wer(asr.transcribe_states(decoded, lengths))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=os.environ.get("WHISPER_TINY_EN"), help="HF Whisper tiny.en folder")
@@ -185,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", help="write the metrics as JSON here")
+    parser.add_argument("--oracle-length", action="store_true", help="also generate at the real lengths")
+    parser.add_argument("--load", help="an LM state dict saved by a run (--save X writes X.lm.pt): test only")
+    parser.add_argument("--rvq-only", action="store_true", help="build the tokens, print the real codes' WER, stop")
+    parser.add_argument("--test-gen-batch-sizes", type=lambda x: [int(v) for v in x.split(",")], default=[16],
+                        help="run the test once per gen_batch_size (comma list): 1 is generation per eval batch")
     args = parser.parse_args(argv)
     if not args.model or not Path(args.model, "config.json").exists():
         print("needs a Whisper tiny.en folder: --model DIR or WHISPER_TINY_EN=DIR")
@@ -202,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"corpus: {len(seconds)} utterances, {sum(seconds) / 3600:.2f} h, mean {np.mean(seconds):.1f} s; "
           f"splits " + ", ".join(f"{s} {corpus['split'].count(s)}" for s in ("train", "val", "test")))
     tokens = build_tokens(work, corpus, args)
+    if args.rvq_only:  # the tokenizer's own WER on the test sentences: real codes, RVQ-decoded
+        print(f"RVQ {args.rvq}: test real_wer {real_code_wer(tokens, corpus, args):.3f}")
+        return 0
     q, k = (int(x) for x in args.rvq.split("x"))
     lm_dir = work / f"lm_{args.layers}x{args.hidden}"
     if not (lm_dir / "config.json").exists():
@@ -216,17 +275,37 @@ def main(argv: list[str] | None = None) -> int:
     dm = SpeechDataModule(train_shards=str(tokens / "train"), val_shards=str(tokens / "val"),
                           test_shards=str(tokens / "test"), fields="tokens", max_batch_seconds=args.max_batch_seconds,
                           max_batch_size=args.max_batch_size, seed=args.seed)
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochLog(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            m = trainer.callback_metrics
+            extra = f", length_error {float(m['train/length_error']):.1f}" if "train/length_error" in m else ""
+            print(f"  epoch {trainer.current_epoch}: step {trainer.global_step}, train/loss {float(m['train/loss']):.3f}, "
+                  f"train/acc {float(m['train/acc']):.3f}{extra}, {time.perf_counter() - t0:.0f} s", flush=True)
+
     trainer = Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, gradient_clip_val=1.0)
+                      limit_val_batches=0, gradient_clip_val=1.0, callbacks=[EpochLog()])
     t0 = time.perf_counter()
-    trainer.fit(stage, datamodule=dm)
+    if args.load:  # a saved run's LM: test only (e.g. another eos_rule)
+        stage.lm.load_state_dict(torch.load(args.load, weights_only=True))
+    else:
+        trainer.fit(stage, datamodule=dm)
     fit_s = time.perf_counter() - t0
     train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    timer = _Timer(stage)
-    t0 = time.perf_counter()
-    metrics = trainer.test(stage, datamodule=dm, verbose=False)[0]
-    test_s = time.perf_counter() - t0
+    if args.save and not args.load:
+        torch.save(stage.lm.state_dict(), Path(args.save).with_suffix(".lm.pt"))
+    timings = {}
+    for size in args.test_gen_batch_sizes:  # the last one's figures are reported
+        stage.gen_batch_size = size
+        timer = _Timer(stage)
+        t0 = time.perf_counter()
+        metrics = trainer.test(stage, datamodule=dm, verbose=False)[0]
+        test_s = time.perf_counter() - t0
+        timings[size] = {"test_s": test_s, **timer.totals}
+        print(f"test with gen_batch_size {size}: {test_s:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timer.totals.items()) + ")",
+              flush=True)
     real_len = [s.shape[0] for s, sp in zip(corpus["states"], corpus["split"], strict=True) if sp == "test"]
     print(f"\nfit {fit_s:.0f} s ({trainer.global_step} steps, train/loss {train_metrics.get('train/loss', float('nan')):.3f}, "
           f"train/acc {train_metrics.get('train/acc', float('nan')):.3f})")
@@ -244,10 +323,14 @@ def main(argv: list[str] | None = None) -> int:
                 "test/gen_cer", "test/real_wer", "test/real_cer"):
         if key in metrics:
             print(f"  {key:<16} {metrics[key]:.3f}")
+    if args.oracle_length:  # the same test texts generated at their real lengths: content alone
+        metrics.update(oracle_length_figures(stage, corpus))
+        print(f"  at the real length: gen_cosine {metrics['oracle/gen_cosine']:.3f}"
+              + (f", gen_wer {metrics['oracle/gen_wer']:.3f}" if "oracle/gen_wer" in metrics else ""))
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save).write_text(json.dumps({"args": vars(args), "fit_s": fit_s, "test_s": test_s,
-                                               "timing": timer.totals, "metrics": metrics,
+                                               "timing": timings, "metrics": metrics,
                                                "steps": trainer.global_step}, indent=2))
     return 0
 

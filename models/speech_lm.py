@@ -27,9 +27,11 @@ semantic tokens, and decoding is greedy by default. Two output forms:
 ``length_conditioning`` (``all_levels`` only)
     A read sentence's length is set by its text, and a small LM trained on a few hundred sentences
     does not learn where its speech should end: greedy decoding then overruns by seconds. With
-    this option a *length head* (a linear layer on the last prompt position, which has read the
-    whole text and nothing of the speech) predicts ``log T``, trained by MSE beside the speech
-    loss, and every answer position's input also carries an embedding of its *progress*: frames
+    this option a *length head* predicts the utterance's frames as the sum over the prompt's tokens
+    of a per-token duration (``softplus`` of a linear layer on each prompt position's state, which
+    has read the text and nothing of the speech; a TTS duration predictor's form, so the prediction
+    grows with the text by construction), trained by MSE of ``log T`` beside the speech loss, and
+    every answer position's input also carries an embedding of its *progress*: frames
     left ``T - s`` and the fraction ``s / T`` (sinusoids, projected; zero-initialised), with the real
     ``T`` in training and the predicted (or a given) one at generation, where head 0's end of speech
     is placed exactly at ``T``. Knowing how far it is into the utterance also tells the model how
@@ -212,9 +214,9 @@ class SpeechLM(nn.Module):
                 nn.Linear(hidden, codebook_size + 1, bias=False) for _ in range(num_levels)
             )
         if length_conditioning:
-            self.length_head = nn.Linear(hidden, 1)  # log frames, from the last prompt position
+            self.length_head = nn.Linear(hidden, 1)  # frames per prompt token (softplus), summed
             nn.init.zeros_(self.length_head.weight)
-            nn.init.constant_(self.length_head.bias, 4.0)  # e^4 = 55 frames (2 s) before training
+            nn.init.constant_(self.length_head.bias, 1.85)  # softplus(1.85) = 2 frames a token before training
             self.progress = nn.Linear(4 * _PROGRESS_FREQS, hidden, bias=False)
             nn.init.zeros_(self.progress.weight)  # starts as the plain model; learns to use progress
 
@@ -363,6 +365,13 @@ class SpeechLM(nn.Module):
             return self.lm.get_input_embeddings()(answer_inputs[:, 0])
         return torch.stack([e(answer_inputs[:, q]) for q, e in enumerate(self.level_embeddings)]).sum(0)
 
+    def _log_length(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[B]`` predicted ``log T``: the sum over the prompt's tokens (``h [B, P, H]``, ``mask [B, P]``)
+        of each token's frames, ``softplus(length_head(h_i))``, as a TTS duration predictor sums its
+        per-token durations: the prediction grows with the text by construction."""
+        per_token = F.softplus(self.length_head(h).squeeze(-1).float()) * mask.float()
+        return per_token.sum(1).clamp(min=1e-3).log()
+
     def _progress(self, steps: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
         """``[B, S, H]`` progress embeddings of answer steps ``[B, S]`` of utterances of ``total [B]`` frames."""
         return self.progress(progress_features(steps, total).to(self.progress.weight.dtype))
@@ -421,7 +430,7 @@ class SpeechLM(nn.Module):
         )
         loss = speech_loss
         if self.length_conditioning:
-            log_pred = self.length_head(h[:, p_len - 1]).squeeze(-1).float()  # the prompt's last token
+            log_pred = self._log_length(h[:, :p_len], batch["attention_mask"][:, :p_len].to(dev))
             out["length_loss"] = F.mse_loss(log_pred, frames.float().clamp(min=1).log())
             out["length_error"] = (log_pred.detach().exp() - frames.float()).abs().mean()
             loss = loss + out["length_loss"]
@@ -529,22 +538,22 @@ class SpeechLM(nn.Module):
         return out.last_hidden_state[:, -1], out.past_key_values, mask, pos[:, -1:]
 
     def _prefill_prompt(self, batch: dict[str, torch.Tensor]):
-        """Prefill the prompt alone: the last prompt position's state (the length head's input)."""
+        """Prefill the prompt alone: its states ``[B, P, H]`` (the length head's input), cache, mask, position."""
         dev, p_len = self.device, batch["input_ids"].shape[1]
         mask, pos = batch["attention_mask"][:, :p_len].to(dev), batch["position_ids"][:, :p_len].to(dev)
         out = self.lm.get_decoder()(
             inputs_embeds=self.lm.get_input_embeddings()(batch["input_ids"].to(dev)), attention_mask=mask,
             position_ids=pos, use_cache=True,
         )
-        return out.last_hidden_state[:, -1], out.past_key_values, mask, pos[:, -1:]
+        return out.last_hidden_state, out.past_key_values, mask, pos[:, -1:]
 
     @torch.no_grad()
     def predict_lengths(self, texts: list[str]) -> torch.Tensor:
         """``[B]`` predicted frames per text (``length_conditioning`` models), at least 1."""
         if not self.length_conditioning:
             raise ValueError("predict_lengths needs a model built with length_conditioning=True")
-        h = self._prefill_prompt(self.build_batch(texts, None, loss_on_prompt=False))[0]
-        return self.length_head(h).squeeze(-1).float().exp().round().long().clamp(min=1).cpu()
+        h, _, mask, _ = self._prefill_prompt(self.build_batch(texts, None, loss_on_prompt=False))
+        return self._log_length(h, mask).exp().round().long().clamp(min=1).cpu()
 
     def _advance(self, embeds: torch.Tensor, cache, mask: torch.Tensor, pos: torch.Tensor):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
@@ -640,7 +649,7 @@ class SpeechLM(nn.Module):
             h, cache, mask, pos = self._prefill_prompt(batch)
             b = h.shape[0] // (1 if cfg_scale is None else 2)
             if lengths is None:
-                lengths = self.length_head(h[:b]).squeeze(-1).float().exp().round().long()
+                lengths = self._log_length(h[:b], mask[:b]).exp().round().long()
             target = lengths.to(dev).clamp(min_frames, max_frames)
             first = torch.full((h.shape[0], q_n), pad, dtype=torch.long, device=dev)
             embeds = self._embed_answer(first[..., None])  # [B', 1, H]: begin of speech

@@ -67,7 +67,8 @@ class WhisperASR(nn.Module):
             states of a silent window) or ``"zeros"``.
         language: Whisper language code of the prompt for a multilingual model (ignored by an
             English-only one).
-        max_new_tokens: token limit per window.
+        max_new_tokens: token limit per window (224: half of Whisper's 448 positions, its own
+            default limit for a 30 s window).
         max_tokens_per_second: token limit per second of real frames (at least 4 tokens per row).
         batch_size: windows decoded at once.
     """
@@ -79,7 +80,7 @@ class WhisperASR(nn.Module):
         pooling: int = 1,
         padding: Literal["silence", "zeros"] = "silence",
         language: str = "en",
-        max_new_tokens: int = 128,
+        max_new_tokens: int = 224,
         max_tokens_per_second: float = 8.0,
         batch_size: int = 16,
     ) -> None:

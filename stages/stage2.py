@@ -9,6 +9,7 @@ data set, which stage 3 trains on. The model itself is :class:`models.speech_lm.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,7 +84,11 @@ def asr_source(asr_decoder: str | None, encoder: dict[str, Any] | None, *, where
     mean nothing to a Whisper decoder: off). An explicit folder must go with a Whisper stage-1
     encoder. States centred per utterance (``center_states``) have lost their mean, which the
     decoder needs: ``"auto"`` turns the metric off, an explicit folder is refused. ``level_db``
-    only rescales the audio before the encoder, so its states stay Whisper states: allowed.
+    only rescales the audio before the encoder, so its states stay Whisper states: allowed. So is
+    ``window: "clip"`` (the encoder run at each clip's own length): its states of sentences are read
+    about as well as full-window ones (espeak sentences 0.173 vs 0.164 WER, english_clips 0.000
+    both), while sub-second clips hallucinate more (FSDD 1.08 vs 0.63;
+    ``benchmarks/bench_whisper_asr.py``), so the figure is pessimistic for such corpora.
     """
     if asr_decoder is None:
         return None
@@ -324,7 +329,14 @@ class SpeechlessStage(LightningModule):
         artifact: a promoted stage-2 artifact to start from (e.g. to synthesize): replaces ``lm``.
         lr: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps (then constant).
+        warmup_steps: linear warm-up steps (then constant, or the decay of ``lr_schedule``).
+        lr_schedule: ``"constant"`` after the warm-up, or ``"cosine"``: decay to
+            ``min_lr_ratio * lr`` at the fit's last step (``trainer.max_steps``, else the
+            datamodule's batches per epoch times ``max_epochs``). With a few hundred utterances in
+            batches of one or two, a constant rate ends the fit wherever its last noisy steps left
+            it (the length head's error swung between 6 and 120 frames from epoch to epoch on the
+            sentence benchmark); a decay lets the end settle.
+        min_lr_ratio: the cosine schedule's final rate, as a fraction of ``lr``.
         gen_max_frames: length guard for generation (frames).
         greedy, temperature, top_k: decoding (Speechless decodes greedily).
         eos_rule: how greedy decoding ends speech (see :meth:`SpeechLM.generate`): ``"median"``
@@ -361,12 +373,13 @@ class SpeechlessStage(LightningModule):
 
     def __init__(
         self, *, lm: SpeechLM | None = None, stage1_artifact: str, artifact: str | None = None,
-        lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 0, gen_max_frames: int = 250,
+        lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant", min_lr_ratio: float = 0.1, gen_max_frames: int = 250,
         greedy: bool = True, temperature: float = 1.0, top_k: int | None = None,
         eos_rule: Literal["argmax", "median"] = "median", text_dropout: float = 0.0, cfg_scale: float = 1.0,
         word_match_texts: int = 64, gen_batches: int | None = None, gen_batch_size: int = 16,
         asr_decoder: str | None = "auto", asr_padding: Literal["silence", "zeros"] = "silence",
-        asr_language: str = "en", asr_max_new_tokens: int = 128, asr_batch_size: int = 16,
+        asr_language: str = "en", asr_max_new_tokens: int = 224, asr_batch_size: int = 16,
     ) -> None:
         super().__init__()
         self._parents: list[dict[str, Any]] = []
@@ -392,6 +405,10 @@ class SpeechlessStage(LightningModule):
         self.lm.train()  # HF loaders return eval-mode models; Lightning keeps module modes as found
         self.quantizer = quantizer.requires_grad_(False).eval()
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        if lr_schedule not in ("constant", "cosine") or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine' and min_lr_ratio in [0, 1], "
+                             f"got {lr_schedule!r}, {min_lr_ratio}")
+        self.lr_schedule, self.min_lr_ratio = lr_schedule, min_lr_ratio
         if not 0.0 <= text_dropout < 1.0:
             raise ValueError(f"text_dropout must be in [0, 1), got {text_dropout}")
         if cfg_scale != 1.0 and text_dropout == 0.0 and artifact is None:
@@ -639,5 +656,29 @@ class SpeechlessStage(LightningModule):
         params = [p for p in self.lm.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         warm = max(self.warmup_steps, 1)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        total = self._total_steps() if self.lr_schedule == "cosine" else None
+        floor = self.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step + 1 < warm or total is None:
+                return min(1.0, (step + 1) / warm)
+            done = min(1.0, (step + 1 - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        """Optimiser steps of the whole fit, for the cosine schedule."""
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "batches_per_epoch") and trainer.max_epochs:
+            datamodule.setup("fit")
+            per_epoch = datamodule.batches_per_epoch("train")
+            return max(1, per_epoch * int(trainer.max_epochs) // max(1, trainer.accumulate_grad_batches))
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("lr_schedule='cosine' needs trainer.max_steps (or a datamodule that counts its batches)")
+        return int(total)

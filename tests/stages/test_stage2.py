@@ -213,6 +213,29 @@ def test_generation_is_queued_across_batches_with_the_same_figures(world, monkey
     assert figures[0] == pytest.approx(figures[1])
 
 
+def test_cosine_schedule_warms_up_then_decays_to_the_floor_at_the_last_step(world):
+    from lightning.pytorch.callbacks import Callback
+
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _stage(world, lr_schedule="linear")
+    rates = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    for limit in ({"max_steps": 7}, {"max_epochs": 3}):  # steps given, or counted from the datamodule
+        rates.clear()
+        stage = _stage(world, lr=1e-2, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
+        Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Record()],
+                **limit).fit(stage, datamodule=_data(world))
+        assert rates[0] == pytest.approx(5e-3) and rates[1] == pytest.approx(1e-2)  # warm-up, then the peak
+        assert all(a >= b for a, b in zip(rates[1:], rates[2:]))  # then only down
+        assert len(rates) == stage._total_steps()
+        assert rates[-1] == pytest.approx(1e-3, rel=1e-6)  # the floor, min_lr_ratio * lr, at the last step
+
+
 def test_instruction_ranks_cover_each_once(world):
     root, _ = world
     seen, batches = [], []
@@ -313,6 +336,9 @@ def test_pieces_without_their_own_text_are_counted_skips_not_empty_prompts(world
 
 
 # ---- intelligibility: the frozen Whisper decoder transcribes generated and real codes -------------
+ASR_TEXTS = ["Zero!", "One hello!", "Two hello hello hello!"]  # 1, 2 and 4 words: each its own WER
+
+
 @pytest.fixture(scope="module")
 def asr_world(tmp_path_factory):
     """A stage-1 artifact over a tiny random Whisper encoder (pooling 2) and token shards for it."""
@@ -321,7 +347,7 @@ def asr_world(tmp_path_factory):
     from stages.promotion import ArtifactModule
 
     root = tmp_path_factory.mktemp("stage2_asr")
-    whisper = make_tiny_whisper(root / "whisper", WORDS * 3)
+    whisper = _say_one_word(make_tiny_whisper(root / "whisper", [" ".join(WORDS + ["hello"])] * 3), " hello")
     encoder = WhisperEncoder(source=str(whisper), pooling=2)
     torch.manual_seed(0)
     rvq = ResidualVQ(dim=encoder.dim, num_quantizers=Q, codebook_size=K, kmeans_init=False)
@@ -333,10 +359,29 @@ def asr_world(tmp_path_factory):
     for n in range(6):
         w = n % len(WORDS)
         codes = np.stack([np.full(3 + w, w + q, dtype=np.int16) for q in range(Q)])
-        writer.write({"__key__": f"u{n:03d}", "json": {"text": WORDS[w].capitalize() + "!", "language": "en"},
+        writer.write({"__key__": f"u{n:03d}", "json": {"text": ASR_TEXTS[w], "language": "en"},
                       "codes.npy": codes}, seconds=0.04 * codes.shape[1])
     writer.close()
     return root, make_tiny_lm(root / "lm", WORDS * 5, vocab_size=300, hidden_size=32), info
+
+
+def _say_one_word(folder, word: str):
+    """Make a tiny random Whisper always say ``word``: its decoder's output is then one constant state.
+
+    A random decoder says nothing a normaliser keeps, so every WER would be 1 and a wrong sum over
+    ranks could not show; with one word said, the WER depends on which references are scored.
+    """
+    from transformers import AutoTokenizer, WhisperForConditionalGeneration
+
+    model = WhisperForConditionalGeneration.from_pretrained(folder)
+    (token,) = AutoTokenizer.from_pretrained(folder)(word, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        norm = model.model.decoder.layer_norm
+        norm.weight.zero_()
+        norm.bias.copy_(torch.linspace(-1, 1, norm.bias.numel()))
+        model.model.decoder.embed_tokens.weight[token] = 10 * norm.bias  # tied output row: the top logit
+    model.save_pretrained(folder)
+    return folder
 
 
 def _asr_stage(asr_world, **kw) -> SpeechlessStage:
@@ -374,8 +419,10 @@ def test_validate_logs_the_wer_of_generated_and_of_real_codes(asr_world):
         refs += [normalize_transcript(t, "en") for t in texts]
         gen_hyps += stage._transcribe([stage._states(g) for g in gen])
         real_hyps += stage._transcribe([stage._states(c) for c in codes])
-    assert sorted(set(refs)) == ["0", "2", "one"]  # Whisper's English normaliser: "Zero!" -> "0", "One!" -> "one"
+    assert sorted(set(refs)) == ["0", "2 hello hello hello", "one hello"]  # Whisper's English normaliser
     norm = lambda hyps: [normalize_transcript(h, "en") for h in hyps]  # noqa: E731
+    assert set(norm(real_hyps)) == {"hello hello hello hello"}  # 4 tokens: the budget of a short utterance
+    assert 0 < metrics["val/real_wer"] < 10
     assert metrics["val/gen_wer"] == pytest.approx(float(WordErrorRate()(norm(gen_hyps), refs)))
     assert metrics["val/real_wer"] == pytest.approx(float(WordErrorRate()(norm(real_hyps), refs)))
     assert metrics["val/real_cer"] == pytest.approx(float(CharErrorRate()(norm(real_hyps), refs)))
@@ -397,6 +444,7 @@ def test_asr_decoder_choice_follows_the_stage1_encoder(asr_world, tmp_path):
     assert asr_source("auto", {"kind": "gemma4_audio", "source": "google/gemma-4-E2B-it"}, where="s1") is None
     assert asr_source("auto", None, where="s1") is None  # stage 1 trained from cached states
     assert asr_source("auto", {**enc, "level_db": -20.0}, where="s1") == enc["source"]  # still Whisper states
+    assert asr_source("auto", {**enc, "window": "clip"}, where="s1") == enc["source"]  # read about as well
     assert asr_source("auto", {**enc, "center_states": True}, where="s1") is None  # the mean the decoder needs is gone
     with pytest.raises(ValueError, match="center_states"):
         asr_source("other/whisper", {**enc, "center_states": True}, where="s1")
@@ -408,3 +456,61 @@ def test_asr_decoder_choice_follows_the_stage1_encoder(asr_world, tmp_path):
     narrow = make_tiny_whisper(tmp_path / "narrow", WORDS, d_model=16)
     with pytest.raises(ValueError, match="16-dim"):
         _asr_stage(asr_world, asr_decoder=str(narrow))
+
+
+def _asr_rank(rank: int, world: int, port: int, root: str, lm_dir: str, out_dir: str) -> None:
+    """One gloo rank: validate its share of the batches, record what ``_eval_epoch_end`` logs."""
+    import pickle
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        lm = SpeechLM(lm=lm_dir, tokenizer=lm_dir, num_levels=Q, codebook_size=K)
+        stage = SpeechlessStage(lm=lm, stage1_artifact=f"{root}/artifacts/stage1/current", gen_max_frames=8,
+                                asr_max_new_tokens=6)
+        logged: dict[str, float] = {}
+        stage.log = lambda key, value, **kw: logged.__setitem__(key, float(value))
+        dm = SpeechDataModule(val_shards=f"{root}/tokens", fields="tokens", max_batch_size=1, max_batch_seconds=100.0)
+        dm.setup("validate")
+        for idx, batch in enumerate(dm.val_dataloader()):
+            if world == 1 or (idx < 2) == (rank == 0):  # rank 0 validates 2 batches, rank 1 the other 4
+                stage.validation_step(batch, idx)
+        stage._flush("val")
+        metric = stage.val_real_wer
+        logged["local_real_wer"] = float(metric.errors.sum() / metric.total.sum())  # before the sync
+        stage._eval_epoch_end("val")
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(logged, f)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_wer_over_two_ranks_is_the_single_process_figure(asr_world, tmp_path, monkeypatch, free_port):
+    import pickle
+    from pathlib import Path
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    root, lm_dir, _ = asr_world
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))  # spawn re-imports this module
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    _asr_rank(0, 1, free_port, str(root), str(lm_dir), str(tmp_path / "one"))
+    mp.spawn(_asr_rank, args=(2, free_port, str(root), str(lm_dir), str(tmp_path / "two")), nprocs=2, join=True)
+    one = pickle.loads((tmp_path / "one" / "rank0.pkl").read_bytes())
+    ranks = [pickle.loads((tmp_path / "two" / f"rank{r}.pkl").read_bytes()) for r in range(2)]
+    # Each rank's own figure differs from the total: the logged one is the sum over ranks.
+    assert any(r["local_real_wer"] != pytest.approx(one["val/real_wer"]) for r in ranks), (one, ranks)
+    for key in ("val/gen_wer", "val/gen_cer", "val/real_wer", "val/real_cer"):
+        assert key in one, key
+        assert ranks[0][key] == pytest.approx(one[key]) and ranks[1][key] == pytest.approx(one[key]), key
