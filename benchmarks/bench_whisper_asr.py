@@ -11,6 +11,8 @@ choices that metric makes, on real speech, with the pretrained Whisper tiny.en:
 - ``pool 2 + ...``: the same after the encoder's ``pooling=2`` (25 frames/s), undone by repeating;
 - ``clip window + silence``: states of ``WhisperEncoder(window="clip")`` (the encoder run at the
   clip's own length, not on a padded 30 s window), refilled with silence;
+- ``clip + 1 s of silence``: the same with ``clip_silence_s=1.0`` (each clip's frames also attend
+  to 1 s of the silence that follows it, as in the full window; the demo's setting);
 - ``RVQ QxK pool p``: after a round trip through a residual VQ trained here for a few hundred
   steps on *other* speech (FSDD clips not scored, and espeak-ng sentences), silence padding.
 
@@ -186,10 +188,13 @@ def main(argv: list[str] | None = None) -> int:
 
     clip_encoder = WhisperEncoder(source=args.model, window="clip")
     clip_states = {g: [clip_encoder(w[None]).states[0] for _, w in items] for g, items in groups.items()}
+    clip_encoder.clip_silence_s = 1.0
+    clip1_states = {g: [clip_encoder(w[None]).states[0] for _, w in items] for g, items in groups.items()}
 
-    def variant(group: str, pooling: int, padding: str, rvq: ResidualVQ | None, clip: bool = False) -> list[str]:
+    def variant(group: str, pooling: int, padding: str, rvq: ResidualVQ | None, clip: str = "") -> list[str]:
         asr.pooling, asr.padding = pooling, padding
-        cut = [s[:n] for s, n in zip(clip_states[group] if clip else states[group], frames[group], strict=True)]
+        source = {"": states, "clip": clip_states, "clip1": clip1_states}[clip][group]
+        cut = [s[:n] for s, n in zip(source, frames[group], strict=True)]
         lengths = torch.tensor(frames[group])
         x = torch.nn.utils.rnn.pad_sequence(cut, batch_first=True)
         if pooling == 2:
@@ -203,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     for pooling in (1, 2):
         for padding in ("silence", "zeros"):
             rows.append((f"{'states' if pooling == 1 else 'pool 2'} + {padding}", (pooling, padding, None)))
-    rows.append(("clip window + silence", (1, "silence", None, True)))
+    rows.append(("clip window + silence", (1, "silence", None, "clip")))
+    rows.append(("clip + 1 s of silence", (1, "silence", None, "clip1")))
     for pooling in rvqs:
         rows.append((f"RVQ {q}x{k} pool {pooling} + silence", (pooling, "silence", rvqs[pooling])))
     print(f"\n{'variant':<28}" + "".join(f"{g + ' WER/CER':>28}" for g in groups) + f"{'s':>6}")

@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ def run(cmd: list[str], *, ok_codes: tuple[int, ...] = (0,)) -> int:
     # `python -m stages ...` is the `lightning` command; show it the way a user types it.
     shown = ["lightning", *cmd[3:]] if cmd[1:3] == ["-m", "stages"] else [Path(cmd[0]).name, *cmd[1:]]
     print(f"\n$ {shlex.join(shown)}", flush=True)
+    start = time.time()
     code = subprocess.call(cmd, cwd=WORK)
+    print(f"[demo] {shown[0]} {shown[1] if len(shown) > 1 else ''}: {time.time() - start:.0f} s", flush=True)
     if code not in ok_codes:
         raise SystemExit(f"demo step failed with exit status {code}: {shlex.join(shown)}")
     return code
@@ -91,7 +94,8 @@ def for_corpus(config: str, corpus: str, artifacts: str) -> str:
     return str(corpus_config(
         ROOT / config, corpus, out,
         {"data/demo/": f"data/{corpus}/", "runs/demo": f"runs/{corpus}",
-         "artifacts_dir: artifacts": f"artifacts_dir: {artifacts}", "artifacts/stage1/": f"{artifacts}/stage1/"},
+         "artifacts_dir: artifacts": f"artifacts_dir: {artifacts}", "artifacts/stage1/": f"{artifacts}/stage1/",
+         "artifacts/whisper/": f"{artifacts}/whisper/"},
     ).relative_to(WORK))
 
 
@@ -138,38 +142,73 @@ def metrics_of(run_dir: Path) -> dict[str, Any]:
     return yaml.safe_load(files[-1].read_text()) if files else {}
 
 
-def stage3_run(config: str, source: str, corpus: str, artifacts: str, devices: list[str], bin_dir: Path) -> float:
+@dataclass(frozen=True)
+class Track:
+    """Where one encoder's run of the demo reads and writes (paths relative to ``WORK``).
+
+    ``gemma4-tiny`` is the default layout (``data/<corpus>/tokens``, ``runs/<corpus>/stage1``,
+    ``artifacts[/<corpus>]/stage1``); ``whisper-tiny`` puts the same under a ``whisper/`` folder of each,
+    beside it, so both can be run and compared on the same shards.
+    """
+
+    encoder: str
+    corpus: str
+    data: str  # tokens/ and synthetic/ of this encoder
+    runs: str
+    artifacts: str
+    configs: tuple[str, str, str]
+
+    @property
+    def shards(self) -> str:
+        return f"data/{self.corpus}/shards"
+
+
+def make_track(encoder: str, corpus: str) -> Track:
+    base = "artifacts" if corpus == "demo" else f"artifacts/{corpus}"
+    if encoder == "gemma4-tiny":
+        names = ("stage1_rvq", "stage2_speechless", "stage3_llm")
+        return Track(encoder, corpus, f"data/{corpus}", f"runs/{corpus}", base,
+                     tuple(for_corpus(f"configs/demo/{n}.yaml", corpus, base) for n in names))  # type: ignore[arg-type]
+    names = ("whisper_stage1_rvq", "whisper_stage2_speechless", "whisper_stage3_llm")
+    return Track(encoder, corpus, f"data/{corpus}/whisper", f"runs/{corpus}/whisper", f"{base}/whisper",
+                 tuple(for_corpus(f"configs/demo/{n}.yaml", corpus, base) for n in names))  # type: ignore[arg-type]
+
+
+def stage3_run(track: Track, source: str, devices: list[str], bin_dir: Path) -> float:
     """Fit stage 3 on ``source`` (``synthetic``: stage 2's spoken instructions; ``real``: the codes of the
     real training speech, with the same task derived from each transcript), then answer the real
     speech of the held-out test speakers; returns that accuracy.
 
     The real-speech run is the upper bound the method is measured against: it logs to
-    ``runs/<corpus>/stage3_real`` and promotes to ``<artifacts>/real/stage3``, never replacing the
+    ``<runs>/stage3_real`` and promotes to ``<artifacts>/real/stage3``, never replacing the
     synthetic-trained ``current``.
     """
+    config = track.configs[2]
     extra: list[str] = []
-    run_name, arts = "stage3", artifacts
+    run_name, arts = "stage3", track.artifacts
     if source == "real":
-        run_name, arts = "stage3_real", f"{artifacts}/real"
-        out = WORK / "runs" / corpus / "stage3_real.yaml"
+        run_name, arts = "stage3_real", f"{track.artifacts}/real"
+        out = WORK / track.runs / "stage3_real.yaml"
         text = (WORK / config if not Path(config).is_absolute() else Path(config)).read_text()
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text.replace(f"artifacts_dir: {artifacts}\n", f"artifacts_dir: {arts}\n"))
+        if f"artifacts_dir: {track.artifacts}\n" not in text:
+            raise SystemExit(f"{config} does not promote to {track.artifacts}")
+        out.write_text(text.replace(f"artifacts_dir: {track.artifacts}\n", f"artifacts_dir: {arts}\n"))
         config = str(out.relative_to(WORK))
         extra = [
             "--trainer.logger.init_args.name", run_name,
-            "--data.init_args.train_shards", f"data/{corpus}/tokens/train",
-            "--data.init_args.val_shards", f"data/{corpus}/tokens/val",
+            "--data.init_args.train_shards", f"{track.data}/tokens/train",
+            "--data.init_args.val_shards", f"{track.data}/tokens/val",
             "--data.init_args.instruction_key", "text",
             "--data.init_args.response_key", "null",
             "--data.init_args.closed_task", "next_digit",
         ]
     lightning("fit", "--config", config, *devices, *extra)
     report(f"stage 3 on {source} speech (promoted checkpoint, real speech of validation speakers)",
-           WORK / "runs" / corpus / run_name, "best", ("val/loss", "val/spoken_accuracy"))
-    answers = f"runs/{corpus}/{run_name}_test_answers.jsonl"
+           WORK / track.runs / run_name, "best", ("val/loss", "val/spoken_accuracy"))
+    answers = f"{track.runs}/{run_name}_test_answers.jsonl"
     run([str(bin_dir / "speechless-infer"), "--artifact", f"{arts}/stage3/current",
-         "--stage1", f"{artifacts}/stage1/current", "--shards", f"data/{corpus}/shards/test",
+         "--stage1", f"{track.artifacts}/stage1/current", "--shards", f"{track.shards}/test",
          "--closed-task", "next_digit", "--batch-size", "40", "--max-new-tokens", "4", "--output", answers])
     from stages.stage3 import exact_match
 
@@ -177,10 +216,167 @@ def stage3_run(config: str, source: str, corpus: str, artifacts: str, devices: l
     return sum(exact_match(r["answer"], r["reference"]) for r in rows) / len(rows) if rows else float("nan")
 
 
+def csv_metrics(folder: Path) -> dict[str, float]:
+    """The last value of every metric in the newest ``metrics.csv`` under ``folder`` (a CSVLogger's)."""
+    files = sorted(folder.glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    out: dict[str, float] = {}
+    if files:
+        with open(files[-1], newline="") as f:
+            for row in csv.DictReader(f):
+                out.update({k: float(v) for k, v in row.items() if v not in ("", None) and k not in ("epoch", "step")})
+    return out
+
+
+def chance_wer(texts: list[str], language: str = "en") -> float:
+    """The WER of a transcript drawn at random from ``texts`` against each of them: what a model that
+    knows the corpus's sentences but not which one was said scores (0.9 for ten one-word digits)."""
+    from torchmetrics.text import WordErrorRate
+
+    from stages.stage2 import normalize_transcript
+
+    norm = [normalize_transcript(t, language) for t in texts]
+    return float(WordErrorRate()([h for h in norm for _ in norm], [r for _ in norm for r in norm]))
+
+
+def whisper_model(bin_dir: Path) -> tuple[str | None, str]:
+    """The converted Whisper tiny.en folder (``data/models/whisper-tiny.en``), converting the
+    ``pretrained`` extra's wheel once; ``(None, why)`` when neither is there."""
+    folder = "data/models/whisper-tiny.en"
+    if (WORK / folder / "config.json").exists():
+        return folder, ""
+    from models.pretrained_whisper import installed_ct2_whisper_dir
+
+    try:
+        installed_ct2_whisper_dir()
+    except FileNotFoundError as err:
+        return None, str(err)
+    run([str(bin_dir / "speechless-convert-whisper"), "--out", folder])
+    return folder, ""
+
+
+def run_track(track: Track, args: argparse.Namespace, devices: list[str], bin_dir: Path) -> dict[str, float]:
+    """Stages 1-3 of the demo for one encoder; returns the figures of the summary table."""
+    data = WORK / "data" / track.corpus
+    config1, config2, _ = track.configs
+    figures: dict[str, float] = {}
+    print(f"\n######## encoder: {track.encoder} ########", flush=True)
+    if "1" in args.stages:
+        lightning("fit", "--config", config1, *devices)
+        for split in ("train", "val", "test"):
+            lightning(
+                "predict", "--config", config1,
+                "--model.init_args.artifact", f"{track.artifacts}/stage1/current",
+                "--data.init_args.predict_shards", f"{track.shards}/{split}",
+                "--trainer.logger", "false",
+                "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
+                "--trainer.callbacks.output_dir", f"{track.data}/tokens/{split}",
+            )
+        report("stage 1 (averaged checkpoint, validation speakers)", WORK / track.runs / "stage1",
+               "averaged", ("val/mse", "val/cosine", "val/utilisation", "val/perplexity"))
+        chosen = metrics_of(WORK / track.runs / "stage1").get("metrics", {}).get("averaged", {})
+        figures.update({k: chosen[k] for k in ("val/cosine", "val/utilisation") if k in chosen})
+        print(f"  artifact: {track.artifacts}/stage1/current  tokens: {track.data}/tokens/")
+
+    # stage 2: text -> semantic tokens, then synthetic spoken instructions
+    if "2" in args.stages:
+        from stages.stage2 import make_tiny_lm
+
+        write_task_files(data / "raw")
+        lm_dir = data / "models" / "stage2_lm"
+        if not (lm_dir / "config.json").exists():
+            make_tiny_lm(lm_dir, task_texts(data), hidden_size=128, num_layers=4)
+        lightning("fit", "--config", config2, *devices)
+        chosen = json.loads((WORK / track.artifacts / "stage2" / "current" / "provenance.json").read_text())["checkpoint"]
+        lightning("test", "--config", config2, "--ckpt_path", chosen,
+                  "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                  "--trainer.logger.init_args.save_dir", track.runs, "--trainer.logger.init_args.name", "stage2_test")
+        test = csv_metrics(WORK / track.runs / "stage2_test")
+        figures.update({k: v for k, v in test.items() if k in (
+            "test/word_match", "test/word_match_chance", "test/len_error", "test/gen_wer", "test/real_wer")})
+        if "test/gen_wer" in test:
+            with open(data / "raw" / "instructions_test.jsonl") as f:
+                figures["wer_chance"] = chance_wer([json.loads(line)["instruction"] for line in f if line.strip()])
+        for split in ("train", "val"):
+            lightning(
+                "predict", "--config", config2,
+                "--model.init_args.artifact", f"{track.artifacts}/stage2/current",
+                "--model.init_args.greedy", "false", "--model.init_args.temperature", "0.8",
+                "--data", "datamodules.text.InstructionDataModule",
+                "--data.init_args.path", f"data/{track.corpus}/raw/instructions_{split}.jsonl",
+                "--trainer.logger", "false",
+                "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
+                "--trainer.callbacks.output_dir", f"{track.data}/synthetic/{split}",
+                "--trainer.callbacks.prefix", "synthetic",
+                "--trainer.callbacks.jsonl_name", "synthetic.jsonl",
+            )
+        report("stage 2 (promoted checkpoint, validation speakers)", WORK / track.runs / "stage2", "best",
+               ("val/loss", "val/acc", "val/gen_cosine", "val/len_error", "val/word_match", "val/word_match_chance")
+               + (("val/gen_wer", "val/real_wer") if "test/gen_wer" in test else ()))
+        print(f"  artifact: {track.artifacts}/stage2/current  synthetic spoken instructions: {track.data}/synthetic/")
+
+    # stage 3: LLM + LoRA on synthetic speech only; answers real speech of held-out speakers
+    if "3" in args.stages:
+        llm_dir = data / "models" / ("gemma4_stage3" if track.encoder == "gemma4-tiny" else "stage3_text_lm")
+        if not (llm_dir / "config.json").exists():
+            if track.encoder == "gemma4-tiny":
+                from stages.stage3 import build_demo_llm
+
+                build_demo_llm(llm_dir, encoder_dir=data / "models" / "gemma4_audio", texts=task_texts(data))
+            else:
+                from stages.stage2 import make_tiny_lm
+
+                make_tiny_lm(llm_dir, task_texts(data), hidden_size=64, num_layers=2)
+        for source in (["synthetic", "real"] if args.stage3_on == "both" else [args.stage3_on]):
+            figures[f"stage3_{source}"] = stage3_run(track, source, devices, bin_dir)
+        if "stage3_synthetic" in figures and "stage3_real" in figures:
+            real = figures["stage3_real"]
+            figures["transfer"] = figures["stage3_synthetic"] / real if real else float("nan")
+            print(f"\n== Speechless transfer ({track.encoder}): real held-out speech, trained on synthetic vs real "
+                  f"speech ==\n  synthetic {figures['stage3_synthetic']:.3f}  real {real:.3f}  "
+                  f"ratio {figures['transfer']:.2f}  (chance 0.100)")
+    return figures
+
+
+ROWS = (
+    ("stage 1 cosine of centered states (validation)", "val/cosine", None),
+    ("stage 1 utilisation of the codes", "val/utilisation", None),
+    ("stage 2 word match, test speakers", "test/word_match", "test/word_match_chance"),
+    ("stage 2 length error, test (frames)", "test/len_error", None),
+    ("tokenizer WER: Whisper reads the real codes, test", "test/real_wer", "wer_chance"),
+    ("stage 2 WER: Whisper reads the generated codes, test", "test/gen_wer", "wer_chance"),
+    ("stage 3 real test speech, trained on synthetic", "stage3_synthetic", 0.1),
+    ("stage 3 real test speech, trained on real codes", "stage3_real", 0.1),
+    ("Speechless transfer ratio synthetic / real", "transfer", None),
+)
+
+
+def summary(results: dict[str, dict[str, float]], corpus: str) -> None:
+    """The figures of every encoder run, side by side, chance beside each."""
+    names = list(results)
+    print(f"\n== summary, corpus {corpus} ==")
+    print(f"  {'figure':<54}" + "".join(f"{n:>16}" for n in names) + f"{'chance':>10}")
+    for label, key, chance in ROWS:
+        if not any(key in r for r in results.values()):
+            continue
+        cells = "".join(f"{r[key]:>16.3f}" if key in r else f"{'-':>16}" for r in results.values())
+        if isinstance(chance, str):
+            values = {r[chance] for r in results.values() if chance in r}
+            chance_cell = f"{values.pop():>10.3f}" if len(values) == 1 else f"{'-':>10}"
+        else:
+            chance_cell = f"{chance:>10.3f}" if chance is not None else f"{'':>10}"
+        print(f"  {label:<54}{cells}{chance_cell}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", choices=["demo", "fsdd"], default="demo")
     parser.add_argument("--stages", default="123", help="which stages to run (default: 123, the whole pipeline)")
+    parser.add_argument(
+        "--encoder", choices=["gemma4-tiny", "whisper-tiny", "both"], default="both",
+        help="the stage-1 encoder: a tiny random-weight Gemma 4 audio encoder (the real configs' path), the "
+        "pretrained Whisper tiny.en of the `pretrained` extra, or both side by side (default; without the "
+        "extra, Gemma 4 alone, saying why)",
+    )  # fmt: skip
     parser.add_argument("--devices", type=int, default=1, help="CPU processes per fit (DDP over gloo when > 1)")
     parser.add_argument("--workdir", default=None, help="folder for data/, runs/ and artifacts/ (default: the repository)")
     parser.add_argument(
@@ -198,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     data = WORK / "data" / args.corpus
     bin_dir = Path(sys.executable).parent
 
-    # 1-2. corpus and shards
+    # corpus and shards (shared by every encoder)
     if args.corpus == "demo":
         run([str(bin_dir / "speechless-demo-corpus"), "--out", "data/demo/raw"])
         manifest = Path("data/demo/raw/manifest.tsv")
@@ -209,76 +405,29 @@ def main(argv: list[str] | None = None) -> int:
     run([str(bin_dir / "speechless-prepare"), "--manifest", str(manifest), "--out", f"data/{args.corpus}/shards",
          "--language", "en", "--trim-silence", "--no-progress"], ok_codes=(0, 3))
 
-    # 3. tiny random-weight models through the real loading code
-    from models.gemma4_configs import save_tiny_gemma4_audio
+    encoders = ["gemma4-tiny", "whisper-tiny"] if args.encoder == "both" else [args.encoder]
+    if "whisper-tiny" in encoders:
+        folder, why = whisper_model(bin_dir)
+        if folder is None:
+            message = (f"the pretrained Whisper tiny.en is not available: {why}. scripts/setup.sh installs it "
+                       f"when it can (pip install -e '.[pretrained]')")
+            if args.encoder == "whisper-tiny":
+                raise SystemExit(f"--encoder whisper-tiny: {message}")
+            print(f"\n[demo] running the Gemma 4 path alone: {message}", flush=True)
+            encoders.remove("whisper-tiny")
+    if "gemma4-tiny" in encoders:
+        # tiny random-weight models through the real loading code
+        from models.gemma4_configs import save_tiny_gemma4_audio
 
-    encoder_dir = data / "models" / "gemma4_audio"
-    if not (encoder_dir / "config.json").exists():
-        # One layer and 32 subsampling channels keep a random encoder's states word-discriminative.
-        save_tiny_gemma4_audio(encoder_dir, seed=0, num_hidden_layers=1, subsampling_conv_channels=[128, 32])
+        encoder_dir = data / "models" / "gemma4_audio"
+        if not (encoder_dir / "config.json").exists():
+            # One layer and 32 subsampling channels keep a random encoder's states word-discriminative.
+            save_tiny_gemma4_audio(encoder_dir, seed=0, num_hidden_layers=1, subsampling_conv_channels=[128, 32])
 
-    # 4. stage 1
-    artifacts = "artifacts" if args.corpus == "demo" else f"artifacts/{args.corpus}"
-    config1, config2, config3 = (for_corpus(f"configs/demo/{name}.yaml", args.corpus, artifacts)
-                                 for name in ("stage1_rvq", "stage2_speechless", "stage3_llm"))
-    if "1" in args.stages:
-        lightning("fit", "--config", config1, *devices)
-        for split in ("train", "val", "test"):
-            lightning(
-                "predict", "--config", config1,
-                "--model.init_args.artifact", f"{artifacts}/stage1/current",
-                "--data.init_args.predict_shards", f"data/{args.corpus}/shards/{split}",
-                "--trainer.logger", "false",
-                "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
-                "--trainer.callbacks.output_dir", f"data/{args.corpus}/tokens/{split}",
-            )
-        report("stage 1 (averaged checkpoint, validation speakers)", WORK / "runs" / args.corpus / "stage1",
-               "averaged", ("val/mse", "val/cosine", "val/utilisation", "val/perplexity"))
-        print(f"  artifact: {artifacts}/stage1/current  tokens: data/{args.corpus}/tokens/")
-
-    # 5. stage 2: text -> semantic tokens, then synthetic spoken instructions
-    if "2" in args.stages:
-        from stages.stage2 import make_tiny_lm
-
-        write_task_files(data / "raw")
-        lm_dir = data / "models" / "stage2_lm"
-        if not (lm_dir / "config.json").exists():
-            make_tiny_lm(lm_dir, task_texts(data), hidden_size=128, num_layers=4)
-        lightning("fit", "--config", config2, *devices)
-        runs2 = WORK / "runs" / args.corpus / "stage2"
-        chosen = json.loads((WORK / artifacts / "stage2" / "current" / "provenance.json").read_text())["checkpoint"]
-        lightning("test", "--config", config2, "--ckpt_path", chosen, "--trainer.logger", "false")
-        for split in ("train", "val"):
-            lightning(
-                "predict", "--config", config2,
-                "--model.init_args.artifact", f"{artifacts}/stage2/current",
-                "--model.init_args.greedy", "false", "--model.init_args.temperature", "0.8",
-                "--data", "datamodules.text.InstructionDataModule",
-                "--data.init_args.path", f"data/{args.corpus}/raw/instructions_{split}.jsonl",
-                "--trainer.logger", "false",
-                "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
-                "--trainer.callbacks.output_dir", f"data/{args.corpus}/synthetic/{split}",
-                "--trainer.callbacks.prefix", "synthetic",
-                "--trainer.callbacks.jsonl_name", "synthetic.jsonl",
-            )
-        report("stage 2 (promoted checkpoint, validation speakers)", runs2, "best",
-               ("val/loss", "val/acc", "val/gen_cosine", "val/len_error", "val/word_match", "val/word_match_chance"))
-        print(f"  artifact: {artifacts}/stage2/current  synthetic spoken instructions: data/{args.corpus}/synthetic/")
-
-    # 6. stage 3: Gemma 4 + LoRA on synthetic speech only; answers real speech of held-out speakers
-    if "3" in args.stages:
-        from stages.stage3 import build_demo_llm
-
-        llm_dir = data / "models" / "gemma4_stage3"
-        if not (llm_dir / "config.json").exists():
-            build_demo_llm(llm_dir, encoder_dir=data / "models" / "gemma4_audio", texts=task_texts(data))
-        scores = {}
-        for source in (["synthetic", "real"] if args.stage3_on == "both" else [args.stage3_on]):
-            scores[source] = stage3_run(config3, source, args.corpus, artifacts, devices, bin_dir)
-        if len(scores) == 2:
-            ratio = scores["synthetic"] / scores["real"] if scores["real"] else float("nan")
-            print(f"\n== Speechless transfer: real held-out speech, trained on synthetic vs real speech ==\n"
-                  f"  synthetic {scores['synthetic']:.3f}  real {scores['real']:.3f}  ratio {ratio:.2f}  (chance 0.100)")
+    results = {}
+    for encoder in encoders:
+        results[encoder] = run_track(make_track(encoder, args.corpus), args, devices, bin_dir)
+    summary(results, args.corpus)
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     return 0
 

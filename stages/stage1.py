@@ -271,8 +271,9 @@ class RVQStage(LightningModule):
 
 def check_encoder_matches(expected: dict[str, Any], actual: dict[str, Any], *, where: str) -> None:
     """Raise a clear error when an encoder differs from the one an artifact was trained on."""
-    # "window": Whisper's full vs clip-length input (absent = full), which moves the states.
-    keys = ("kind", "source", "dim", "frame_rate", "layer", "pooling", "window")
+    # "window": Whisper's full vs clip-length input (absent = full), which moves the states; so does
+    # "clip_silence_s" (absent = 0).
+    keys = ("kind", "source", "dim", "frame_rate", "layer", "pooling", "window", "clip_silence_s")
     diffs = [f"{k}: artifact {expected.get(k)!r} vs config {actual.get(k)!r}" for k in keys if expected.get(k) != actual.get(k)]
     if diffs:
         raise ValueError(f"encoder mismatch with {where}:\n  " + "\n  ".join(diffs))

@@ -335,6 +335,34 @@ def test_whisper_clip_of_a_whole_window_is_the_full_window():
     assert (b.states[1, : b.lengths[1]] - a.states[1, : a.lengths[1]]).abs().max() > 1e-3
 
 
+def test_whisper_clip_with_trailing_silence():
+    """``clip_silence_s``: each clip also attends to that much silence after it, states cut at its end.
+
+    Silence covering the rest of the window is the full window (exactly what it pads with); less
+    silence is still independent of the batch; the frame counts never change.
+    """
+    full, clip = _whisper_pair()
+    clip.clip_silence_s = 4.0  # the tiny config's whole window
+    audio, lengths = _batch([16000, 7000, 333], seed=17)
+    a, b = full(audio, lengths), clip(audio, lengths)
+    assert b.lengths.tolist() == a.lengths.tolist() == [50, 22, 2]
+    torch.testing.assert_close(b.states[b.mask], a.states[a.mask], atol=1e-5, rtol=1e-5)
+    clip.clip_silence_s = 0.5
+    some = clip(audio, lengths)
+    assert some.states.shape == b.states.shape and some.states[~some.mask].abs().sum() == 0
+    for i, n in enumerate(lengths.tolist()):
+        alone = clip(audio[i : i + 1, :n])
+        torch.testing.assert_close(some.states[i, : some.lengths[i]], alone.states[0], atol=1e-5, rtol=1e-5)
+    assert (some.states[1:] - b.states[1:]).abs().max() > 1e-3  # 0.5 s of silence is not the window
+    assert clip.describe() == {**full.describe(), "window": "clip", "clip_silence_s": 0.5}
+    from stages.stage1 import check_encoder_matches
+
+    with pytest.raises(ValueError, match="clip_silence_s: artifact None vs config 0.5"):
+        check_encoder_matches({**full.describe(), "window": "clip"}, clip.describe(), where="artifact")
+    with pytest.raises(ValueError, match="clip_silence_s"):
+        WhisperEncoder(config=tiny_whisper_config(), clip_silence_s=1.0)  # full window: meaningless
+
+
 def test_whisper_clip_long_audio_is_chunked_by_window():
     full, clip = _whisper_pair()
     n = 9 * SR + 1234  # two whole 4 s windows and a 1.08 s tail
