@@ -26,6 +26,7 @@ other decoding arguments through ``--stage-args``, e.g. ``{"greedy": false, "tem
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -209,6 +210,36 @@ def oracle_length_figures(stage, corpus: dict) -> dict[str, float]:
     return out
 
 
+def teacher_forced_wer(stage, tokens: Path, args, n: int = 16) -> float:
+    """WER of the *teacher-forced* argmax codes of the first ``n`` evaluated utterances.
+
+    Each frame's codes are what the LM predicts given the real previous frames: the best a model
+    with this per-frame accuracy could sound if its generation never left the real path. Against
+    the generated codes' WER it separates "the model has not learned the speech" from "it has, but
+    loses its way when it feeds itself" (exposure bias)."""
+    from torchmetrics.text import WordErrorRate
+
+    from datamodules.shards import iter_tar_samples
+    from stages.stage2 import normalize_transcript
+
+    root = tokens / "test" if args.eval_split == "test" else (
+        tokens / "train" if args.train_fraction >= 1.0 else tokens / f"train_{args.train_fraction:g}")
+    samples = [s for tar in sorted(root.glob("*.tar")) for s in iter_tar_samples(tar)][:n]
+    texts = [json.loads(s["json"])["text"] for s in samples]
+    codes = [torch.from_numpy(np.load(io.BytesIO(s["codes.npy"]))).long() for s in samples]
+    lm, q_n = stage.lm.eval(), stage.lm.num_levels
+    states = []
+    with torch.no_grad():
+        for text, c in zip(texts, codes, strict=True):
+            pred = lm(lm.build_batch([text], [c]))["logits"][0].argmax(-1)  # [Q, S]
+            off = range(q_n) if lm.delay else [0] * q_n
+            tf = torch.stack([pred[q, o : o + c.shape[1]] for q, o in enumerate(off)]).clamp(max=lm.codebook_size - 1)
+            states.append(stage._states(tf))
+    hyps = stage._transcribe(states)
+    norm = lambda x: normalize_transcript(x, "en")  # noqa: E731
+    return float(WordErrorRate()([norm(h) for h in hyps], [norm(t) for t in texts]))
+
+
 def real_code_wer(tokens: Path, corpus: dict, args) -> float:
     """WER of Whisper's transcripts of the test split's real codes (RVQ-decoded), and of the states.
 
@@ -271,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--oracle-length", action="store_true", help="also generate at the real lengths")
     parser.add_argument("--load", help="an LM state dict saved by a run (--save X writes X.lm.pt): test only")
     parser.add_argument("--rvq-only", action="store_true", help="build the tokens, print the real codes' WER, stop")
+    parser.add_argument("--teacher-forced", action="store_true",
+                        help="also the WER of the teacher-forced argmax codes of 16 evaluated utterances")
     parser.add_argument("--real-levels", type=lambda x: [int(v) for v in x.split(",")], default=[],
                         help="with --rvq-only: also the WER of the first k levels only (comma list)")
     parser.add_argument("--train-fraction", type=float, default=1.0,
@@ -369,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics.update(oracle_length_figures(stage, corpus))
         print(f"  at the real length: gen_cosine {metrics['oracle/gen_cosine']:.3f}"
               + (f", gen_wer {metrics['oracle/gen_wer']:.3f}" if "oracle/gen_wer" in metrics else ""))
+    if args.teacher_forced and stage.asr is not None:
+        metrics["teacher_forced/wer"] = teacher_forced_wer(stage, tokens, args)
+        print(f"  teacher-forced argmax codes: WER {metrics['teacher_forced/wer']:.3f} (first 16 utterances)")
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save).write_text(json.dumps({"args": vars(args), "fit_s": fit_s, "test_s": test_s,

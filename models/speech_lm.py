@@ -37,6 +37,11 @@ semantic tokens, and decoding is greedy by default. Two output forms:
     is placed exactly at ``T``. Knowing how far it is into the utterance also tells the model how
     far it should be into the text, which is what the alignment of a read sentence needs (the
     length-conditioned TTS family: total duration given to the decoder, as in E2/F5-TTS).
+    ``text_alignment`` goes one step further and adds to each answer step the embeddings of the text
+    tokens a linear alignment (the text spread evenly over ``T``) places there, with their
+    neighbours: the "which words now" that a duration-based TTS gets from its length regulator
+    (FastSpeech), here without per-token durations. It made held-out generations specific to their
+    text (word match 0.13 -> 1.00 on the sentence benchmark) where attention alone had not found it.
 
 Both forms share one layout: prompts left-padded to ``P`` columns, answers right-padded to ``S``
 columns, explicit ``position_ids`` so padding never shifts positions, and the text part always
