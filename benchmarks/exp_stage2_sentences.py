@@ -15,12 +15,18 @@ same classes the CLI runs (``SpeechlessStage`` under a Lightning ``Trainer``):
    ``test/gen_cosine``, ``test/gen_wer`` beside ``test/real_wer`` (Whisper's transcript of the real
    codes), and the wall time of the test with its parts (generation, DTW word match, ASR).
 
+Diagnostics: ``--rvq-only --real-levels 1,2,4`` (WER of the real codes' first levels alone),
+``--eval-split train`` (generate training sentences: memorisation, i.e. is the held-out gap the
+limit), ``--train-fraction`` (train on the first sentences only), ``--load`` (test a saved LM with
+other decoding arguments through ``--stage-args``, e.g. ``{"greedy": false, "temperature": 0.8}``).
+
     WHISPER_TINY_EN=<folder> .venv/bin/python benchmarks/exp_stage2_sentences.py --workdir runs/exp_sentences
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -111,6 +117,26 @@ def build_tokens(work: Path, corpus: dict, args) -> Path:
     return root
 
 
+def train_subset(tokens: Path, fraction: float) -> Path:
+    """Token shards of the first ``fraction`` of the training sentences (every voice of each)."""
+    from datamodules.shards import ShardWriter, iter_tar_samples
+
+    root = tokens / f"train_{fraction:g}"
+    if (root / "done").exists():
+        return root
+    samples = [s for tar in sorted((tokens / "train").glob("*.tar")) for s in iter_tar_samples(tar)]
+    texts = sorted({json.loads(s["json"])["text"] for s in samples})
+    keep = set(texts[: max(1, round(fraction * len(texts)))])
+    writer = ShardWriter(root, prefix="tokens", max_samples=10000, kind="tokens")
+    for s in samples:
+        meta = json.loads(s["json"])
+        if meta["text"] in keep:
+            writer.write(s, seconds=meta["n_frames"] / 25.0)
+    writer.close()
+    (root / "done").write_text("ok")
+    return root
+
+
 def cache_tag(args) -> str:
     return f"{args.sentences}x{args.voices}_{args.min_words}-{args.max_words}"
 
@@ -184,8 +210,41 @@ def oracle_length_figures(stage, corpus: dict) -> dict[str, float]:
     return out
 
 
+def teacher_forced_wer(stage, tokens: Path, args, n: int = 16) -> float:
+    """WER of the *teacher-forced* argmax codes of the first ``n`` evaluated utterances.
+
+    Each frame's codes are what the LM predicts given the real previous frames: the best a model
+    with this per-frame accuracy could sound if its generation never left the real path. Against
+    the generated codes' WER it separates "the model has not learned the speech" from "it has, but
+    loses its way when it feeds itself" (exposure bias)."""
+    from torchmetrics.text import WordErrorRate
+
+    from datamodules.shards import iter_tar_samples
+    from stages.stage2 import normalize_transcript
+
+    root = tokens / "test" if args.eval_split == "test" else (
+        tokens / "train" if args.train_fraction >= 1.0 else tokens / f"train_{args.train_fraction:g}")
+    samples = [s for tar in sorted(root.glob("*.tar")) for s in iter_tar_samples(tar)][:n]
+    texts = [json.loads(s["json"])["text"] for s in samples]
+    codes = [torch.from_numpy(np.load(io.BytesIO(s["codes.npy"]))).long() for s in samples]
+    lm, q_n = stage.lm.eval(), stage.lm.num_levels
+    states = []
+    with torch.no_grad():
+        for text, c in zip(texts, codes, strict=True):
+            pred = lm(lm.build_batch([text], [c]))["logits"][0].argmax(-1)  # [Q, S]
+            off = range(q_n) if lm.delay else [0] * q_n
+            tf = torch.stack([pred[q, o : o + c.shape[1]] for q, o in enumerate(off)]).clamp(max=lm.codebook_size - 1)
+            states.append(stage._states(tf))
+    hyps = stage._transcribe(states)
+    norm = lambda x: normalize_transcript(x, "en")  # noqa: E731
+    return float(WordErrorRate()([norm(h) for h in hyps], [norm(t) for t in texts]))
+
+
 def real_code_wer(tokens: Path, corpus: dict, args) -> float:
-    """WER of Whisper's transcripts of the test split's real codes (RVQ-decoded), and of the states."""
+    """WER of Whisper's transcripts of the test split's real codes (RVQ-decoded), and of the states.
+
+    With ``--real-levels`` also the WER of the codes' first ``k`` levels only (the decode of levels
+    ``0..k-1``): how much of the tokenizer's intelligibility the LM's lower levels carry."""
     from torchmetrics.text import WordErrorRate
 
     from models.rvq import ResidualVQ
@@ -206,6 +265,10 @@ def real_code_wer(tokens: Path, corpus: dict, args) -> float:
     refs = [norm(t) for t, _ in items]
     wer = lambda hyps: float(WordErrorRate()([norm(h) for h in hyps], refs))  # noqa: E731
     print(f"  states (no RVQ): WER {wer(asr.transcribe_states(states, lengths)):.3f}")
+    codes = rvq.encode(states, mask)
+    for k in args.real_levels:
+        part = rvq.decode(codes[:, :k]) * mask[..., None]
+        print(f"  levels 0..{k - 1} of {codes.shape[1]}: WER {wer(asr.transcribe_states(part, lengths)):.3f}")
     return wer(asr.transcribe_states(decoded, lengths))
 
 
@@ -239,6 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--oracle-length", action="store_true", help="also generate at the real lengths")
     parser.add_argument("--load", help="an LM state dict saved by a run (--save X writes X.lm.pt): test only")
     parser.add_argument("--rvq-only", action="store_true", help="build the tokens, print the real codes' WER, stop")
+    parser.add_argument("--teacher-forced", action="store_true",
+                        help="also the WER of the teacher-forced argmax codes of 16 evaluated utterances")
+    parser.add_argument("--real-levels", type=lambda x: [int(v) for v in x.split(",")], default=[],
+                        help="with --rvq-only: also the WER of the first k levels only (comma list)")
+    parser.add_argument("--train-fraction", type=float, default=1.0,
+                        help="train on the first fraction of the training sentences (all their voices)")
+    parser.add_argument("--eval-split", choices=("test", "train"), default="test",
+                        help="test on the held-out sentences, or on the (--train-fraction) training ones: memorisation")
+    parser.add_argument("--eval-limit", type=int, default=23,
+                        help="with --eval-split train: test batches (about one utterance each)")
     parser.add_argument("--test-gen-batch-sizes", type=lambda x: [int(v) for v in x.split(",")], default=[16],
                         help="run the test once per gen_batch_size (comma list): 1 is generation per eval batch")
     args = parser.parse_args(argv)
@@ -272,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         gen_max_frames=args.gen_max_frames, eos_rule=args.eos_rule, cfg_scale=args.cfg_scale,
         text_dropout=args.text_dropout, asr_decoder="auto" if args.asr else None, **json.loads(args.stage_args),
     )
-    dm = SpeechDataModule(train_shards=str(tokens / "train"), val_shards=str(tokens / "val"),
-                          test_shards=str(tokens / "test"), fields="tokens", max_batch_seconds=args.max_batch_seconds,
+    train_root = tokens / "train" if args.train_fraction >= 1.0 else train_subset(tokens, args.train_fraction)
+    dm = SpeechDataModule(train_shards=str(train_root), val_shards=str(tokens / "val"),
+                          test_shards=str(train_root if args.eval_split == "train" else tokens / "test"), fields="tokens", max_batch_seconds=args.max_batch_seconds,
                           max_batch_size=args.max_batch_size, seed=args.seed)
     from lightning.pytorch.callbacks import Callback
 
@@ -286,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
 
     trainer = Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, gradient_clip_val=1.0, callbacks=[EpochLog()])
+                      limit_val_batches=0, gradient_clip_val=1.0, callbacks=[EpochLog()],
+                      limit_test_batches=args.eval_limit if args.eval_split == "train" else 1.0)
     t0 = time.perf_counter()
     if args.load:  # a saved run's LM: test only (e.g. another eos_rule)
         stage.lm.load_state_dict(torch.load(args.load, weights_only=True))
@@ -306,15 +381,15 @@ def main(argv: list[str] | None = None) -> int:
         timings[size] = {"test_s": test_s, **timer.totals}
         print(f"test with gen_batch_size {size}: {test_s:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timer.totals.items()) + ")",
               flush=True)
-    real_len = [s.shape[0] for s, sp in zip(corpus["states"], corpus["split"], strict=True) if sp == "test"]
+    real_by_text: dict[str, list[int]] = {}
+    for t, s_, sp in zip(corpus["texts"], corpus["states"], corpus["split"], strict=True):
+        if sp == args.eval_split:
+            real_by_text.setdefault(t, []).append(s_.shape[0])
+    real_len = [float(np.mean(real_by_text[t])) for t, _ in timer.lengths]  # the utterances generated
     print(f"\nfit {fit_s:.0f} s ({trainer.global_step} steps, train/loss {train_metrics.get('train/loss', float('nan')):.3f}, "
           f"train/acc {train_metrics.get('train/acc', float('nan')):.3f})")
     print(f"test {test_s:.0f} s over {len(real_len)} utterances (mean {np.mean(real_len):.0f} frames): "
           + ", ".join(f"{k} {v:.0f} s" for k, v in timer.totals.items()))
-    real_by_text: dict[str, list[int]] = {}
-    for t, s_, sp in zip(corpus["texts"], corpus["states"], corpus["split"], strict=True):
-        if sp == "test":
-            real_by_text.setdefault(t, []).append(s_.shape[0])
     signed = [n - float(np.mean(real_by_text[t])) for t, n in timer.lengths]
     print(f"  generated - real frames: mean {np.mean(signed):+.1f}, median {np.median(signed):+.1f}, "
           f"at the guard {sum(n >= args.gen_max_frames for _, n in timer.lengths)}/{len(signed)}")
@@ -327,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics.update(oracle_length_figures(stage, corpus))
         print(f"  at the real length: gen_cosine {metrics['oracle/gen_cosine']:.3f}"
               + (f", gen_wer {metrics['oracle/gen_wer']:.3f}" if "oracle/gen_wer" in metrics else ""))
+    if args.teacher_forced and stage.asr is not None:
+        metrics["teacher_forced/wer"] = teacher_forced_wer(stage, tokens, args)
+        print(f"  teacher-forced argmax codes: WER {metrics['teacher_forced/wer']:.3f} (first 16 utterances)")
     if args.save:
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save).write_text(json.dumps({"args": vars(args), "fit_s": fit_s, "test_s": test_s,

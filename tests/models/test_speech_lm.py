@@ -338,3 +338,102 @@ def test_length_conditioning_survives_save_and_load(tokenizer, tmp_path):
     model.save(tmp_path / "lm")
     loaded = SpeechLM.load(tmp_path / "lm")
     assert loaded.length_conditioning and torch.equal(loaded.predict_lengths(TEXTS), model.predict_lengths(TEXTS))
+
+
+def test_level_weights_weight_the_levels_cross_entropies(tokenizer):
+    with pytest.raises(ValueError, match="level_weights"):
+        make_model(tokenizer, "all_levels", level_weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="level_weights"):
+        make_model(tokenizer, "all_levels", level_weights=[0.0, 0.0, 0.0])
+    plain = make_model(tokenizer, "all_levels")
+    batch = plain.build_batch(TEXTS, CODES)
+    out = plain(batch)
+    weighted = make_model(tokenizer, "all_levels", level_weights=[2.0, 1.0, 1.0])
+    got = weighted(batch)
+    assert torch.allclose(got["level_loss"], out["level_loss"])  # same seed: same network
+    expect = (2 * out["level_loss"][0] + out["level_loss"][1] + out["level_loss"][2]) / 4
+    assert float(got["speech_loss"].detach()) == pytest.approx(float(expect.detach()), rel=1e-5)
+    only0 = make_model(tokenizer, "all_levels", level_weights=[1.0, 0.0, 0.0])
+    only0(batch)["loss"].backward()  # a zero-weight level's head gets no gradient
+    assert only0.heads[1].weight.grad.abs().sum() == 0 and only0.heads[0].weight.grad.abs().sum() > 0
+
+
+def test_input_corruption_changes_training_inputs_only(tokenizer):
+    with pytest.raises(ValueError, match="input_corruption"):
+        make_model(tokenizer, "one_level", input_corruption=0.2)
+    model = make_model(tokenizer, "all_levels", input_corruption=0.5)
+    batch = model.build_batch(TEXTS, CODES)
+    answer = batch["answer_inputs"]
+    torch.manual_seed(1)
+    corrupted = model._corrupt(answer)
+    codes = answer < K
+    assert torch.equal(corrupted[~codes], answer[~codes])  # EOS, PAD and begin of speech kept
+    changed = float((corrupted != answer)[codes].float().mean())
+    assert 0.2 < changed < 0.6  # about half, less the random codes that equal the real one (1/16)
+    model.eval()  # evaluation (and generation) sees the real inputs: identical logits twice
+    a, b = model(batch)["logits"], model(batch)["logits"]
+    assert torch.equal(a, b)
+    model.train()
+    torch.manual_seed(2)
+    assert not torch.allclose(model(batch)["logits"], a)
+
+
+def test_level_weights_corruption_and_alignment_survive_save_and_load(tokenizer, tmp_path):
+    model = make_model(tokenizer, "all_levels", level_weights=[4.0, 2.0, 1.0], input_corruption=0.25,
+                       length_conditioning=True, text_alignment=True)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.alignment.weight, std=0.5)
+    model.save(tmp_path / "lm")
+    loaded = SpeechLM.load(tmp_path / "lm")
+    assert loaded.level_weights == [4.0, 2.0, 1.0] and loaded.input_corruption == 0.25 and loaded.text_alignment
+    assert torch.equal(loaded.alignment.weight, model.alignment.weight)
+
+
+def test_text_alignment_spreads_the_text_tokens_over_the_frames(tokenizer):
+    with pytest.raises(ValueError, match="length_conditioning"):
+        make_model(tokenizer, "all_levels", text_alignment=True)
+    model = make_model(tokenizer, "all_levels", length_conditioning=True, text_alignment=True)
+    batch = model.build_batch(TEXTS + [""], CODES + [CODES[1]])
+    for row, (a, b) in zip(batch["input_ids"], batch["text_span"].tolist(), strict=True):
+        assert tokenizer.decode(row[a:b]).strip() == tokenizer.decode(row[a:b], skip_special_tokens=True).strip()
+    spans = batch["text_span"].tolist()
+    assert [tokenizer.decode(batch["input_ids"][i, a:b]).replace(" ", "") for i, (a, b) in enumerate(spans)] == [
+        t.replace(" ", "") for t in TEXTS + [""]]
+    # Frame s of T gets text token floor(s * n / T): the first frames the first token, the last the last.
+    with torch.no_grad():
+        torch.nn.init.normal_(model.alignment.weight, std=0.5)
+        model.progress.weight.zero_()
+    steps = torch.arange(12).expand(3, -1)
+    cond = model._condition(steps, torch.tensor([12, 12, 12]), batch)
+    assert cond[2].abs().max() == 0  # the empty prompt: nothing to align
+    table, ids = model.lm.get_input_embeddings(), batch["input_ids"]
+    a, b = spans[0]
+    for s, j in ((0, a), (11, b - 1)):
+        nb = [ids[0, max(j - 1, a)], ids[0, j], ids[0, min(j + 1, b - 1)]]
+        expect = model.alignment(torch.cat([table(torch.stack(nb)[i : i + 1])[0] for i in range(3)]))
+        assert torch.allclose(cond[0, s], expect, atol=1e-6)
+
+
+def test_text_aligned_decoding_matches_the_teacher_forced_pass_and_learns(tokenizer):
+    model = make_model(tokenizer, "all_levels", seed=5, length_conditioning=True, text_alignment=True)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.alignment.weight, std=0.5)
+    gen = model.generate(TEXTS, max_frames=6, lengths=[6, 4], cfg_scale=2.0)
+    guided = model.generate(TEXTS[1:], max_frames=6, lengths=[4], cfg_scale=2.0)
+    assert torch.equal(guided[0], gen[1])  # guidance's empty half does not leak between rows
+    gen = model.generate(TEXTS, max_frames=6, lengths=[6, 4])
+    with torch.no_grad():
+        out = model(model.build_batch(TEXTS, gen))
+    for i, g in enumerate(gen):
+        for q in range(Q):
+            assert torch.equal(out["logits"][i, q, q : q + g.shape[1], :K].argmax(-1), g[q])
+    model = make_model(tokenizer, "all_levels", length_conditioning=True, text_alignment=True)
+    batch = model.build_batch(TEXTS, CODES)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        model(batch)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    assert model.alignment.weight.abs().sum() > 0
+    for g, ref in zip(model.generate(TEXTS, max_frames=30), CODES, strict=True):
+        assert torch.equal(g, ref)
