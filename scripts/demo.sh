@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the whole pipeline on the embedded demo corpus:
 # corpus -> shards -> stage 1 (fit, promote, tokenize) -> stage 2 (fit, promote, synthesize)
-# -> stage 3 (fit, promote, answer held-out speakers). Extra arguments go to `python -m stages.demo`.
+# -> stage 3 (fit, promote, answer held-out speakers), on a tiny random Gemma 4 encoder and on the
+# pretrained Whisper tiny.en (the `pretrained` extra, converted once). Extra arguments go to
+# `python -m stages.demo` (e.g. --encoder gemma4-tiny, --corpus fsdd, --stage3-on both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

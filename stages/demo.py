@@ -8,7 +8,16 @@
 3. tiny random-weight models saved to ``data/<corpus>/models`` so the real loading code runs;
 4. stage 1: ``lightning fit --config configs/demo/stage1_rvq.yaml`` (fit, best/final/averaged
    checkpoints validated, gated promotion to ``artifacts/stage1/current``), then tokenization of
-   every split with ``lightning predict`` from the promoted artifact.
+   every split with ``lightning predict`` from the promoted artifact;
+5. stage 2 (fit, test, synthesis of the spoken instructions) and stage 3 (fit on the synthetic
+   speech, answers to the real speech of the held-out test speakers).
+
+Steps 3-5 run once per encoder (``--encoder both``, the default): ``gemma4-tiny`` (a tiny random
+Gemma 4 audio encoder, ``configs/demo/*.yaml``: the real configs' path) and ``whisper-tiny`` (the
+pretrained Whisper tiny.en of the ``pretrained`` extra, converted once into
+``data/models/whisper-tiny.en``; ``configs/demo/whisper_*.yaml``, stage 3 through a projector into a
+text-only LM; outputs under ``whisper/`` folders). Without the extra, the Gemma 4 path runs alone
+and the demo prints why. A table of both encoders' figures, with chance beside each, ends the run.
 
 ``--corpus fsdd`` runs the same on ``../shared/data/fsdd`` (five speakers train, the sixth is held out
 for the final test), writing under ``data/fsdd``, ``runs/fsdd`` and ``artifacts/fsdd``.
