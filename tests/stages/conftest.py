@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +94,25 @@ def make_stage1_config():
 def speech_shard_writer():
     """The :func:`write_speech_shards` writer, for tests that lay out their own corpora."""
     return write_speech_shards
+
+
+@pytest.fixture
+def run_demo():
+    """``run_demo(workdir, *args, timeout=s)``: ``python -m stages.demo --workdir DIR *args`` in a new
+    session, killed whole (every rank and worker) and failed on a timeout; asserts exit status 0."""
+    return _demo
+
+
+def _demo(workdir: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "stages.demo", "--workdir", str(workdir), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # every rank and worker, not just the demo runner
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"hang: {' '.join(cmd)} did not finish in {timeout} s\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    assert out.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{out.stdout[-4000:]}\n--- stderr\n{out.stderr[-6000:]}"
+    return out

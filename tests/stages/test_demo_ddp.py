@@ -9,30 +9,11 @@ promotion) must reach every collective on every rank; a timeout turns a hang int
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
-
-
-def _demo(workdir: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "stages.demo", "--workdir", str(workdir), *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # every rank and worker, not just the demo runner
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"hang: {' '.join(cmd)} did not finish in {timeout} s\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-    assert out.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{out.stdout[-4000:]}\n--- stderr\n{out.stderr[-6000:]}"
-    return out
 
 
 def _promoted(workdir: Path, stage: str) -> dict:
@@ -42,10 +23,10 @@ def _promoted(workdir: Path, stage: str) -> dict:
 
 
 @pytest.mark.timeout(1500)
-def test_whole_demo_on_two_ranks(tmp_path):
+def test_whole_demo_on_two_ranks(tmp_path, run_demo):
     # The Gemma 4 path: the one the real configs take (the Whisper path's fits on 2 ranks are
     # tests/stages/test_stage2.py's WER and test_stage3_projector.py's shipped-config runs).
-    out = _demo(tmp_path, "--devices", "2", "--encoder", "gemma4-tiny", timeout=1400)
+    out = run_demo(tmp_path, "--devices", "2", "--encoder", "gemma4-tiny", timeout=1400)
     assert out.stdout.count("--trainer.devices 2 --trainer.strategy ddp") == 3  # each stage's fit
     for stage in ("stage1", "stage2", "stage3"):
         _promoted(tmp_path, stage)
@@ -55,7 +36,7 @@ def test_whole_demo_on_two_ranks(tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_stage1_demo_on_three_ranks(tmp_path):
-    _demo(tmp_path, "--stages", "1", "--devices", "3", "--encoder", "gemma4-tiny", timeout=800)
+def test_stage1_demo_on_three_ranks(tmp_path, run_demo):
+    run_demo(tmp_path, "--stages", "1", "--devices", "3", "--encoder", "gemma4-tiny", timeout=800)
     metrics = _promoted(tmp_path, "stage1")
     assert metrics["val/utilisation"] > 0.5  # a real codebook, not a collapsed one

@@ -70,16 +70,14 @@ def _figure(out: str, label: str) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_whisper_demo_measures_the_claim(tmp_path):
+def test_whisper_demo_measures_the_claim(tmp_path, run_demo):
     from models.pretrained_whisper import installed_ct2_whisper_dir
 
     try:
         installed_ct2_whisper_dir()
     except FileNotFoundError as err:
         pytest.skip(f"needs the pretrained extra: {err}")
-    from test_demo_ddp import _demo  # the test folder is on sys.path (rootdir-relative, no packages)
-
-    out = _demo(tmp_path, "--encoder", "whisper-tiny", "--stage3-on", "both", timeout=2300).stdout
+    out = run_demo(tmp_path, "--encoder", "whisper-tiny", "--stage3-on", "both", timeout=2300).stdout
     assert "$ speechless-convert-whisper --out data/models/whisper-tiny.en" in out
     for stage in ("stage1", "stage2", "stage3", "real/stage3"):
         assert (tmp_path / "artifacts" / "whisper" / stage / "current" / "config.json").exists(), stage
