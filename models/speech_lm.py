@@ -53,6 +53,7 @@ batched decode loop over the HF ``DynamicCache``. The real default LM is ``googl
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -314,10 +315,15 @@ class SpeechLM(nn.Module):
             return tok(prompt, add_special_tokens=False)["input_ids"]
         return tok(text, add_special_tokens=True)["input_ids"]
 
+    @functools.cached_property
+    def _empty_prompt(self) -> list[int]:
+        """The empty text's prompt (the chat template alone), tokenized once."""
+        return self.prompt_ids("")
+
     def _text_span(self, ids: list[int]) -> tuple[int, int]:
         """``[a, b)``: the columns of ``ids`` (a prompt) that are the text, not the chat template
         (what the prompt shares with the empty text's prompt at its start and end)."""
-        empty = self.prompt_ids("")
+        empty = self._empty_prompt
         a = 0
         while a < min(len(ids), len(empty)) and ids[a] == empty[a]:
             a += 1

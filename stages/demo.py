@@ -174,13 +174,10 @@ class Track:
 
 def make_track(encoder: str, corpus: str) -> Track:
     base = "artifacts" if corpus == "demo" else f"artifacts/{corpus}"
-    if encoder == "gemma4-tiny":
-        names = ("stage1_rvq", "stage2_speechless", "stage3_llm")
-        return Track(encoder, corpus, f"data/{corpus}", f"runs/{corpus}", base,
-                     tuple(for_corpus(f"configs/demo/{n}.yaml", corpus, base) for n in names))  # type: ignore[arg-type]
-    names = ("whisper_stage1_rvq", "whisper_stage2_speechless", "whisper_stage3_llm")
-    return Track(encoder, corpus, f"data/{corpus}/whisper", f"runs/{corpus}/whisper", f"{base}/whisper",
-                 tuple(for_corpus(f"configs/demo/{n}.yaml", corpus, base) for n in names))  # type: ignore[arg-type]
+    prefix, sub = ("", "") if encoder == "gemma4-tiny" else ("whisper_", "/whisper")
+    configs = tuple(for_corpus(f"configs/demo/{prefix}{n}.yaml", corpus, base)
+                    for n in ("stage1_rvq", "stage2_speechless", "stage3_llm"))
+    return Track(encoder, corpus, f"data/{corpus}{sub}", f"runs/{corpus}{sub}", f"{base}{sub}", configs)  # type: ignore[arg-type]
 
 
 def stage3_run(track: Track, source: str, devices: list[str], bin_dir: Path) -> float:
