@@ -93,22 +93,3 @@ def test_whisper_demo_measures_the_claim(tmp_path, run_demo):
     assert tokenizer_wer < chance and gen_wer < chance, out[-3000:]
     assert synthetic > 0.5 and real > 0.5, out[-3000:]  # chance 0.1
     assert ratio == pytest.approx(synthetic / real, abs=2e-3)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_whisper_demo_on_two_ranks(tmp_path, run_demo):
-    """The Whisper configs' fits, tests and predictions as DDP over 2 gloo ranks: every fit ends and
-    promotes (no hang in the WER metric's or the projector's collectives after ``fit``)."""
-    from models.pretrained_whisper import installed_ct2_whisper_dir
-
-    try:
-        installed_ct2_whisper_dir()
-    except FileNotFoundError as err:
-        pytest.skip(f"needs the pretrained extra: {err}")
-    out = run_demo(tmp_path, "--encoder", "whisper-tiny", "--devices", "2", timeout=1700).stdout
-    assert out.count("--trainer.devices 2 --trainer.strategy ddp") == 3  # each stage's fit
-    for stage in ("stage1", "stage2", "stage3"):
-        assert (tmp_path / "artifacts" / "whisper" / stage / "current" / "config.json").exists(), stage
-    synthetic, chance = _figure(out, "stage 3 real test speech, trained on synthetic")
-    assert synthetic > 5 * chance, out[-3000:]
