@@ -7,6 +7,13 @@
 
 The saved ``config.yaml`` in the log directory is overwritten on a re-run into the same directory
 rather than raising, because resuming a killed run into its own folder is the normal case here.
+
+``--promote.force_gates true`` promotes despite failed gates and ``--promote.force true`` replaces a
+better ``current`` (both set the config's ``stages.promote.Promote`` callback for this command, without
+editing its YAML). Outside ``fit`` (``validate``, ``test``, ``predict``) the config's
+``ModelCheckpoint`` callbacks do not restore the fit's top-k record from ``--ckpt_path``: they save
+nothing there, and restoring it into another folder (``--trainer.logger false`` resolves theirs to
+``./checkpoints``) only warned that the folder had changed.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from stages.averaging import CheckpointAveraging, checkpoint_candidates, save_final_checkpoint
@@ -23,7 +32,7 @@ from stages.resume import ExactResume, resume_version
 from stages.safety import checkpoint_weights_only
 from stages.skips import skip_tally, with_skip_tally
 
-__all__ = ["SpeechlessCLI", "main"]
+__all__ = ["SpeechlessCLI", "main", "without_checkpoint_restore"]
 
 DESCRIPTION = (
     "speechless: train speech-capable Gemma 4 models for low-resource languages "
@@ -41,6 +50,26 @@ class FitConfigSaver(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
+def _ignore_fit_state(state_dict: dict) -> None:
+    """A ``ModelCheckpoint.load_state_dict`` for runs that never save: the fit's top-k record stays out."""
+
+
+def without_checkpoint_restore(trainer: Trainer) -> Trainer:
+    """Keep a non-fitting trainer's ``ModelCheckpoint`` callbacks from restoring the fit's top-k record.
+
+    ``validate``/``test``/``predict`` and ``speechless-promote`` save no checkpoint, yet Lightning
+    restores every callback's state from ``--ckpt_path``; where the callback's folder is not the one
+    the checkpoint records (``--trainer.logger false`` resolves it to ``./checkpoints``, a new logger
+    version to another folder) ``ModelCheckpoint`` warned that the folder changed. The callbacks stay
+    (dropping them makes Lightning warn that the checkpoint's callbacks are missing); only their
+    restore is skipped, which nothing outside ``fit`` reads.
+    """
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            cb.load_state_dict = _ignore_fit_state  # this instance only; a fit trainer keeps the method
+    return trainer
+
+
 class SpeechlessCLI(LightningCLI):
     """LightningCLI with the project's defaults (subclass mode, overwrite of the saved config)."""
 
@@ -52,6 +81,16 @@ class SpeechlessCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--promote.force_gates", type=bool, default=False,
+                            help="promote although gates failed (said on stderr, recorded in the artifact)")  # fmt: skip
+        parser.add_argument("--promote.force", type=bool, default=False, help="replace a better current artifact")
+
+    def _promote_overrides(self) -> dict[str, bool]:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        promote = config.get("promote") or {}
+        return {k: bool(promote.get(k, False)) for k in ("force_gates", "force")}
 
     def before_instantiate_classes(self) -> None:
         """A resumed fit (``--ckpt_path <run>/checkpoints/last.ckpt``) logs into that run's folder."""
@@ -73,6 +112,13 @@ class SpeechlessCLI(LightningCLI):
         trainer = with_skip_tally(super().instantiate_trainer(**kwargs))
         if not any(isinstance(cb, ExactResume) for cb in trainer.callbacks):
             trainer.callbacks.append(ExactResume())
+        if self.subcommand in ("validate", "test", "predict"):
+            without_checkpoint_restore(trainer)
+        overrides = self._promote_overrides()
+        for cb in trainer.callbacks:
+            if isinstance(cb, Promote):
+                cb.force_gates = cb.force_gates or overrides["force_gates"]
+                cb.force = cb.force or overrides["force"]
         return trainer
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:

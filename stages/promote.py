@@ -3,7 +3,11 @@
 After ``fit``, the CLI validates the best, final and averaged checkpoints, then the ``Promote``
 callback (when configured) picks one by config, checks its gates and writes the artifact
 (:mod:`stages.promotion`). Only rank 0 writes; the other ranks wait at a barrier and all ranks
-leave with the same outcome, so nobody hangs. A gate failure ends the command with exit status 4.
+leave with the same outcome, so nobody hangs. A gate failure ends the command with exit status 4,
+unless the gates are overridden on purpose (``force_gates``: ``lightning fit ... --promote.force_gates
+true``, ``speechless-promote ... --force-gates``, or ``force_gates: true`` in the callback's YAML): the
+artifact is then written, the failed gates are printed on stderr, and they are recorded (metric, value,
+bounds) in its ``provenance.json`` and at the top of its model card (:func:`stages.promotion.promote`).
 The run's skipped samples (:mod:`stages.skips`) are gated like any metric (``skipped/train/fraction``
 joins the validation metrics) and recorded in ``provenance["data"]["skipped"]``; over a finished run
 the train counts come from the checkpoint's ``SkipTally`` state, the val counts from validating it.
@@ -11,7 +15,10 @@ the train counts come from the checkpoint's ``SkipTally`` state, the val counts 
 Over a finished run::
 
     speechless-promote --config lightning_logs/version_0/config.yaml \
-        --ckpt_path lightning_logs/version_0/checkpoints/averaged.ckpt [--force]
+        --ckpt_path lightning_logs/version_0/checkpoints/averaged.ckpt [--force] [--force-gates]
+
+``--force`` replaces a better ``current``; ``--force-gates`` promotes despite failed gates. They are
+separate choices: a forced-gates version that is worse than ``current`` is kept beside it.
 """
 
 from __future__ import annotations
@@ -92,6 +99,9 @@ class Promote(Callback):
         compare_mode: ``max`` or ``min``.
         artifacts_dir: root of the artifacts.
         force: replace a better ``current`` (gates still apply).
+        force_gates: promote despite failed gates, on purpose (said on stderr, recorded in the
+            artifact's provenance and model card); whether it replaces a better ``current`` is
+            still ``force``'s choice. The CLI's ``--promote.force_gates true`` sets it for one run.
     """
 
     def __init__(
@@ -104,11 +114,12 @@ class Promote(Callback):
         compare_mode: Literal["max", "min"] = "max",
         artifacts_dir: str = "artifacts",
         force: bool = False,
+        force_gates: bool = False,
     ) -> None:
         super().__init__()
         self.stage, self.select, self.gates = stage, select, gates or {}
         self.compare_metric, self.compare_mode = compare_metric, compare_mode
-        self.artifacts_dir, self.force = artifacts_dir, force
+        self.artifacts_dir, self.force, self.force_gates = artifacts_dir, force, force_gates
         self.result: PromotionResult | None = None
 
     def choose(self, candidates: dict[str, str]) -> tuple[str, str | None]:
@@ -144,6 +155,7 @@ class Promote(Callback):
                     compare_metric=self.compare_metric,
                     compare_mode=self.compare_mode,
                     force=self.force,
+                    force_gates=self.force_gates,
                     info=model.artifact_info(),
                     provenance=provenance,
                 )
@@ -165,8 +177,10 @@ class Promote(Callback):
 
 
 # Keys a subcommand adds to the config it saves (``fit`` saves ``ckpt_path`` and ``weights_only``);
-# they are arguments of that subcommand, not of the model, data or trainer.
-SUBCOMMAND_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predictions")
+# they are arguments of that subcommand, not of the model, data or trainer. ``promote`` holds the
+# one-command overrides (``--promote.force_gates``): a fit that forced its gates does not make a later
+# ``speechless-promote`` over its saved config force them too.
+SUBCOMMAND_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predictions", "promote")
 
 
 def run_config(path: str, tmp: str) -> str:
@@ -190,15 +204,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt_path", required=True, help="checkpoint to promote (e.g. .../checkpoints/averaged.ckpt)")
     parser.add_argument("--select", default=None, help="label recorded in provenance (default: from the file name)")
     parser.add_argument("--force", action="store_true", help="replace a better current artifact")
+    parser.add_argument("--force-gates", action="store_true",
+                        help="promote even though gates failed (said on stderr, recorded in provenance and model card)")
     parser.add_argument("--artifacts_dir", default=None)
     args, rest = parser.parse_known_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         cli = SpeechlessCLI(args=["--config", run_config(args.config, tmp), *rest], run=False)
+    from stages.cli import without_checkpoint_restore
+
+    without_checkpoint_restore(cli.trainer)  # this command validates a checkpoint; it never saves one
     promoter = next((cb for cb in cli.trainer.callbacks if isinstance(cb, Promote)), None)
     if promoter is None:
         print("speechless-promote: the config has no stages.promote.Promote callback (stage and gates)", file=sys.stderr)
         return 2
     promoter.force = promoter.force or args.force
+    promoter.force_gates = promoter.force_gates or args.force_gates
     if args.artifacts_dir:
         promoter.artifacts_dir = args.artifacts_dir
     # The fit's train skips ride in its checkpoints; validating here counts the val ones anew.

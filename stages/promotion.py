@@ -14,8 +14,11 @@ The version folder is written under a temporary name and renamed when complete; 
 symlink swapped with ``os.replace``, so a promotion killed half-way leaves the previous ``current``
 intact and no half-written version that looks complete; the next promotion removes what it left
 (``.v<N>.tmp-<PID>``, ``.current.tmp-<PID>`` of a PID that is no longer running). Gates are checked first: a failure is a
-clear message and no promotion. A worse artifact does not replace a better ``current`` unless
-forced.
+clear message and no promotion, unless the user overrides them on purpose (``force_gates``): the
+version is then written with the failed gates (metric, value, bounds) in ``provenance.json``
+(``gates.overridden``) and at the top of its model card, and the override is announced on stderr and
+as a :class:`GatesOverridden` warning. A worse artifact does not replace a better ``current`` unless
+forced (``force``, a separate choice: overriding the gates does not also replace a better ``current``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +46,14 @@ __all__ = [
     "ARTIFACT_KINDS",
     "ArtifactModule",
     "GateError",
+    "GatesOverridden",
     "PromotionResult",
     "UnsafeArtifactError",
     "build_module",
     "check_spec",
     "code_version",
     "evaluate_gates",
+    "gate_failures",
     "load_artifact",
     "promote",
     "remove_stale_tmp",
@@ -56,6 +63,10 @@ __all__ = [
 
 class GateError(RuntimeError):
     """Raised when a candidate fails its gates or is worse than ``current``."""
+
+
+class GatesOverridden(UserWarning):
+    """A version was promoted although some of its gates failed (``force_gates``)."""
 
 
 @dataclass
@@ -106,8 +117,10 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def evaluate_gates(metrics: dict[str, float], gates: dict[str, dict[str, float]]) -> list[str]:
-    """Return the failed gate messages (empty: all passed).
+def gate_failures(metrics: dict[str, float], gates: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """The failed gates, each as ``{"metric", "value", "bounds", "message"}`` (empty: all passed).
+
+    ``value`` is None for a metric the run does not have; NaN never passes.
 
     Args:
         metrics: ``{"val/cosine": 0.97, ...}``.
@@ -115,18 +128,32 @@ def evaluate_gates(metrics: dict[str, float], gates: dict[str, dict[str, float]]
     """
     failures = []
     for name, bounds in gates.items():
+        bounds = dict(bounds)
         if name not in metrics:
-            failures.append(f"{name}: no such metric (have {sorted(metrics)})")
+            failures.append({"metric": name, "value": None, "bounds": bounds,
+                             "message": f"{name}: no such metric (have {sorted(metrics)})"})  # fmt: skip
             continue
         value = float(metrics[name])
         if value != value:  # NaN never passes
-            failures.append(f"{name} is NaN")
+            failures.append({"metric": name, "value": value, "bounds": bounds, "message": f"{name} is NaN"})
             continue
         if "min" in bounds and not value >= bounds["min"]:
-            failures.append(f"{name} = {value:.4g} is below the minimum {bounds['min']}")
+            failures.append({"metric": name, "value": value, "bounds": bounds,
+                             "message": f"{name} = {value:.4g} is below the minimum {bounds['min']}"})  # fmt: skip
         if "max" in bounds and not value <= bounds["max"]:
-            failures.append(f"{name} = {value:.4g} is above the maximum {bounds['max']}")
+            failures.append({"metric": name, "value": value, "bounds": bounds,
+                             "message": f"{name} = {value:.4g} is above the maximum {bounds['max']}"})  # fmt: skip
     return failures
+
+
+def evaluate_gates(metrics: dict[str, float], gates: dict[str, dict[str, float]]) -> list[str]:
+    """Return the failed gate messages (empty: all passed); see :func:`gate_failures`.
+
+    Args:
+        metrics: ``{"val/cosine": 0.97, ...}``.
+        gates: ``{"val/cosine": {"min": 0.9}, "val/mse": {"max": 2.5}}``.
+    """
+    return [f["message"] for f in gate_failures(metrics, gates)]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -145,16 +172,47 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
+def _gates_section(gates: dict[str, Any]) -> tuple[str, str]:
+    """The model card's warning banner (empty unless gates were overridden) and its gates section."""
+    overridden = gates.get("overridden") or []
+    bounds = gates.get("bounds") or {}
+    if not bounds:
+        return "", ""
+
+    def bound(b: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in b.items())
+
+    failed = {f["metric"] for f in overridden}
+    rows = "\n".join(
+        f"| {name} | {bound(b)} | {'FAILED (overridden)' if name in failed else 'passed'} |" for name, b in bounds.items()
+    )
+    section = f"## Gates\n\n| metric | bounds | result |\n| --- | --- | --- |\n{rows}\n\n"
+    if not overridden:
+        return "", section
+    lines = "\n".join(
+        f"- `{f['metric']}` = {'missing' if f['value'] is None else format(f['value'], '.4g')} (bounds: {bound(f['bounds'])})"
+        for f in overridden
+    )
+    banner = (
+        f"> **Warning: promoted with failed gates** (overridden on purpose with `{gates.get('override', 'force_gates')}`).\n"
+        f"> These bounds were not met:\n\n{lines}\n\n"
+    )
+    return banner, section
+
+
 def _model_card(stage: str, version: int, metrics: dict[str, float], provenance: dict[str, Any]) -> str:
+    banner, gates = _gates_section(provenance.get("gates") or {})
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items()))
     parents = "\n".join(f"- `{p['path']}` (sha256 `{p.get('sha256', '')[:12]}`)" for p in provenance.get("parents", [])) or "- none"
     shards = provenance.get("data", {})
     code = provenance.get("code", {})
     return (
         f"# {stage} v{version}\n\n"
+        f"{banner}"
         f"Promoted {provenance.get('time')} from `{provenance.get('checkpoint')}` "
         f"(selected: {provenance.get('selected')}).\n\n"
         f"## Metrics\n\n| metric | value |\n| --- | --- |\n{rows}\n\n"
+        f"{gates}"
         f"## Provenance\n\n- code: `{code.get('commit')}`{' (dirty tree)' if code.get('dirty') else ''}\n"
         f"- training data: {shards.get('samples', '?')} samples in {len(shards.get('shards', []))} shards "
         f"(content hash `{str(shards.get('content_hash', ''))[:12]}`)\n"
@@ -199,6 +257,7 @@ def promote(
     compare_metric: str | None = None,
     compare_mode: str = "max",
     force: bool = False,
+    force_gates: bool = False,
     info: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> PromotionResult:
@@ -209,12 +268,17 @@ def promote(
         modules: name -> module description and weights.
         metrics: the selected checkpoint's metrics.
         artifacts_dir: the artifacts root.
-        gates: per-metric bounds; any failure raises :class:`GateError` and writes nothing.
+        gates: per-metric bounds; any failure raises :class:`GateError` and writes nothing (unless
+            ``force_gates``). Recorded in the provenance (``gates.bounds``) and the model card.
         compare_metric: metric deciding whether the new version beats ``current``.
         compare_mode: ``max`` (higher is better) or ``min``.
         force: replace a better ``current`` anyway (gates are never skipped). A ``current`` whose
             ``info`` names another encoder, stage-1 parent or code book is not compared with: its
             metrics were measured in another space, so the new version replaces it.
+        force_gates: promote despite failed gates, on purpose: says so on stderr and as a
+            :class:`GatesOverridden` warning, and records each failed gate (metric, value, bounds) in
+            ``provenance["gates"]["overridden"]`` and at the top of the model card. Whether the
+            version replaces a better ``current`` is still ``force``'s decision.
         info: stage-specific facts later stages check (levels, codebook size, encoder...).
         provenance: config, data, parents, checkpoint; code version and time are added here.
 
@@ -222,13 +286,14 @@ def promote(
         Where it was written and whether it became ``current``.
 
     Raises:
-        GateError: A gate failed; nothing is written.
+        GateError: A gate failed (and ``force_gates`` is off); nothing is written.
         UnsafeArtifactError: A module that loading would refuse (not a project class of the kind
             :data:`ARTIFACT_KINDS` gives its name); nothing is written.
     """
-    failures = evaluate_gates(metrics, gates or {})
-    if failures:
-        raise GateError(f"{stage}: not promoted, gates failed:\n  - " + "\n  - ".join(failures))
+    failures = gate_failures(metrics, gates or {})
+    listed = "\n  - ".join(f["message"] for f in failures)
+    if failures and not force_gates:
+        raise GateError(f"{stage}: not promoted, gates failed:\n  - {listed}")
     for name, mod in modules.items():  # what loading would refuse is not promoted
         check_spec({"class_path": mod.class_path, "init_args": mod.init_args}, ARTIFACT_KINDS.get(name), what=f"{stage} module {name!r}")
     stage_dir = Path(artifacts_dir) / stage
@@ -248,6 +313,13 @@ def promote(
                 became_current = False
     remove_stale_tmp(stage_dir)
     version = (_versions(stage_dir) or [0])[-1] + 1
+    provenance = dict(provenance or {})
+    provenance["gates"] = {"bounds": dict(gates or {}), "overridden": failures, "override": "force_gates" if failures else None}
+    if failures:  # loudly: the user asked for it, and everyone reading the log must see it
+        message = (f"{stage}: GATES OVERRIDDEN (force_gates): promoting v{version} although these gates failed:"
+                   f"\n  - {listed}\n(recorded in its provenance.json and model card)")  # fmt: skip
+        print(f"[promote] {message}", file=sys.stderr, flush=True)
+        warnings.warn(message, GatesOverridden, stacklevel=2)
     tmp = stage_dir / f".v{version}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:

@@ -225,3 +225,78 @@ def test_a_kill_at_any_point_leaves_current_and_the_next_promotion_cleans_up(tmp
     assert nxt.path.name == ("v3" if where in ("after-rename", "after-link") else "v2")
     assert (stage_dir / "current").resolve() == nxt.path
     assert not list(stage_dir.glob(".*tmp-*"))
+
+
+# ---- gates overridden on purpose (force_gates) --------------------------------------------------
+
+
+def test_force_gates_promotes_loudly_and_records_the_failed_gates(tmp_path, capsys):
+    from stages.promotion import GatesOverridden
+
+    gates = {"val/cosine": {"min": 0.5}, "val/utilisation": {"min": 0.1}, "val/mse": {"max": 1.0}}
+    metrics = {"val/cosine": 0.2, "val/utilisation": 0.5}  # cosine too low, mse missing
+    with pytest.raises(GateError):
+        promote(stage="stage1", modules=_modules(_rvq(0)), metrics=metrics, artifacts_dir=tmp_path, gates=gates)
+    assert not list((tmp_path / "stage1").glob("v*"))
+    with pytest.warns(GatesOverridden, match="val/cosine = 0.2 is below the minimum 0.5"):
+        result = promote(stage="stage1", modules=_modules(_rvq(0)), metrics=metrics, artifacts_dir=tmp_path,
+                         gates=gates, force_gates=True)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "GATES OVERRIDDEN" in err and "val/cosine = 0.2" in err and "val/mse: no such metric" in err
+    assert result.became_current and load_artifact(result.path)["modules"]["quantizer"] is not None
+    record = json.loads((result.path / "provenance.json").read_text())["gates"]
+    assert record["override"] == "force_gates" and record["bounds"] == gates
+    assert [(f["metric"], f["value"], f["bounds"]) for f in record["overridden"]] == [
+        ("val/cosine", 0.2, {"min": 0.5}), ("val/mse", None, {"max": 1.0})]  # fmt: skip
+    card = (result.path / "README.md").read_text()
+    assert card.index("promoted with failed gates") < card.index("## Metrics")  # at the top
+    assert "`val/cosine` = 0.2 (bounds: min 0.5)" in card and "`val/mse` = missing (bounds: max 1.0)" in card
+    assert "| val/utilisation | min 0.1 | passed |" in card and "| val/cosine | min 0.5 | FAILED (overridden) |" in card
+
+
+def test_force_gates_does_not_replace_a_better_current(tmp_path):
+    good = _promote(tmp_path, _rvq(0), 0.9)
+    with pytest.warns(UserWarning, match="GATES OVERRIDDEN"):
+        forced = _promote(tmp_path, _rvq(1), 0.3, force_gates=True)  # below the 0.5 gate and worse
+    assert not forced.became_current and (tmp_path / "stage1" / "current").resolve() == good.path
+    # Gates that pass leave no override on the record.
+    record = json.loads((good.path / "provenance.json").read_text())["gates"]
+    assert record["overridden"] == [] and record["override"] is None
+    assert "failed gates" not in (good.path / "README.md").read_text()
+
+
+def test_a_failed_gate_exits_4_unless_overridden_in_fit_and_in_speechless_promote(
+    tiny_corpus, make_stage1_config, tmp_path, capsys
+):
+    from stages.cli import main as cli
+    from stages.promote import GATE_EXIT
+    from stages.promote import main as promote_main
+
+    torch.set_num_threads(1)
+    config = make_stage1_config(tiny_corpus, tmp_path, max_epochs=1, gates={"val/cosine": {"min": 2.0}})
+    current = tmp_path / "artifacts" / "stage1" / "current"
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["fit", "--config", str(config)])
+    assert exit_info.value.code == GATE_EXIT and not current.exists()
+    assert "val/cosine" in capsys.readouterr().out
+
+    run = tmp_path / "stage1" / "version_0"
+    saved, averaged = str(run / "config.yaml"), str(run / "checkpoints" / "averaged.ckpt")
+    assert promote_main(["--config", saved, "--ckpt_path", averaged, "--trainer.logger", "false"]) == GATE_EXIT
+    assert not current.exists() and "below the minimum 2.0" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="GATES OVERRIDDEN"):
+        code = promote_main(["--config", saved, "--ckpt_path", averaged, "--trainer.logger", "false", "--force-gates"])
+    assert code == 0 and current.exists()
+    assert "GATES OVERRIDDEN" in capsys.readouterr().err
+    record = json.loads((current / "provenance.json").read_text())["gates"]
+    assert [f["metric"] for f in record["overridden"]] == ["val/cosine"] and record["bounds"]["val/cosine"] == {"min": 2.0}
+    assert "promoted with failed gates" in (current / "README.md").read_text()
+
+    # The same override on the fit command line, without touching the YAML.
+    with pytest.warns(UserWarning, match="GATES OVERRIDDEN"):
+        cli(["fit", "--config", str(config), "--promote.force_gates", "true",
+             "--trainer.logger.init_args.version", "1"])  # fmt: skip
+    fitted = sorted((tmp_path / "artifacts" / "stage1").glob("v*"))[-1]
+    assert fitted.name == "v2"
+    prov = json.loads((fitted / "provenance.json").read_text())
+    assert prov["gates"]["overridden"][0]["metric"] == "val/cosine" and prov["config"]["promote"]["force_gates"] is True
