@@ -9,13 +9,29 @@ A projector model (``info.audio_path: projector``: any stage-1 encoder into a te
 same way up to the states: that artifact's frozen encoder -> (RVQ round trip, as the artifact's
 ``info.rvq_round_trip`` says unless ``--rvq-round-trip``/``--no-rvq-round-trip``) -> the trained
 projector (rebuilt from the artifact's ``projector`` module) -> the merged LLM.
-Scoring follows DiffusionGemma ASR / Whisper practice: WER and CER (torchmetrics) after Whisper's
-``EnglishTextNormalizer`` for transcription prompts, exact match of the first word for closed tasks.
+Scoring follows DiffusionGemma ASR / Whisper practice: WER and CER (torchmetrics) after Whisper's text
+normaliser for transcription prompts, exact match of the first word for closed tasks. The normaliser
+follows each input's language (its manifest row's or shard sample's ``language``; ``--language``
+overrides them all): Whisper's ``EnglishTextNormalizer`` for ``en`` only (it spells out and respells
+English: "prof" -> "professor"), its basic normaliser (case, punctuation, symbols) for every other
+language, an unknown one included.
 
-Long recordings are cut at silence into pieces of at most 30 s (Gemma 4's audio window) whose frames
-fill one audio block in order, so the whole recording is heard. Inputs: ``--audio`` files, a ``--manifest`` (JSONL with ``audio`` and optional ``reference``/``text``,
-paths relative to the manifest), or ``--shards`` (audio shards; ``json.text`` is the transcript).
-One JSON line per utterance goes to stdout (or ``--output``); scores are printed at the end.
+Inputs: ``--audio`` files (no reference), a ``--manifest`` in the formats ``speechless-prepare`` reads
+(TSV with a header row, or JSONL; read by :func:`datamodules.prepare.read_manifest`: ``audio`` relative
+to the manifest, optional ``text``, ``reference`` / ``response``, ``language``, ``id``), or ``--shards``
+(audio shards; ``json.text`` is the transcript). Recordings that preparation cut into pieces (their
+json names the recording as ``parent`` and the piece as ``segment``, with the transcript in
+``parent_text``) are joined in order and heard whole, and scored against the whole recording's
+transcript (:func:`read_shard_recordings`); a recording with pieces missing from the shards given is
+answered but not scored. Long audio is cut at silence into pieces of at most 30 s (Gemma 4's audio
+window) whose frames fill one audio block in order, so the whole recording is heard.
+
+References: ``--transcribe`` scores the answers as transcripts (WER/CER) against each input's
+``reference`` when it has one, else its transcript (``text``); ``--closed-task T`` against
+``T(text)``; with neither, inputs with a ``reference`` (or ``response``) are scored as transcripts.
+Asked to score (``--transcribe``, ``--closed-task``) inputs without references, it says so on stderr
+(how many, and where references come from) instead of printing nothing.
+One JSON line per utterance goes to stdout (or ``--output``); scores are printed at the end (stderr).
 """
 
 from __future__ import annotations
@@ -24,13 +40,13 @@ import argparse
 import io
 import json
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import soundfile as sf
 
-__all__ = ["load_inputs", "main", "normalizer", "score"]
+__all__ = ["load_inputs", "main", "normalizer", "read_shard_recordings", "references", "score"]
 
 
 def _read_wave(source: Any) -> np.ndarray:
@@ -43,32 +59,126 @@ def _read_wave(source: Any) -> np.ndarray:
     return wave
 
 
-def load_inputs(*, audio: list[str], manifest: str | None, shards: str | None) -> list[dict[str, Any]]:
-    """``[{"id", "wave" (16 kHz float32 [N]), "text" (transcript or None), "reference" (or None)}]``."""
-    items = [{"id": p, "wave": _read_wave(p), "text": None, "reference": None} for p in audio]
-    if manifest:
-        base = Path(manifest).parent
-        for i, line in enumerate(Path(manifest).read_text().splitlines()):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "audio" not in row:
-                raise ValueError(f"{manifest}:{i + 1}: needs 'audio'")
-            path = Path(row["audio"]) if Path(row["audio"]).is_absolute() else base / row["audio"]
-            items.append({"id": row.get("id", str(path)), "wave": _read_wave(path),
-                          "text": row.get("text", row.get("instruction")), "reference": row.get("reference", row.get("response")),
-                          "language": row.get("language")})  # fmt: skip
-    if shards:
-        from datamodules.shards import iter_tar_samples, resolve_shards
+_MANIFEST_COLUMNS = {f: f for f in ("audio", "text", "speaker", "language", "id", "split")}
+# Piece fields preparation adds to a cut recording's samples (datamodules/prepare.py); not the whole's.
+_PIECE_FIELDS = ("parent", "segment", "offset", "parent_text", "parent_duration", "text_scope")
 
-        for path in resolve_shards(shards).paths():
-            for raw in iter_tar_samples(path):
-                meta = json.loads(raw["json"])
-                items.append({"id": raw["__key__"], "wave": _read_wave(io.BytesIO(raw["flac"])),
-                              "text": meta.get("text"), "reference": None, "language": meta.get("language")})  # fmt: skip
+
+def _read_manifest(manifest: str) -> list[dict[str, Any]]:
+    """A TSV or JSONL manifest (``speechless-prepare``'s reader) -> input items; a bad row is an error."""
+    from datamodules.prepare import PrepareError, read_manifest
+
+    try:
+        rows = read_manifest(manifest, columns=_MANIFEST_COLUMNS, defaults={"split": "test", "language": "und",
+                             "speaker": "unknown"}, require_text=False)  # fmt: skip
+    except PrepareError as err:
+        raise ValueError(str(err)) from err
+    items = []
+    for row in rows:
+        if row.error is not None:
+            raise ValueError(f"manifest row refused ({row.error[0]}): {row.error[1]}")
+        text = row.text or (str(row.extra["instruction"]) if "instruction" in row.extra else None)
+        reference = row.extra.get("reference", row.extra.get("response"))
+        items.append({"id": row.key, "wave": _read_wave(row.audio), "text": text, "language": row.language,
+                      "reference": None if reference is None else str(reference)})  # fmt: skip
+    return items
+
+
+def read_shard_recordings(spec: str) -> list[dict[str, Any]]:
+    """Audio shards -> one item per *recording*, pieces of a cut recording joined in order.
+
+    ``speechless-prepare`` cuts a recording longer than ``--max-seconds`` into pieces whose json has
+    ``parent`` (the recording's key), ``segment`` (0, 1, ...), ``parent_text`` (the transcript: a
+    piece's own ``text`` is empty) and ``parent_duration``. Their waveforms are concatenated by
+    ``segment`` (the pieces cover the recording exactly), wherever in the shards they lie, and the item
+    takes the recording's transcript and key.
+
+    Returns:
+        ``[{"id", "wave" (16 kHz float32 [N]), "meta" (the recording's json: ``text`` is its transcript),
+        "pieces" (how many were joined), "complete" (no piece missing)}]`` in order of first appearance.
+    """
+    from datamodules.shards import iter_tar_samples, resolve_shards
+
+    items: list[dict[str, Any]] = []
+    groups: dict[str, dict[str, Any]] = {}
+    for path in resolve_shards(spec).paths():
+        for raw in iter_tar_samples(path):
+            meta = json.loads(raw["json"])
+            wave = _read_wave(io.BytesIO(raw["flac"]))
+            parent = meta.get("parent") if "segment" in meta else None
+            if parent is None:
+                items.append({"id": raw["__key__"], "wave": wave, "meta": meta, "pieces": 1, "complete": True})
+                continue
+            if parent not in groups:
+                whole = {k: v for k, v in meta.items() if k not in _PIECE_FIELDS}
+                whole.update(text=meta.get("parent_text") or "", duration=meta.get("parent_duration"))
+                groups[parent] = {"id": str(parent), "meta": whole, "parts": {}, "expect": meta.get("parent_duration")}
+                items.append(groups[parent])
+            groups[parent]["parts"][int(meta.get("segment", 0))] = wave
+    for group in groups.values():
+        parts = group.pop("parts")
+        expect = group.pop("expect")
+        group["wave"] = np.concatenate([parts[i] for i in sorted(parts)])
+        group["pieces"] = len(parts)
+        seconds = len(group["wave"]) / 16_000
+        group["complete"] = sorted(parts) == list(range(len(parts))) and (
+            expect is None or abs(seconds - float(expect)) < 0.05)  # fmt: skip
+    return items
+
+
+def load_inputs(*, audio: list[str], manifest: str | None, shards: str | None) -> list[dict[str, Any]]:
+    """``[{"id", "wave" (16 kHz float32 [N]), "text" (transcript or None), "reference" (or None),
+    "language" (or None)}]``; shard recordings cut into pieces come back whole (``complete`` False when
+    a piece is missing, see :func:`read_shard_recordings`)."""
+    items = [{"id": p, "wave": _read_wave(p), "text": None, "reference": None, "language": None} for p in audio]
+    if manifest:
+        items.extend(_read_manifest(manifest))
+    if shards:
+        for rec in read_shard_recordings(shards):
+            meta = rec["meta"]
+            reference = meta.get("reference", meta.get("response"))
+            items.append({"id": rec["id"], "wave": rec["wave"], "text": meta.get("text") or None,
+                          "reference": None if reference is None else str(reference),
+                          "language": meta.get("language"), "pieces": rec["pieces"], "complete": rec["complete"]})  # fmt: skip
     if not items:
         raise ValueError("no input: give --audio, --manifest or --shards")
     return items
+
+
+def references(items: list[dict[str, Any]], *, closed_task: str | None, transcribe: bool) -> list[str]:
+    """Set each item's ``reference`` for the scoring asked for; return the notes to print (stderr).
+
+    ``closed_task``: ``CLOSED_TASKS[task](text)``; ``transcribe``: the item's ``reference``, else its
+    ``text``; neither: the item's own ``reference`` (or ``response``) as read. An item without what its
+    reference needs (no transcript; a cut recording with pieces missing) is not scored, and the notes
+    say how many and why.
+    """
+    notes = []
+    if closed_task:
+        from datamodules.instructions import CLOSED_TASKS
+
+        if closed_task not in CLOSED_TASKS:
+            raise ValueError(f"--closed-task must be one of {sorted(CLOSED_TASKS)}, got {closed_task!r}")
+        for it in items:
+            it["reference"] = CLOSED_TASKS[closed_task](it["text"]) if it.get("text") else None
+    elif transcribe:
+        for it in items:
+            it["reference"] = it.get("reference") or it.get("text")
+    partial = [it for it in items if it.get("complete") is False and it.get("reference") is not None]
+    for it in partial:
+        it["reference"] = None
+    if partial:
+        notes.append(f"{len(partial)} recording(s) cut into pieces have pieces missing from the shards given "
+                     f"(e.g. {partial[0]['id']}): answered, not scored")  # fmt: skip
+    asked = "--closed-task" if closed_task else "--transcribe" if transcribe else None
+    missing = sum(it.get("reference") is None for it in items) - len(partial)
+    if asked and missing:
+        where = ("a transcript (manifest `text`, shard json `text`)" if closed_task else
+                 "a reference (manifest `reference` or `text`, shard json `text`)")  # fmt: skip
+        scope = "none" if missing == len(items) else f"{missing} of {len(items)}"
+        notes.append(f"warning: {asked} asked for scores, but {scope} of the inputs have {where}; "
+                     f"--audio files have none: {'nothing is scored' if scope == 'none' else 'those are not scored'}")  # fmt: skip
+    return notes
 
 
 def normalizer(language: str | None = "en"):
@@ -86,16 +196,28 @@ def normalizer(language: str | None = "en"):
     return lambda text: " ".join(norm(text).split())  # punctuation leaves spaces: collapse them
 
 
-def score(answers: list[str], references: list[str], *, mode: str, language: str | None = "en") -> dict[str, float]:
-    """``exact`` -> ``{"accuracy"}``; ``transcription`` -> ``{"wer", "cer"}`` on text normalised for ``language``."""
+def score(
+    answers: list[str], references: list[str], *, mode: str, language: str | Sequence[str | None] | None = "en"
+) -> dict[str, float]:
+    """``exact`` -> ``{"accuracy"}``; ``transcription`` -> ``{"wer", "cer"}`` on normalised text.
+
+    Args:
+        answers: The model's answers.
+        references: One reference per answer.
+        mode: ``exact`` or ``transcription``.
+        language: The normaliser's language (see :func:`normalizer`): one for all, or one per answer
+            (each reference and answer normalised for its own language).
+    """
     if mode == "exact":
         from stages.stage3 import exact_match
 
         return {"accuracy": float(np.mean([exact_match(a, r) for a, r in zip(answers, references, strict=True)]))}
     from torchmetrics.text import CharErrorRate, WordErrorRate
 
-    norm = normalizer(language)
-    hyp, ref = [norm(a) for a in answers], [norm(r) for r in references]
+    languages = [language] * len(answers) if language is None or isinstance(language, str) else list(language)
+    norms = {lang: normalizer(lang) for lang in set(languages)}
+    hyp = [norms[lang](a) for a, lang in zip(answers, languages, strict=True)]
+    ref = [norms[lang](r) for r, lang in zip(references, languages, strict=True)]
     return {"wer": float(WordErrorRate()(hyp, ref)), "cer": float(CharErrorRate()(hyp, ref))}
 
 
@@ -115,14 +237,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", help="text before the audio in the user turn")
     parser.add_argument("--closed-task", help="reference = task(transcript): next_digit (exact match) or repeat "
                         "(the transcript itself, scored by WER/CER)")
-    parser.add_argument("--transcribe", action="store_true", help="score answers as transcripts (WER/CER)")
-    parser.add_argument("--language", help="text normaliser for WER/CER: Whisper's English one for en, its basic "
-                        "one otherwise (default: the inputs' language when they all agree, else en)")
+    parser.add_argument("--transcribe", action="store_true", help="score answers as transcripts (WER/CER) against "
+                        "each input's reference: its `reference`, else its transcript `text` (manifest or shard json)")
+    parser.add_argument("--language", help="text normaliser for WER/CER, for every input: Whisper's English one for "
+                        "en, its basic one otherwise (default: each input's own `language`; none: basic)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--output")
     args = parser.parse_args(argv)
+    # Inputs first: a bad manifest row or a missing file fails before any model is loaded.
+    try:
+        items = load_inputs(audio=args.audio, manifest=args.manifest, shards=args.shards)
+        notes = references(items, closed_task=args.closed_task, transcribe=args.transcribe)
+    except ValueError as err:
+        parser.error(str(err))
+    joined = [it for it in items if it.get("pieces", 1) > 1]
+    if joined:
+        notes.insert(0, f"{sum(it['pieces'] for it in joined)} pieces of {len(joined)} long recording(s) joined: "
+                        "each recording is heard and scored whole")  # fmt: skip
+    for note in notes:
+        print(f"[infer] {note}", file=sys.stderr, flush=True)
 
     from datamodules.audio import split_at_silence
     from models.spoken_llm import SpokenLLM
@@ -169,15 +304,6 @@ def main(argv: list[str] | None = None) -> int:
         if encoder and recorded.get("sha256") and sha != recorded["sha256"]:
             raise SystemExit(f"speechless-infer: {stage1_path} (sha256 {sha[:12]}) is not the stage-1 artifact this "
                              f"model was trained on ({recorded.get('path')}, sha256 {recorded['sha256'][:12]})")  # fmt: skip
-    items = load_inputs(audio=args.audio, manifest=args.manifest, shards=args.shards)
-    if args.closed_task:
-        from datamodules.instructions import CLOSED_TASKS
-
-        for it in items:
-            it["reference"] = CLOSED_TASKS[args.closed_task](it["text"])
-    elif args.transcribe:
-        for it in items:
-            it["reference"] = it["text"]
 
     # Native Gemma 4 path: the round trip whenever a stage-1 artifact is given; projector: as in training.
     round_trip = bool(stage1_path) if llm.projector is None else info.get("rvq_round_trip", True)
@@ -200,14 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         for it, answer in zip(chunk, llm.generate(batch, max_new_tokens=args.max_new_tokens), strict=True):
             answers.append(answer)
             out.write(json.dumps({"id": it["id"], "answer": answer.strip(), "reference": it["reference"]}) + "\n")
-    scored = [(a, it["reference"]) for a, it in zip(answers, items, strict=True) if it["reference"] is not None]
+    scored = [(a, it) for a, it in zip(answers, items, strict=True) if it["reference"] is not None]
     if scored:
         from datamodules.instructions import OPEN_TASKS
 
         mode = "exact" if args.closed_task and args.closed_task not in OPEN_TASKS else "transcription"
-        languages = {it.get("language") for it in items if it.get("language")}
-        language = args.language or (languages.pop() if len(languages) == 1 else "en")
-        metrics = score([a for a, _ in scored], [r for _, r in scored], mode=mode, language=language)
+        language = args.language or [it.get("language") or "und" for _, it in scored]
+        metrics = score([a for a, _ in scored], [it["reference"] for _, it in scored], mode=mode, language=language)
         chance = " (chance 0.100)" if args.closed_task == "next_digit" else ""
         print(f"[infer] {len(scored)} scored: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + chance,
               file=sys.stderr)  # fmt: skip

@@ -4,7 +4,11 @@ Follows Speechless (Dao et al., INTERSPEECH 2025, arXiv:2505.17417), stage 3: th
 tokens (stage 2) are dequantized by the frozen stage-1 RVQ into the Gemma 4 audio encoder's own
 pre-projection space and enter the LLM through its native audio path (``models.spoken_llm.SpokenLLM``);
 only LoRA trains, on the response tokens. Validation also feeds *real* speech of held-out speakers
-through the audio tower and scores greedy answers against a closed task (the demo: next digit).
+through the audio tower and scores greedy answers (``eval_task``): a closed task by exact match (the
+demo: next digit, ``val/spoken_accuracy``), an open one (the transcript itself, ``repeat``, or any
+field of the shard's json, ``json:reference``) by WER/CER after the normaliser of the speech's language
+(``val/spoken_wer``, ``val/spoken_cer``), which checkpoint choice (``ModelCheckpoint(monitor=
+"val/spoken_wer", mode="min")``), the summary table and the promotion gates can use.
 
 For a text-only causal LM (e.g. Gemma 3) there are two ways. ``llm.input_mode: tokens``: the codes are
 written into the prompt as Ichigo-style sound tokens (``SpokenLLM.example``). ``llm.input_mode:
@@ -24,30 +28,32 @@ the projector when there is one); the promoted artifact holds the PEFT adapter (
 
 from __future__ import annotations
 
-import io
 import json
 import math
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
 import torch
 from lightning import LightningModule
 from torchmetrics import MeanMetric
-from torchmetrics.text import WordErrorRate
+from torchmetrics.text import CharErrorRate, WordErrorRate
 
+from datamodules.audio import split_at_silence
 from datamodules.instructions import CLOSED_TASKS, OPEN_TASKS
-from datamodules.shards import iter_tar_samples, resolve_shards
 from models.chat_format import IGNORE_INDEX, collate_padded
 from models.encoders import FrozenEncoder
 from models.rvq import ResidualVQ
 from models.spoken_llm import SpokenLLM
-from stages.infer import normalizer
+from stages.infer import normalizer, read_shard_recordings
 from stages.promotion import ArtifactModule, load_artifact
 from stages.stage1 import check_encoder_matches
 
-__all__ = ["SpokenInstructionStage", "attach_stage1", "build_demo_llm", "collate_instructions", "exact_match"]
+__all__ = [
+    "SpokenInstructionStage", "attach_stage1", "build_demo_llm", "check_eval_task", "collate_instructions",
+    "eval_reference", "exact_match",
+]
 
 
 def audio_normalization(stage1_config: dict[str, Any]) -> dict[str, Any]:
@@ -177,6 +183,43 @@ def exact_match(answer: str, reference: str) -> bool:
     return bool(words) and words[0].strip(".,!?;:'\"") == reference.strip().lower()
 
 
+def check_eval_task(task: str) -> bool:
+    """Check a spoken-validation task name; return whether it is open (scored by WER/CER).
+
+    ``next_digit`` (closed: exact match of the first word) and ``repeat`` (open: the transcript) derive
+    the reference from the sample's ``json.text`` (:data:`datamodules.instructions.CLOSED_TASKS`);
+    ``json:<key>`` takes the sample's own ``json[<key>]`` (``json:reference``, ``json:response``) and is
+    open.
+
+    Raises:
+        ValueError: Any other name.
+    """
+    if task.startswith("json:") and task[len("json:") :].strip():
+        return True
+    if task not in CLOSED_TASKS:
+        raise ValueError(f"eval_task must be one of {sorted(CLOSED_TASKS)} or json:<field> "
+                         f"(e.g. json:reference), got {task!r}")  # fmt: skip
+    return task in OPEN_TASKS
+
+
+def eval_reference(task: str, meta: dict[str, Any], *, where: str = "sample") -> str:
+    """The reference answer of one real utterance (its shard json ``meta``) for ``task`` (:func:`check_eval_task`).
+
+    Raises:
+        ValueError: The sample lacks what the task needs (an empty transcript, a missing field).
+    """
+    if task.startswith("json:"):
+        key = task[len("json:") :]
+        value = meta.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where}: eval_task {task!r} needs a non-empty json[{key!r}] (it has {sorted(meta)})")
+        return value
+    try:
+        return CLOSED_TASKS[task](meta.get("text") or "")
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
 class SpokenInstructionStage(LightningModule):
     """Gemma 4 + LoRA answering spoken instructions (Speechless stage 3).
 
@@ -188,18 +231,29 @@ class SpokenInstructionStage(LightningModule):
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps, then cosine decay to 10 % over the run.
         eval_audio_shards: Audio shards of real speech (held-out speakers) scored at each validation end.
-        eval_closed_task: How the reference answer follows from a shard's ``json.text``: ``next_digit``
-            (a closed set, exact match) or ``repeat`` (the transcript; also logs ``val/spoken_wer``).
-        eval_language: Text normaliser of that WER (Whisper's English one for ``en``, its basic one otherwise).
+            Recordings that preparation cut into pieces are joined and heard whole, scored against the
+            whole transcript (``stages.infer.read_shard_recordings``); one with pieces missing is left out.
+        eval_task: The reference answer of each real utterance, and how it is scored: ``next_digit``
+            (closed, from ``json.text``: exact match of the first word, ``val/spoken_accuracy``);
+            ``repeat`` (open: the transcript ``json.text`` itself) or ``json:<field>`` (open: the
+            sample's own ``json[<field>]``, e.g. ``json:reference`` or ``json:response`` written by
+            ``speechless-prepare`` from a manifest column). Open tasks log ``val/spoken_wer`` and
+            ``val/spoken_cer`` (WER/CER over the whole set) and ``val/spoken_accuracy`` (the share of
+            answers equal to the reference after normalisation); choose checkpoints on
+            ``val/spoken_wer`` with ``mode: min``.
+        eval_closed_task: Deprecated name of ``eval_task`` (accepted, with a ``DeprecationWarning``).
+        eval_language: Text normaliser of WER/CER and of open-task matches for every utterance
+            (Whisper's English one for ``en``, its basic one otherwise); ``None`` (default): each
+            utterance's own ``json.language`` (none recorded: the basic one).
         eval_instruction_text: Text placed before the audio in the eval prompt (as in training).
         eval_max_samples: Cap on scored utterances (``None``: all).
         eval_batch_size: Utterances per ``generate`` call.
+        eval_max_new_tokens: Cap on each answer's tokens; ``None``: 4 for a closed task, and for an open
+            one twice the longest reference's tokens in the batch plus 8 (sentences need more than 48).
         rvq_round_trip: Embeddings mode (native or projector): pass real speech's encoder states through
             RVQ encode/decode before the LLM, as in training (tokens mode always goes through the RVQ:
             its tokens are codes). Recorded in the artifact; ``speechless-infer`` follows it.
     """
-
-    summary_metrics = ["val/loss", "val/spoken_accuracy"]
 
     def __init__(
         self,
@@ -210,24 +264,27 @@ class SpokenInstructionStage(LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         eval_audio_shards: str | None = None,
-        eval_closed_task: str = "next_digit",
-        eval_language: str = "en",
+        eval_task: str = "next_digit",
+        eval_closed_task: str | None = None,
+        eval_language: str | None = None,
         eval_instruction_text: str | None = None,
         eval_max_samples: int | None = None,
         eval_batch_size: int = 16,
+        eval_max_new_tokens: int | None = None,
         rvq_round_trip: bool = True,
     ) -> None:
         super().__init__()
         self.llm = llm
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.eval_audio_shards, self.eval_instruction_text = eval_audio_shards, eval_instruction_text
-        if eval_closed_task not in CLOSED_TASKS:
-            raise ValueError(f"eval_closed_task must be one of {sorted(CLOSED_TASKS)}, got {eval_closed_task!r}")
-        self.eval_task = CLOSED_TASKS[eval_closed_task]
-        self.eval_closed_task, self.eval_open = eval_closed_task, eval_closed_task in OPEN_TASKS
+        if eval_closed_task is not None:
+            warnings.warn("SpokenInstructionStage: eval_closed_task is deprecated, it is now eval_task "
+                          "(which also takes open tasks: repeat, json:<field>)", DeprecationWarning, stacklevel=2)  # fmt: skip
+            eval_task = eval_closed_task
+        self.eval_task, self.eval_open = eval_task, check_eval_task(eval_task)
         self.eval_language = eval_language
-        self._spoken_wer = float("nan")
         self.eval_max_samples, self.eval_batch_size = eval_max_samples, eval_batch_size
+        self.eval_max_new_tokens = eval_max_new_tokens
         self.rvq_round_trip = rvq_round_trip
         # Checkpoints carry only the adapter: the frozen base reloads from its source.
         self.strict_loading = False
@@ -285,53 +342,95 @@ class SpokenInstructionStage(LightningModule):
             self.val_ctc.update(out["ctc"].detach())
             self.log("val/ctc", self.val_ctc, batch_size=batch["input_ids"].shape[0])
 
+    @property
+    def summary_metrics(self) -> list[str]:
+        """The checkpoint table's columns: the metrics this run's spoken validation logs."""
+        if not self.eval_audio_shards:
+            return ["val/loss"]
+        if self.eval_open:
+            return ["val/loss", "val/spoken_wer", "val/spoken_cer", "val/spoken_accuracy"]
+        return ["val/loss", "val/spoken_accuracy"]
+
     def on_validation_epoch_end(self) -> None:
         if not self.eval_audio_shards or self.trainer.sanity_checking:
             return
-        accuracy, n = self.spoken_accuracy()
-        self.log("val/spoken_accuracy", accuracy)
-        line = f"spoken accuracy {accuracy:.3f} on {n} real utterances"
-        if self.eval_open:  # an open task ("repeat"): word error rate of the answers
-            self.log("val/spoken_wer", self._spoken_wer)
-            line += f", WER {self._spoken_wer:.3f}"
-        elif self.eval_closed_task == "next_digit":
-            line += f" (chance {1 / 10:.3f})"
+        scores = self.spoken_scores()
+        self.log("val/spoken_accuracy", scores["accuracy"])
+        if self.eval_open:  # an open task ("repeat", a json field): error rates of the answers
+            self.log("val/spoken_wer", scores["wer"])
+            self.log("val/spoken_cer", scores["cer"])
+            line = (f"spoken WER {scores['wer']:.3f}, CER {scores['cer']:.3f}, exact {scores['accuracy']:.3f} "
+                    f"on {scores['n']} real utterances ({self.eval_task})")  # fmt: skip
+        else:
+            line = f"spoken accuracy {scores['accuracy']:.3f} on {scores['n']} real utterances"
+            if self.eval_task == "next_digit":
+                line += f" (chance {1 / 10:.3f})"
         if self.trainer.is_global_zero:
             print(f"\n[stage3] epoch {self.current_epoch}: {line}", flush=True)
 
-    def _eval_samples(self) -> list[tuple[Any, str]]:
+    def _eval_samples(self) -> list[tuple[Any, str, str]]:
+        """``(wave, reference, language)`` per real recording, pieces of a cut recording joined."""
         samples = []
-        for path in resolve_shards(self.eval_audio_shards).paths():
-            for raw in iter_tar_samples(path):
-                wave, rate = sf.read(io.BytesIO(raw["flac"]), dtype="float32")
-                if rate != 16_000:
-                    raise ValueError(f"{path}:{raw['__key__']} is {rate} Hz; audio shards are 16 kHz")
-                samples.append((wave, self.eval_task(json.loads(raw["json"])["text"])))
+        for rec in read_shard_recordings(self.eval_audio_shards):
+            if not rec["complete"]:  # a transcript cannot be scored against part of its recording
+                continue
+            meta = rec["meta"]
+            reference = eval_reference(self.eval_task, meta, where=f"{self.eval_audio_shards}:{rec['id']}")
+            samples.append((rec["wave"], reference, self.eval_language or meta.get("language") or "und"))
         return samples[: self.eval_max_samples] if self.eval_max_samples else samples
 
+    def _max_new_tokens(self, references: list[str]) -> int:
+        if self.eval_max_new_tokens is not None:
+            return self.eval_max_new_tokens
+        if not self.eval_open:
+            return 4
+        longest = max(len(self.llm.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+        return 2 * longest + 8
+
     @torch.no_grad()
-    def spoken_accuracy(self) -> tuple[float, int]:
-        """Greedy answers to real speech from ``eval_audio_shards`` vs the closed task: (accuracy, n)."""
+    def spoken_scores(self) -> dict[str, float]:
+        """Greedy answers to real speech from ``eval_audio_shards``, scored for ``eval_task``, summed over ranks.
+
+        Returns:
+            ``{"accuracy", "wer", "cer", "n"}``: exact-match share (closed: first word; open: the whole
+            normalised answer), word and character error rates over all references (open tasks;
+            NaN for closed ones), and the number of utterances scored.
+        """
         samples = self._eval_samples()
-        # Every rank scores a disjoint slice; the sum is reduced below.
+        # Every rank scores a disjoint slice; the sums are reduced below.
         rank, world = self.global_rank, self.trainer.world_size if self._trainer else 1
         mine = samples[rank::world]
         correct = 0
-        wer = WordErrorRate()  # its state: word edits and reference words, summed over ranks below
-        norm = normalizer(self.eval_language)
+        wer, cer = WordErrorRate(), CharErrorRate()  # states: edits and reference length, summed below
+        norms: dict[str, Any] = {}
         for start in range(0, len(mine), self.eval_batch_size):
             chunk = mine[start : start + self.eval_batch_size]
-            batch = self.llm.prompts_from_audio([w for w, _ in chunk], instruction_text=self.eval_instruction_text)
+            # Audio over the 30 s window is cut at silence and heard whole, as speechless-infer does.
+            pieces = [[w[a:b] for a, b in split_at_silence(w, 16_000, max_seconds=30.0)] for w, _, _ in chunk]
+            batch = self.llm.prompts_from_audio([p for ps in pieces for p in ps], instruction_text=self.eval_instruction_text,
+                                                pieces_per_item=[len(ps) for ps in pieces])  # fmt: skip
             batch["rvq_round_trip"] = self.rvq_round_trip
-            answers = self.llm.generate(batch, max_new_tokens=48 if self.eval_open else 4)
-            correct += sum(exact_match(a, ref) for a, (_, ref) in zip(answers, chunk, strict=True))
-            if self.eval_open:
-                wer.update([norm(a) for a in answers], [norm(ref) for _, ref in chunk])
-        total = torch.tensor([correct, len(mine), float(wer.errors), float(wer.total)], dtype=torch.float64, device=self.device)
+            answers = self.llm.generate(batch, max_new_tokens=self._max_new_tokens([r for _, r, _ in chunk]))
+            if not self.eval_open:
+                correct += sum(exact_match(a, ref) for a, (_, ref, _) in zip(answers, chunk, strict=True))
+                continue
+            for answer, (_, ref, language) in zip(answers, chunk, strict=True):
+                norm = norms.setdefault(language, normalizer(language))
+                hyp, ref_n = norm(answer), norm(ref)
+                correct += hyp == ref_n
+                wer.update([hyp], [ref_n])
+                cer.update([hyp], [ref_n])
+        total = torch.tensor([correct, len(mine), float(wer.errors), float(wer.total), float(cer.errors), float(cer.total)],
+                             dtype=torch.float64, device=self.device)  # fmt: skip
         if self._trainer is not None and world > 1:
             total = self.trainer.strategy.reduce(total, reduce_op="sum")
-        self._spoken_wer = float(total[2] / total[3].clamp(min=1))
-        return float(total[0] / total[1].clamp(min=1)), int(total[1])
+        nan = float("nan")
+        return {
+            "accuracy": float(total[0] / total[1].clamp(min=1)),
+            "wer": float(total[2] / total[3].clamp(min=1)) if self.eval_open else nan,
+            "cer": float(total[4] / total[5].clamp(min=1)) if self.eval_open else nan,
+            "n": int(total[1]),
+        }
 
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -203,3 +203,123 @@ def test_global_batches_take_the_same_steps_on_any_number_of_ranks():
         assert steps == expected  # step k on every rank together is the one-process batch k
     with pytest.raises(ValueError, match="cannot feed"):
         split_global_batches([[1]], 2)
+
+
+# ---- spoken validation for any task: closed, repeat, a json field ------------------------------
+
+
+def _tone(seconds: float, f0: float, seed: int) -> np.ndarray:
+    t = np.arange(int(seconds * 16000)) / 16000
+    noise = 0.01 * np.random.default_rng(seed).standard_normal(t.shape)
+    return (0.2 * np.sin(2 * np.pi * f0 * t) + noise).astype(np.float32)
+
+
+def write_eval_shards(out: Path) -> Path:
+    """Real-speech shards as speechless-prepare writes them: a short Twi recording, an English one cut
+    into two pieces (text only on the recording: ``parent_text``), and a cut one with a piece missing."""
+    from datamodules.audio import encode_flac
+
+    base = {"speaker": "s0", "source": "test"}
+    with ShardWriter(out, prefix="eval", max_samples=2) as writer:
+        writer.write({"__key__": "tw1", "flac": encode_flac(_tone(0.8, 150, 0)),
+                      "json": {**base, "text": "Ɔkɔɔ fie!", "reference": "Me pɛ nsuo.", "language": "tw", "duration": 0.8}})
+        for i, (seconds, offset) in enumerate(((0.6, 0.0), (0.6, 0.6))):  # "en1" cut at 0.6 s
+            writer.write({"__key__": f"en1-{i:03d}", "flac": encode_flac(_tone(seconds, 200 + 50 * i, i + 1)),
+                          "json": {**base, "text": "", "parent_text": "It's ten dollars.", "text_scope": "parent",
+                                   "parent": "en1", "segment": i, "offset": offset, "duration": seconds,
+                                   "parent_duration": 1.2, "reference": "Ten dollars.", "language": "en"}})
+        writer.write({"__key__": "en2-001", "flac": encode_flac(_tone(0.5, 300, 9)),  # its piece 0 is elsewhere
+                      "json": {**base, "text": "", "parent_text": "Hello there.", "text_scope": "parent",
+                               "parent": "en2", "segment": 1, "offset": 0.5, "duration": 0.5,
+                               "parent_duration": 1.0, "reference": "Hi.", "language": "en"}})  # fmt: skip
+    return out
+
+
+class AnswerSpy:
+    """Runs the model's real ``generate`` (so the prompts are built and heard), records each prompt's
+    audio slots, and answers with the given texts in order so the scores can be checked exactly."""
+
+    def __init__(self, llm: SpokenLLM, answers: list[str]) -> None:
+        self.llm, self.answers, self.slots, self.real = llm, list(answers), [], llm.generate
+
+    def __call__(self, batch, max_new_tokens=64, **kw):
+        audio_id = self.llm.base.config.audio_token_id
+        self.slots.extend((batch["input_ids"] == audio_id).sum(1).tolist())
+        self.max_new_tokens = max_new_tokens
+        n = len(self.real(batch, max_new_tokens=1, **kw))
+        out, self.answers = self.answers[:n], self.answers[n:]
+        return out
+
+
+def test_open_task_scores_whole_recordings_by_wer_with_each_language_s_normaliser(setup_dir, tmp_path, monkeypatch):
+    shards = write_eval_shards(tmp_path / "eval")
+    stage = make_stage(setup_dir, eval_audio_shards=str(shards), eval_task="repeat")
+    assert stage.summary_metrics == ["val/loss", "val/spoken_wer", "val/spoken_cer", "val/spoken_accuracy"]
+    spy = AnswerSpy(stage.llm, ["ɔkɔɔ fie", "it is 10 dollars"])
+    monkeypatch.setattr(stage.llm, "generate", spy)
+    scores = stage.spoken_scores()
+    # en2 lacks a piece: left out. en1's two pieces are heard as one 1.2 s recording (25 frames/s).
+    assert scores["n"] == 2 and len(spy.slots) == 2
+    assert abs(spy.slots[0] - 0.8 * 25) <= 2 and abs(spy.slots[1] - 1.2 * 25) <= 2, spy.slots
+    # Twi keeps its letters (basic normaliser); English "It's ten dollars." and the answer both read "it is $10".
+    assert scores == {"accuracy": 1.0, "wer": 0.0, "cer": 0.0, "n": 2}
+    assert spy.max_new_tokens >= 16  # an open task's answer is not cut at a closed task's 4 tokens
+
+    # eval_language overrides every utterance's own: the basic normaliser leaves "it s ten dollars".
+    basic = make_stage(setup_dir, eval_audio_shards=str(shards), eval_task="repeat", eval_language="tw")
+    monkeypatch.setattr(basic.llm, "generate", AnswerSpy(basic.llm, ["ɔkɔɔ fie", "it is ten dollars"]))
+    assert basic.spoken_scores()["wer"] == pytest.approx(1 / 6)  # 1 substitution in 2 + 4 reference words
+
+
+def test_a_json_field_task_takes_each_recording_s_own_reference(setup_dir, tmp_path, monkeypatch):
+    shards = write_eval_shards(tmp_path / "eval")
+    stage = make_stage(setup_dir, eval_audio_shards=str(shards), eval_task="json:reference")
+    monkeypatch.setattr(stage.llm, "generate", AnswerSpy(stage.llm, ["me pɛ nsuo", "ten pounds"]))
+    scores = stage.spoken_scores()
+    # English normalises "Ten dollars." to "$10" and "ten pounds" to "£10": 1 error in 3 + 1 words.
+    assert scores["n"] == 2 and scores["wer"] == pytest.approx(1 / 4) and scores["accuracy"] == 0.5
+    from stages.stage3 import eval_reference
+
+    with pytest.raises(ValueError, match=r"json\['answer'\]"):
+        eval_reference("json:answer", {"text": "x"}, where="eval:u1")
+    with pytest.raises(ValueError, match="eval_task must be one of"):
+        make_stage(setup_dir, eval_task="transcript")
+
+
+def test_the_old_option_name_still_works_with_a_deprecation_message(setup_dir):
+    with pytest.warns(DeprecationWarning, match="eval_task"):
+        stage = make_stage(setup_dir, eval_closed_task="repeat")
+    assert stage.eval_task == "repeat" and stage.eval_open
+
+
+def test_the_checkpoint_table_shows_the_metrics_the_task_has(setup_dir, capsys):
+    from stages.cli import print_checkpoint_table
+
+    # No real speech to validate on: no spoken column (the table showed "val/spoken_accuracy nan").
+    assert make_stage(setup_dir).summary_metrics == ["val/loss"]
+    closed = make_stage(setup_dir, eval_audio_shards="somewhere", eval_task="next_digit")
+    assert closed.summary_metrics == ["val/loss", "val/spoken_accuracy"]
+    print_checkpoint_table({"best": {"val/loss": 1.5}}, make_stage(setup_dir).summary_metrics)
+    assert "nan" not in capsys.readouterr().out
+
+
+def test_fit_chooses_checkpoints_by_spoken_wer_on_real_speech(setup_dir, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    shards = write_eval_shards(tmp_path / "eval")
+    stage = make_stage(setup_dir, eval_audio_shards=str(shards), eval_task="repeat", eval_max_new_tokens=6)
+    data = InstructionDataModule(
+        train_shards=str(setup_dir["tokens"]), val_shards=str(setup_dir["tokens"]),
+        instruction_key="text", response_key=None, closed_task="repeat", batch_size=4,
+    )  # fmt: skip
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/spoken_wer", mode="min", save_top_k=1)
+    trainer = Trainer(
+        accelerator="cpu", max_epochs=2, logger=False, callbacks=[checkpoint], enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, limit_train_batches=1,
+    )  # fmt: skip
+    trainer.fit(stage, datamodule=data)
+    metrics = trainer.callback_metrics
+    assert {"val/spoken_wer", "val/spoken_cer", "val/spoken_accuracy"} <= set(metrics)
+    assert torch.isfinite(metrics["val/spoken_wer"]) and float(metrics["val/spoken_wer"]) >= 0.0
+    assert checkpoint.best_model_path and torch.isfinite(checkpoint.best_model_score)
+    assert float(checkpoint.best_model_score) == min(float(s) for s in checkpoint.best_k_models.values())
