@@ -73,6 +73,7 @@ from transformers import (
 )
 
 from models.codec import SOUND_END, SOUND_START, duration_token, run_lengths, sound_token, sound_token_names
+from models.kv_cache import cache_arg, cache_of
 
 __all__ = ["DEFAULT_LM", "IGNORE_INDEX", "SpeechLM", "tiny_lm_config"]
 
@@ -634,7 +635,7 @@ class SpeechLM(nn.Module):
         out = self.lm.get_decoder()(
             inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True
         )
-        return out.last_hidden_state[:, -1], out.past_key_values, mask, pos[:, -1:]
+        return out.last_hidden_state[:, -1], cache_of(out), mask, pos[:, -1:]
 
     def _prefill_prompt(self, batch: dict[str, torch.Tensor]):
         """Prefill the prompt alone: its states ``[B, P, H]`` (the length head's input), cache, mask, position."""
@@ -644,7 +645,7 @@ class SpeechLM(nn.Module):
             inputs_embeds=self.lm.get_input_embeddings()(batch["input_ids"].to(dev)), attention_mask=mask,
             position_ids=pos, use_cache=True,
         )
-        return out.last_hidden_state, out.past_key_values, mask, pos[:, -1:]
+        return out.last_hidden_state, cache_of(out), mask, pos[:, -1:]
 
     @torch.no_grad()
     def predict_lengths(self, texts: list[str]) -> torch.Tensor:
@@ -657,10 +658,11 @@ class SpeechLM(nn.Module):
     def _advance(self, embeds: torch.Tensor, cache, mask: torch.Tensor, pos: torch.Tensor):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         pos = pos + 1
-        out = self.lm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+        decoder = self.lm.get_decoder()
+        out = decoder(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg(decoder): cache}
         )
-        return out.last_hidden_state[:, -1], out.past_key_values, mask, pos
+        return out.last_hidden_state[:, -1], cache_of(out), mask, pos
 
     @staticmethod
     def _guide(logits: torch.Tensor, cfg_scale: float | None) -> torch.Tensor:
