@@ -351,6 +351,22 @@ class SpokenInstructionStage(LightningModule):
             return ["val/loss", "val/spoken_wer", "val/spoken_cer", "val/spoken_accuracy"]
         return ["val/loss", "val/spoken_accuracy"]
 
+    def on_fit_start(self) -> None:
+        """Check every real recording has the reference ``eval_task`` needs before training, not after an epoch."""
+        if not self.eval_audio_shards:
+            return
+        from datamodules.shards import iter_tar_samples, resolve_shards
+
+        seen: set[str] = set()
+        for path in resolve_shards(self.eval_audio_shards).paths():
+            for raw in iter_tar_samples(path):  # the json only: no audio is decoded here
+                meta = json.loads(raw["json"])
+                key = str(meta.get("parent")) if "segment" in meta else raw["__key__"]
+                if key not in seen:
+                    seen.add(key)
+                    whole = {**meta, "text": meta.get("parent_text") or ""} if "segment" in meta else meta
+                    eval_reference(self.eval_task, whole, where=f"{path}:{raw['__key__']}")
+
     def on_validation_epoch_end(self) -> None:
         if not self.eval_audio_shards or self.trainer.sanity_checking:
             return

@@ -282,6 +282,10 @@ def test_a_json_field_task_takes_each_recording_s_own_reference(setup_dir, tmp_p
 
     with pytest.raises(ValueError, match=r"json\['answer'\]"):
         eval_reference("json:answer", {"text": "x"}, where="eval:u1")
+    # A field the shards lack is refused when the fit starts, not after its first epoch.
+    with pytest.raises(ValueError, match=r"eval-000000.tar:tw1: eval_task 'json:answer' needs a non-empty json\['answer'\]"):
+        make_stage(setup_dir, eval_audio_shards=str(shards), eval_task="json:answer").on_fit_start()
+    make_stage(setup_dir, eval_audio_shards=str(shards), eval_task="repeat").on_fit_start()  # all have text
     with pytest.raises(ValueError, match="eval_task must be one of"):
         make_stage(setup_dir, eval_task="transcript")
 
