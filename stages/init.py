@@ -203,8 +203,14 @@ def prepare_corpus(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         if "val" not in folders and alias in folders:
             folders["val"] = folders.pop(alias)
     if "train" not in folders or "val" not in folders:
-        raise InitError(f"after preparation the corpus has splits {sorted(folders)} with samples: init needs "
-                        "train and val (see prepare_summary.json for skipped inputs)")  # fmt: skip
+        hint = (
+            "; a dataset needs a train and a validation split (--hf-split train,validation), or export it to "
+            "a manifest, which init splits by speaker"
+        )
+        raise InitError(
+            f"after preparation the corpus has splits {sorted(folders)} with samples: init needs train and val "
+            f"(see prepare_summary.json for skipped inputs){hint if args.hf_dataset else ''}"
+        )
     if "test" not in folders:
         folders["test"] = folders["val"]
         facts["note"] = "no test split: the held-out test commands use the val split"

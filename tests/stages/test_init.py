@@ -27,7 +27,13 @@ SWAHILI = (
     "Tunakwenda sokoni kesho.", "Chakula kiko tayari.", "Mwalimu anafundisha darasa.", "Jua linawaka leo.",
     "Ninapenda kunywa chai.", "Ndege wanaimba asubuhi.", "Gari limefika mjini.", "Asante kwa msaada wako.",
 )  # fmt: skip
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+ENV = dict(
+    os.environ,
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+    OMP_NUM_THREADS="1",
+)
 
 
 def tone_corpus(root: Path, *, seconds: float, speakers: int = 3, per_speaker: int = 4, **extra: str) -> Path:
@@ -40,19 +46,27 @@ def tone_corpus(root: Path, *, seconds: float, speakers: int = 3, per_speaker: i
         for i in range(per_speaker):
             n = int(seconds * rng.uniform(0.9, 1.1) * 16000)
             t = np.arange(n) / 16000
-            wave = 0.3 * np.sin(2 * np.pi * (120 + 30 * i + 7 * s) * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+            wave = (
+                0.3 * np.sin(2 * np.pi * (120 + 30 * i + 7 * s) * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+            )
             sf.write(root / f"s{s}_{i}.wav", wave.astype(np.float32), 16000)
-            lines.append("\t".join([f"s{s}_{i}.wav", f"maneno {i} ya mzungumzaji", f"spk{s}", *extra.values()]))
+            lines.append(
+                "\t".join([f"s{s}_{i}.wav", f"maneno {i} ya mzungumzaji", f"spk{s}", *extra.values()])
+            )
     (root / "manifest.tsv").write_text("\n".join(lines) + "\n")
     return root / "manifest.tsv"
 
 
 def corpus_of(durations: dict[str, list[float]]) -> init.Corpus:
-    return init.Corpus(durations={s: durations.get(s, durations["train"]) for s in init.SPLITS}, language="sw")
+    return init.Corpus(
+        durations={s: durations.get(s, durations["train"]) for s in init.SPLITS}, language="sw"
+    )
 
 
 def templates(kind: str) -> dict[str, dict]:
-    return {f"stage{i + 1}": yaml.safe_load((init.ROOT / init.TEMPLATES[kind][i]).read_text()) for i in range(3)}
+    return {
+        f"stage{i + 1}": yaml.safe_load((init.ROOT / init.TEMPLATES[kind][i]).read_text()) for i in range(3)
+    }
 
 
 # ---- splits ------------------------------------------------------------------------------------
@@ -77,7 +91,11 @@ def test_splits_hold_out_whole_speakers_then_sessions_then_utterances():
 
     unknown = [{"key": f"u{i}", "speaker": "unknown"} for i in range(20)]
     splits, how = init.assign_splits(unknown, val_fraction=0.1, test_fraction=0.2)
-    assert how == "utterance" and (splits.count("val"), splits.count("test"), splits.count("train")) == (2, 4, 14)
+    assert how == "utterance" and (splits.count("val"), splits.count("test"), splits.count("train")) == (
+        2,
+        4,
+        14,
+    )
 
     with pytest.raises(init.InitError, match="at least 3"):
         init.assign_splits(unknown[:2])
@@ -102,7 +120,9 @@ def test_derived_values_follow_the_corpus():
             assert isinstance(d["stage2 gen_batches"][0], int) and d["stage2 gen_batches"][0] >= 1
         if tiny:  # batches hold ~16 (stage 1) / ~8 (stage 2) utterances of the corpus's own length
             assert dl["stage1 max_batch_seconds"][0] > 10 * ds["stage1 max_batch_seconds"][0]
-            assert dl["stage2 max_batch_seconds"][0] >= 8 * 17.5 > ds["stage2 max_batch_seconds"][0] >= 8 * 1.0
+            assert (
+                dl["stage2 max_batch_seconds"][0] >= 8 * 17.5 > ds["stage2 max_batch_seconds"][0] >= 8 * 1.0
+            )
             # long utterances: fewer per batch, so more batches are needed for the same generated set
             assert dl["stage2 gen_batches"][0] > ds["stage2 gen_batches"][0]
         else:
@@ -127,7 +147,11 @@ def test_configs_point_into_the_run_folder_and_repeat_on_real_speech(tmp_path):
         paths += [s3["model"]["init_args"]["eval_audio_shards"]]
         for c in configs.values():
             paths.append(c["trainer"]["logger"]["init_args"]["save_dir"])
-            paths += [cb["init_args"]["artifacts_dir"] for cb in c["trainer"]["callbacks"] if "Promote" in cb["class_path"]]
+            paths += [
+                cb["init_args"]["artifacts_dir"]
+                for cb in c["trainer"]["callbacks"]
+                if "Promote" in cb["class_path"]
+            ]
             assert c["trainer"]["max_epochs"] == 2
         assert all(p.startswith(str(out)) for p in paths), paths
         m2 = s2["model"]["init_args"]
@@ -135,11 +159,22 @@ def test_configs_point_into_the_run_folder_and_repeat_on_real_speech(tmp_path):
         assert m2["gen_batches"] == derived["stage2 gen_batches"][0]
         assert s2["trainer"]["check_val_every_n_epoch"] <= 2  # validates (and so can promote) within 2 epochs
         m3 = s3["model"]["init_args"]
-        assert (m3["eval_closed_task"], m3["eval_language"], m3["eval_audio_shards"]) == ("repeat", "sw", str(out / "shards/val"))
-        assert s3["data"]["init_args"]["closed_task"] == "repeat" and s3["data"]["init_args"]["response_key"] is None
-        gates = [cb["init_args"]["gates"] for cb in s3["trainer"]["callbacks"] if "Promote" in cb["class_path"]][0]
+        assert (m3["eval_closed_task"], m3["eval_language"], m3["eval_audio_shards"]) == (
+            "repeat",
+            "sw",
+            str(out / "shards/val"),
+        )
+        assert (
+            s3["data"]["init_args"]["closed_task"] == "repeat"
+            and s3["data"]["init_args"]["response_key"] is None
+        )
+        gates = [
+            cb["init_args"]["gates"] for cb in s3["trainer"]["callbacks"] if "Promote" in cb["class_path"]
+        ][0]
         assert "val/spoken_accuracy" not in gates  # a digit-task gate
-        monitor = [cb["init_args"] for cb in s3["trainer"]["callbacks"] if "ModelCheckpoint" in cb["class_path"]][0]
+        monitor = [
+            cb["init_args"] for cb in s3["trainer"]["callbacks"] if "ModelCheckpoint" in cb["class_path"]
+        ][0]
         assert (monitor["monitor"], monitor["mode"]) == ("val/spoken_wer", "min")
         if tiny:
             assert s1["model"]["init_args"]["encoder"]["init_args"]["source"] == "m/enc"
@@ -153,7 +188,22 @@ def test_configs_point_into_the_run_folder_and_repeat_on_real_speech(tmp_path):
 def test_init_without_tiny_writes_configs_commands_and_summary(tmp_path, capsys, monkeypatch):
     manifest = tone_corpus(tmp_path / "corpus", seconds=1.5)
     monkeypatch.chdir(tmp_path)
-    assert init.main(["--manifest", str(manifest), "--language", "sw", "--out", "runs/x", "--no-progress", "--workers", "1"]) == 0
+    assert (
+        init.main(
+            [
+                "--manifest",
+                str(manifest),
+                "--language",
+                "sw",
+                "--out",
+                "runs/x",
+                "--no-progress",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     record = json.loads((tmp_path / "runs/x/init.json").read_text())
     assert record["split"]["split_by"] == "speaker" and record["samples"] == {"train": 4, "val": 4, "test": 4}
@@ -167,20 +217,34 @@ def test_init_without_tiny_writes_configs_commands_and_summary(tmp_path, capsys,
     assert "gen_max_frames" in printed and "where it came from" in printed
     stage2 = (tmp_path / "runs/x/configs/stage2_speechless.yaml").read_text()
     assert "digit" not in stage2.lower() and yaml.safe_load(stage2)["model"]["init_args"]["gen_batches"] >= 1
-    assert yaml.safe_load(stage2)["model"]["init_args"]["gen_max_frames"] == record["derived"]["stage2 gen_max_frames"]["value"]
-    rows = [json.loads(line) for line in (tmp_path / "runs/x/raw/instructions_train.jsonl").read_text().splitlines()]
+    assert (
+        yaml.safe_load(stage2)["model"]["init_args"]["gen_max_frames"]
+        == record["derived"]["stage2 gen_max_frames"]["value"]
+    )
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "runs/x/raw/instructions_train.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 4 and all(r["instruction"] == r["response"] == r["instruction"].strip() for r in rows)
 
 
 def test_a_manifest_split_column_is_kept(tmp_path, capsys):
     manifest = tone_corpus(tmp_path / "corpus", seconds=1.0, speakers=2, per_speaker=3)
     lines = manifest.read_text().splitlines()
-    lines = [lines[0] + "\tsplit"] + [f"{line}\t{'train' if i < 4 else 'dev'}" for i, line in enumerate(lines[1:])]
+    lines = [lines[0] + "\tsplit"] + [
+        f"{line}\t{'train' if i < 4 else 'dev'}" for i, line in enumerate(lines[1:])
+    ]
     manifest.write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    assert init.main(["--manifest", str(manifest), "--language", "sw", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        init.main(["--manifest", str(manifest), "--language", "sw", "--out", str(out), "--no-progress"]) == 0
+    )
     record = json.loads((out / "init.json").read_text())
-    assert record["split"]["split_by"] == "manifest" and record["samples"] == {"train": 4, "val": 2, "test": 2}
+    assert record["split"]["split_by"] == "manifest" and record["samples"] == {
+        "train": 4,
+        "val": 2,
+        "test": 2,
+    }
     assert record["folders"]["test"] == "val" and "no test split" in capsys.readouterr().out
 
 
@@ -189,7 +253,9 @@ def test_a_manifest_split_column_is_kept(tmp_path, capsys):
 
 def _rows(manifest: Path, keep, extra: str = "") -> None:
     lines = manifest.read_text().splitlines()
-    manifest.write_text("\n".join([lines[0] + extra] + [keep(i, line) for i, line in enumerate(lines[1:])]) + "\n")
+    manifest.write_text(
+        "\n".join([lines[0] + extra] + [keep(i, line) for i, line in enumerate(lines[1:])]) + "\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -217,7 +283,9 @@ def test_a_bad_manifest_gives_a_clear_error(tmp_path, capsys, case, message):
         _rows(manifest, lambda i, line: line.replace(".wav", "_gone.wav"))
     elif case == "too_few":
         manifest.write_text("\n".join(manifest.read_text().splitlines()[:3]) + "\n")  # two utterances
-    code = init.main(["--manifest", str(manifest), "--language", "sw", "--out", str(tmp_path / "run"), "--no-progress"])
+    code = init.main(
+        ["--manifest", str(manifest), "--language", "sw", "--out", str(tmp_path / "run"), "--no-progress"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("speechless-init: error: ") and message in err, err
 
@@ -227,7 +295,9 @@ def test_a_bad_manifest_gives_a_clear_error(tmp_path, capsys, case, message):
 
 def _run(cmd: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
     out = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{shlex.join(cmd)}\n--- stdout\n{out.stdout[-3000:]}\n--- stderr\n{out.stderr[-5000:]}"
+    assert out.returncode == 0, (
+        f"{shlex.join(cmd)}\n--- stdout\n{out.stdout[-3000:]}\n--- stderr\n{out.stderr[-5000:]}"
+    )
     return out
 
 
@@ -237,9 +307,13 @@ def test_tiny_chain_on_a_swahili_corpus(tmp_path):
     raw = tmp_path / "my_corpus"
     raw.mkdir()
     lines = ["audio\ttext\tspeaker\tlanguage"]
-    for v, (voice, pitch, rate) in enumerate((("sw", 50, 160), ("sw+f3", 60, 170), ("sw+m3", 40, 150), ("sw+f2", 55, 165))):
+    for v, (voice, pitch, rate) in enumerate(
+        (("sw", 50, 160), ("sw+f3", 60, 170), ("sw+m3", 40, 150), ("sw+f2", 55, 165))
+    ):
         for i, text in enumerate(SWAHILI):
-            sf.write(raw / f"spk{v}_{i:02d}.wav", synthesize(text, voice=voice, pitch=pitch, rate_wpm=rate), 16000)
+            sf.write(
+                raw / f"spk{v}_{i:02d}.wav", synthesize(text, voice=voice, pitch=pitch, rate_wpm=rate), 16000
+            )
             lines.append(f"spk{v}_{i:02d}.wav\t{text}\tspk{v}\tsw")
     (raw / "manifest.tsv").write_text("\n".join(lines) + "\n")
 
@@ -251,7 +325,10 @@ def test_tiny_chain_on_a_swahili_corpus(tmp_path):
     assert [c.split()[:2] for c in commands] == [["lightning", "fit"]] + [["lightning", "predict"]] * 3 + [
         ["lightning", "fit"], ["lightning", "test"], ["lightning", "predict"], ["lightning", "predict"],
         ["lightning", "fit"], ["speechless-infer", "--artifact"]]  # fmt: skip
-    entry = {"lightning": [sys.executable, "-m", "stages"], "speechless-infer": [sys.executable, "-m", "stages.infer"]}
+    entry = {
+        "lightning": [sys.executable, "-m", "stages"],
+        "speechless-infer": [sys.executable, "-m", "stages.infer"],
+    }
     results = []
     for command in commands:
         program, *rest = shlex.split(command)
@@ -263,6 +340,35 @@ def test_tiny_chain_on_a_swahili_corpus(tmp_path):
     # the held-out speaker's real speech (12 utterances), scored by WER after the basic (non-English) normaliser
     score = re.search(r"\[infer\] 12 scored: wer (\d+\.\d+), cer (\d+\.\d+)", results[-1].stderr)
     assert score, results[-1].stderr[-3000:]
-    answers = [json.loads(line) for line in (tmp_path / "runs/sw/infer/test_answers.jsonl").read_text().splitlines()]
+    answers = [
+        json.loads(line) for line in (tmp_path / "runs/sw/infer/test_answers.jsonl").read_text().splitlines()
+    ]
     assert sorted(a["reference"] for a in answers) == sorted(SWAHILI)
     assert "val/spoken_wer" in (tmp_path / "runs/sw/configs/stage3_llm.yaml").read_text()
+
+
+def test_a_hugging_face_dataset_with_a_validation_split(tmp_path):
+    import datasets
+
+    manifest = tone_corpus(tmp_path / "corpus", seconds=1.0, speakers=2, per_speaker=3)
+    rows = [
+        dict(zip(["audio", "text", "speaker"], line.split("\t"), strict=True))
+        for line in manifest.read_text().splitlines()[1:]
+    ]
+    for row in rows:
+        row["audio"] = str(tmp_path / "corpus" / row["audio"])
+    parts = {"train": rows[:4], "validation": rows[4:]}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in parts.items()}).save_to_disk(
+        str(tmp_path / "hf")
+    )
+    out = tmp_path / "run"
+    assert (
+        init.main(
+            ["--hf-dataset", str(tmp_path / "hf"), "--language", "sw", "--out", str(out), "--no-progress"]
+        )
+        == 0
+    )
+    record = json.loads((out / "init.json").read_text())
+    assert record["folders"] == {"train": "train", "val": "validation", "test": "validation"}
+    stage1 = yaml.safe_load((out / "configs/stage1_rvq.yaml").read_text())["data"]["init_args"]
+    assert stage1["val_shards"] == str(out / "shards/validation") and record["samples"]["train"] == 4
