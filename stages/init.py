@@ -416,7 +416,8 @@ def _header(stage: str, kind: str, out: Path, derived: dict[str, tuple[Any, str]
             lines.append(f"#   {key.split(' ', 1)[1]}: {json.dumps(value)}  ({source})")
     if stage == "stage3":
         lines.append("#   eval_closed_task: repeat  (the answer is the transcript: an open task any corpus has; "
-                     "val/spoken_wer on real val speech picks the checkpoint)")  # fmt: skip
+                     "val/spoken_wer on real val speech picks the checkpoint and the version to keep; "
+                     "the demo's digit-accuracy gate is left out)")  # fmt: skip
     if tiny and stage in ("stage1", "stage2"):
         gate = "val/cosine >= 0.7" if stage == "stage1" else "val/gen_cosine >= 0.1"
         lines.append(f"# Gates: the demo's quality gate {gate} was set for spoken digits and is left out for a "
