@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -198,8 +199,13 @@ def print_checkpoint_table(results: dict[str, dict[str, float]], keys: list[str]
 
 
 def main(args: list[str] | None = None) -> int:
-    """Run the CLI on ``args`` (default: the command line)."""
+    """Run the CLI on ``args`` (default: the command line); ``speechless init ...`` is ``speechless-init``."""
     # Tokenizers' Rust thread pool and forked DataLoader workers do not mix; quiet the warning.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["init"]:
+        from stages.init import main as init_main
+
+        return init_main(argv[1:])
     SpeechlessCLI(args=args)
     return 0

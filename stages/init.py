@@ -14,7 +14,7 @@ it
 2. writes the stage-2 instruction sets of the open task "repeat what was said"
    (``<out>/raw/instructions_{train,val}.jsonl``: instruction = response = transcript), which makes sense
    for any transcript: stage 3 learns it from stage 2's *synthetic* speech of the training texts and is
-   validated on the *real* held-out speech (``eval_closed_task: repeat``, WER with the normaliser of
+   validated on the *real* held-out speech (``eval_task: repeat``, WER with the normaliser of
    ``--language``);
 3. writes one YAML per stage under ``<out>/configs`` (the real configs ``configs/stage1_rvq.yaml``,
    ``stage2_speechless.yaml``, ``stage3_llm.yaml``, or with ``--tiny`` the demo ones ``configs/demo/*``),
@@ -386,7 +386,7 @@ def stage_configs(
     # stage 3: the open task "repeat" on stage 2's synthetic speech, validated on real held-out speech
     s3 = configs["stage3"]
     m3 = s3["model"]["init_args"]
-    m3.update(eval_audio_shards=shards["val"], eval_closed_task="repeat", eval_language=corpus.language,
+    m3.update(eval_audio_shards=shards["val"], eval_task="repeat", eval_language=corpus.language,
               eval_max_samples=value["stage3 eval_max_samples"])  # fmt: skip
     if "stage3_llm" in models:
         m3["llm"]["init_args"]["model"] = models["stage3_llm"]
@@ -415,7 +415,7 @@ def _header(stage: str, kind: str, out: Path, derived: dict[str, tuple[Any, str]
         if key.startswith(stage + " "):
             lines.append(f"#   {key.split(' ', 1)[1]}: {json.dumps(value)}  ({source})")
     if stage == "stage3":
-        lines.append("#   eval_closed_task: repeat  (the answer is the transcript: an open task any corpus has; "
+        lines.append("#   eval_task: repeat  (the answer is the transcript: an open task any corpus has; "
                      "val/spoken_wer on real val speech picks the checkpoint and the version to keep; "
                      "the demo's digit-accuracy gate is left out)")  # fmt: skip
     if tiny and stage in ("stage1", "stage2"):

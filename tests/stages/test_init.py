@@ -159,7 +159,7 @@ def test_configs_point_into_the_run_folder_and_repeat_on_real_speech(tmp_path):
         assert m2["gen_batches"] == derived["stage2 gen_batches"][0]
         assert s2["trainer"]["check_val_every_n_epoch"] <= 2  # validates (and so can promote) within 2 epochs
         m3 = s3["model"]["init_args"]
-        assert (m3["eval_closed_task"], m3["eval_language"], m3["eval_audio_shards"]) == (
+        assert (m3["eval_task"], m3["eval_language"], m3["eval_audio_shards"]) == (
             "repeat",
             "sw",
             str(out / "shards/val"),
@@ -288,6 +288,14 @@ def test_a_bad_manifest_gives_a_clear_error(tmp_path, capsys, case, message):
     )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("speechless-init: error: ") and message in err, err
+
+
+def test_speechless_init_is_the_same_command(tmp_path, capsys):
+    from stages.cli import main as cli_main
+
+    code = cli_main(["init", "--manifest", str(tmp_path / "nope.tsv"), "--language", "sw", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("speechless-init: error: ") and "nope.tsv" in err, err
 
 
 # ---- the whole chain ---------------------------------------------------------------------------
