@@ -186,6 +186,14 @@ class SpeechLM(nn.Module):
             argmax WER 0.28, generated them at WER 1.4: greedy left the real codes within 5-47
             frames). Corrupted inputs make it rely on the text, as Tacotron 2's always-on pre-net
             dropout does. ``0`` (default): off.
+        scheduled_sampling: ``all_levels``, training only: the fraction of answer steps whose input
+            codes are the model's *own* greedy predictions instead of the real previous codes
+            (parallel scheduled sampling, Duckworth et al. 2019: one extra no-grad pass over the
+            teacher-forced batch predicts every step; a random fraction of steps, all levels at
+            once, is then fed those predictions, and the loss is that of the second pass against
+            the real targets). Unlike ``input_corruption``'s uniform codes, these are the mistakes
+            the model makes when it feeds itself, so it learns to recover from them instead of
+            drifting. Costs one forward pass (no backward) per step. ``0`` (default): off.
         dtype: Weight dtype when ``lm`` is loaded from a path or id; default float32, the training
             dtype (transformers >= 5 would otherwise keep the checkpoint's, bf16 for Gemma 3, leaving
             the LM in bf16 beside float32 level tables: a dtype error under ``32-true`` and bf16
@@ -208,6 +216,7 @@ class SpeechLM(nn.Module):
         text_alignment: bool = False,
         level_weights: list[float] | None = None,
         input_corruption: float = 0.0,
+        scheduled_sampling: float = 0.0,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
@@ -239,6 +248,10 @@ class SpeechLM(nn.Module):
             raise ValueError(f"input_corruption must be in [0, 1) and needs output_form='all_levels', "
                              f"got {input_corruption} with {output_form!r}")
         self.input_corruption = float(input_corruption)
+        if not 0.0 <= scheduled_sampling <= 1.0 or (scheduled_sampling and output_form != "all_levels"):
+            raise ValueError(f"scheduled_sampling must be in [0, 1] and needs output_form='all_levels', "
+                             f"got {scheduled_sampling} with {output_form!r}")
+        self.scheduled_sampling = float(scheduled_sampling)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         hidden = lm.config.get_text_config().hidden_size
         if output_form == "one_level":
@@ -441,6 +454,23 @@ class SpeechLM(nn.Module):
         hit = (torch.rand(answer.shape, device=answer.device) < self.input_corruption) & (answer < self.codebook_size)
         return torch.where(hit, torch.randint_like(answer, self.codebook_size), answer)
 
+    def _self_fed(self, batch: dict[str, torch.Tensor], answer: torch.Tensor) -> torch.Tensor:
+        """``answer [B, Q, S]`` with a fraction ``scheduled_sampling`` of its steps replaced by the
+        model's own greedy predictions of those steps (one no-grad teacher-forced pass); only real
+        codes are replaced, by predicted codes (never by EOS, never the begin step or padding)."""
+        with torch.no_grad():
+            was = self.training
+            self.eval()  # the predictions of the model that generates (no dropout)
+            try:
+                pred = self._teacher_forced(batch, answer)["logits"].argmax(-1)  # [B, Q, S]: step s predicts s+1's input
+            finally:
+                self.train(was)
+        b, _, s_len = answer.shape
+        fed = (torch.rand(b, 1, s_len, device=answer.device) < self.scheduled_sampling)[..., 1:]
+        new = pred[..., :-1]
+        hit = fed & (answer[..., 1:] < self.codebook_size) & (new < self.codebook_size)
+        return torch.cat([answer[..., :1], torch.where(hit, new, answer[..., 1:])], -1)
+
     def _log_length(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``[B]`` predicted ``log T``: the sum over the prompt's tokens (``h [B, P, H]``, ``mask [B, P]``)
         of each token's frames, ``softplus(length_head(h_i))``, as a TTS duration predictor sums its
@@ -492,10 +522,18 @@ class SpeechLM(nn.Module):
             ``log T``, included in ``loss``) and ``length_error`` (mean ``|T_pred - T|`` frames).
         """
         dev = self.device
-        input_ids, answer = batch["input_ids"].to(dev), batch["answer_inputs"].to(dev)
-        p_len = input_ids.shape[1]
+        answer = batch["answer_inputs"].to(dev)
         if self.training and self.input_corruption > 0:
             answer = self._corrupt(answer)
+        if self.training and self.scheduled_sampling > 0:
+            answer = self._self_fed(batch, answer)
+        return self._teacher_forced(batch, answer)
+
+    def _teacher_forced(self, batch: dict[str, torch.Tensor], answer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`forward` on the answer inputs ``answer [B, Q', S]`` as given (corrupted or not)."""
+        dev = self.device
+        input_ids = batch["input_ids"].to(dev)
+        p_len = input_ids.shape[1]
         answer_embeds = self._embed_answer(answer)
         if self.length_conditioning:
             frames = batch["answer_frames"].to(dev)
@@ -794,10 +832,7 @@ class SpeechLM(nn.Module):
                     out[:, q, fq] = torch.where(choice[:, q] < k, choice[:, q], out[:, q, fq])
             if bool(((length >= 0) & (s >= length + shift[-1])).all()):
                 break
-            embeds = self._twice(
-                torch.stack([e(choice[:, q]) for q, e in enumerate(self.level_embeddings)]).sum(0).unsqueeze(1),
-                cfg_scale,
-            )
+            embeds = self._twice(self._embed_answer(choice[..., None]), cfg_scale)
             if self.length_conditioning:  # the next input is answer step s + 1
                 steps = torch.full((embeds.shape[0], 1), s + 1, dtype=torch.long, device=dev)
                 embeds = embeds + self._condition(steps, self._twice(target, cfg_scale), batch)
@@ -819,6 +854,7 @@ class SpeechLM(nn.Module):
             **({"text_alignment": True} if self.text_alignment else {}),
             **({"level_weights": self.level_weights} if self.level_weights is not None else {}),
             **({"input_corruption": self.input_corruption} if self.input_corruption else {}),
+            **({"scheduled_sampling": self.scheduled_sampling} if self.scheduled_sampling else {}),
             lm_config=self.lm.config.to_dict(),
         )
 

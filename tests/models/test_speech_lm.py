@@ -378,6 +378,32 @@ def test_input_corruption_changes_training_inputs_only(tokenizer):
     assert not torch.allclose(model(batch)["logits"], a)
 
 
+def test_scheduled_sampling_feeds_the_models_own_predictions(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="scheduled_sampling"):
+        make_model(tokenizer, "one_level", scheduled_sampling=0.5)
+    model = make_model(tokenizer, "all_levels", scheduled_sampling=1.0)
+    batch = model.build_batch(TEXTS, CODES)
+    answer = batch["answer_inputs"]
+    model.train()
+    fed = model._self_fed(batch, answer)
+    model.eval()
+    pred = model(batch)["logits"].argmax(-1)  # teacher-forced predictions: step s predicts step s + 1
+    codes = answer < K
+    assert torch.equal(fed[~codes], answer[~codes])  # begin of speech, EOS and padding kept
+    expect = torch.where(pred[..., :-1] < K, pred[..., :-1], answer[..., 1:])
+    assert torch.equal(fed[..., 1:][codes[..., 1:]], expect[codes[..., 1:]])  # every real code is the model's own
+    assert (fed != answer).any() and fed.max() < K + 2 and not (fed[codes] == K).any()  # never an EOS inside
+    a = model(batch)["logits"]  # evaluation sees the real inputs
+    model.train()
+    assert model.training and not torch.allclose(model(batch)["logits"], a)
+    half = make_model(tokenizer, "all_levels", scheduled_sampling=0.5).train()
+    torch.manual_seed(3)
+    steps = (half._self_fed(batch, answer) != answer).any(1)  # [B, S] steps changed
+    assert 0.1 < float(steps[codes.any(1)].float().mean()) < 0.9  # about half the steps, all levels at once
+    half.save(tmp_path / "lm")
+    assert SpeechLM.load(tmp_path / "lm").scheduled_sampling == 0.5
+
+
 def test_level_weights_corruption_and_alignment_survive_save_and_load(tokenizer, tmp_path):
     model = make_model(tokenizer, "all_levels", level_weights=[4.0, 2.0, 1.0], input_corruption=0.25,
                        length_conditioning=True, text_alignment=True)
