@@ -583,7 +583,7 @@ class SpeechlessStage(LightningModule):
             self.log(f"{prefix}/word_match", frac)
             self.log(f"{prefix}/word_match_chance", 1.0 / n_words)
             if prefix == "test" and self.global_rank == 0:
-                print(f"[stage2] test/word_match {frac:.3f} over {n_words} words (chance {1 / n_words:.3f})", flush=True)
+                print(f"[stage2] test/word_match {frac:.3f} over {n_words} distinct texts (chance {1 / n_words:.3f})", flush=True)
         if self.asr is not None:
             scores = {f"{side}_{kind}": getattr(self, f"{prefix}_{side}_{kind}") for side in ("gen", "real")
                       for kind in ("wer", "cer")}
