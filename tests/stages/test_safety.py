@@ -248,8 +248,13 @@ def test_infer_refuses_a_merged_model_outside_the_artifact(tmp_path):
     folder = _artifact(tmp_path, {"llm": {"class_path": "models.spoken_llm.SpokenLLM", "init_args": {}}})
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "info": {"merged": "../../elsewhere"}}))
+    import numpy as np
+    import soundfile as sf
+
+    wav = tmp_path / "question.wav"  # inputs are read (and checked) before the artifact is loaded
+    sf.write(wav, np.zeros(1600, dtype=np.float32), 16000)
     with pytest.raises(UnsafeArtifactError, match="info.merged"):
-        infer(["--artifact", str(folder), "--audio"])
+        infer(["--artifact", str(folder), "--audio", str(wav)])
 
 
 # ---- Lightning checkpoints fetched by URL ---------------------------------------------------------
