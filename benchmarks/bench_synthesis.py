@@ -21,8 +21,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from models.speech_lm import SpeechLM, tiny_lm_config  # noqa: E402
-from models.text_tokenizer import train_tokenizer  # noqa: E402
+from demo.tiny import (
+    gemma3_lm_debug_config,  # noqa: E402
+    train_tokenizer,  # noqa: E402
+)
+from models.speech_lm import SpeechLM  # noqa: E402
 
 __all__ = ["main"]
 
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tok = train_tokenizer(_texts(200, seed=1), vocab_size=400)
-    cfg = tiny_lm_config(
+    cfg = gemma3_lm_debug_config(
         len(tok),
         hidden_size=args.hidden,
         num_layers=args.layers,

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sentence_corpus import VOICES, news_sentences  # noqa: E402
 from torchmetrics.text import CharErrorRate, WordErrorRate  # noqa: E402
 
-from datamodules.tts import synthesize  # noqa: E402
+from demo.tts import synthesize  # noqa: E402
 from models.encoders.whisper import _pair_mean  # noqa: E402  (the encoder's own pooling math)
 from models.rvq import ResidualVQ  # noqa: E402
 from models.whisper_asr import WhisperASR  # noqa: E402

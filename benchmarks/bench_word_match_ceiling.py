@@ -9,7 +9,7 @@ tiny random-weight Gemma 4 audio encoder with and without its per-utterance norm
 ``stages.stage2.word_match`` (DTW alignment, states centred on the evaluated set's mean), run on the
 encoder states directly (no RVQ), so the figure isolates the encoder.
 
-Needs FSDD shards from the demo (``python -m stages.demo --corpus fsdd --stages 1`` writes
+Needs FSDD shards from the demo (``python -m demo --corpus fsdd --stages 1`` writes
 ``data/fsdd/shards``) and the demo encoder folder it writes; exits 0 with a message if absent.
 
     .venv/bin/python benchmarks/bench_word_match_ceiling.py --per-word 8
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shards, encoder_dir = Path(args.shards), Path(args.encoder)
     if not (shards / "train").exists() or not (encoder_dir / "config.json").exists():
-        print(f"needs {shards}/train|test and {encoder_dir}: run `python -m stages.demo --corpus fsdd --stages 1` first")
+        print(f"needs {shards}/train|test and {encoder_dir}: run `python -m demo --corpus fsdd --stages 1` first")
         return 0
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     train, test = _clips(shards / "train"), _clips(shards / "test")

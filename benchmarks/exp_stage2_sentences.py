@@ -50,7 +50,7 @@ def build_corpus(work: Path, args) -> dict:
     cache = work / f"corpus_{args.sentences}x{args.voices}_{args.min_words}-{args.max_words}.pt"
     if cache.exists():
         return torch.load(cache, weights_only=True)
-    from datamodules.tts import synthesize
+    from demo.tts import synthesize
     from models.encoders import WhisperEncoder
 
     texts = news_sentences(args.sentences, seed=args.seed, min_words=args.min_words, max_words=args.max_words)
@@ -322,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     from lightning.pytorch import Trainer, seed_everything
 
     from datamodules.speech import SpeechDataModule
+    from demo.tiny import save_gemma3_lm_debug
     from models.speech_lm import SpeechLM
-    from stages.stage2 import SpeechlessStage, make_tiny_lm
+    from stages.stage2 import SpeechlessStage
 
     work = Path(args.workdir)
     corpus = build_corpus(work, args)
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     q, k = (int(x) for x in args.rvq.split("x"))
     lm_dir = work / f"lm_{args.layers}x{args.hidden}"
     if not (lm_dir / "config.json").exists():
-        make_tiny_lm(lm_dir, sorted(set(corpus["texts"])), vocab_size=1000, hidden_size=args.hidden, num_layers=args.layers)
+        save_gemma3_lm_debug(lm_dir, sorted(set(corpus["texts"])), vocab_size=1000, hidden_size=args.hidden, num_layers=args.layers)
     seed_everything(args.seed)
     lm = SpeechLM(lm=str(lm_dir), tokenizer=str(lm_dir), num_levels=q, codebook_size=k, **json.loads(args.lm_args))
     stage = SpeechlessStage(

@@ -33,8 +33,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, Pre
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.gemma4_tiny import CHAT_TEMPLATE as GEMMA4_CHAT_TEMPLATE  # noqa: E402
-from models.text_tokenizer import GEMMA_CHAT_TEMPLATE  # noqa: E402
+from demo.tiny import GEMMA4_CHAT_TEMPLATE as GEMMA4_CHAT_TEMPLATE  # noqa: E402
+from demo.tiny import GEMMA_CHAT_TEMPLATE  # noqa: E402
 
 __all__ = ["CONFIGS", "build_model", "model_folder", "padded_tokenizer", "sample_texts", "shrink_gemma4_text"]
 

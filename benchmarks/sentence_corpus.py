@@ -3,7 +3,7 @@
 The demo corpus is single digits; a user's corpus is read sentences (e.g. 463 news sentences of
 ~17 s). This script makes a corpus of that shape that anyone can rebuild: sentences from a small
 seeded grammar of news clauses (a few hundred words, every sentence distinct), spoken by several
-espeak-ng voices (``datamodules.tts.synthesize``, the demo's backends), written as a folder of 16 kHz
+espeak-ng voices (``demo.tts.synthesize``, the demo's backends), written as a folder of 16 kHz
 wavs and a ``manifest.tsv`` that ``speechless-prepare`` reads (``audio text speaker language split``).
 Splits are by sentence (a sentence is in one split only, in every voice), like a read corpus whose
 held-out set is new text by the same readers.
@@ -84,7 +84,7 @@ def news_sentences(n: int, *, seed: int = 0, min_words: int = 8, max_words: int 
 def _render(job: tuple[str, str, int, int, str]) -> tuple[str, float]:
     import soundfile as sf
 
-    from datamodules.tts import synthesize
+    from demo.tts import synthesize
 
     text, voice, pitch, rate, path = job
     audio = synthesize(text, voice=voice, rate_wpm=rate, pitch=pitch)

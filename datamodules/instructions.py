@@ -31,20 +31,9 @@ from datamodules.resume import fit_position
 from datamodules.shards import iter_tar_samples, resolve_shards
 
 __all__ = [
-    "CLOSED_TASKS", "DIGITS", "OPEN_TASKS", "InstructionDataModule", "InstructionDataset", "next_digit", "repeat",
+    "CLOSED_TASKS", "OPEN_TASKS", "InstructionDataModule", "InstructionDataset", "repeat",
     "split_for_ranks", "split_global_batches",
 ]
-
-DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-def next_digit(text: str) -> str:
-    """The demo's closed task: the English digit word after ``text`` (``"nine"`` -> ``"zero"``)."""
-    word = text.strip().lower()
-    if word not in DIGITS:
-        raise ValueError(f"next_digit: {text!r} is not a digit word {DIGITS}")
-    return DIGITS[(DIGITS.index(word) + 1) % 10]
-
 
 def repeat(text: str) -> str:
     """The open task "repeat what was said": the answer is the transcript itself (scored by WER/CER)."""
@@ -53,9 +42,10 @@ def repeat(text: str) -> str:
     return " ".join(text.split())
 
 
-# Tasks whose answer is derived from the transcript. ``next_digit`` is a closed set (exact match);
-# ``repeat`` is open (``OPEN_TASKS``: scored by WER/CER).
-CLOSED_TASKS: dict[str, Callable[[str], str]] = {"next_digit": next_digit, "repeat": repeat}
+# Tasks whose answer is derived from the transcript (``closed_task=``); ``repeat`` is open (``OPEN_TASKS``:
+# scored by WER/CER). A task whose answer the data carries (a closed set such as the demo's digits, see
+# ``demo.tasks``) needs no entry here: ``response_key=`` names its json field.
+CLOSED_TASKS: dict[str, Callable[[str], str]] = {"repeat": repeat}
 OPEN_TASKS = frozenset({"repeat"})
 
 
@@ -219,7 +209,7 @@ class InstructionDataModule(L.LightningDataModule):
             the text pool is sampled with replacement when it is smaller than needed.
         instruction_key: Key of the instruction text in a shard's json (what stage 2 spoke).
         response_key: Key of the answer in a shard's json (stage-2 synthetic shards: ``response``).
-        closed_task: Derive the answer from the instruction instead (``next_digit``) for token shards
+        closed_task: Derive the answer from the instruction instead (``repeat``) for token shards
             that only carry a transcript.
         spoken_instruction_text: Optional text placed before the audio in the user turn.
         batch_size: Examples per batch and device.

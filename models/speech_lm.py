@@ -47,7 +47,7 @@ Both forms share one layout: prompts left-padded to ``P`` columns, answers right
 columns, explicit ``position_ids`` so padding never shifts positions, and the text part always
 embedded by the LM's own table (fed as ``inputs_embeds``). :meth:`SpeechLM.generate` is a manual
 batched decode loop over the HF ``DynamicCache``. The real default LM is ``google/gemma-3-270m``
-(:data:`DEFAULT_LM`); tests build a tiny ``Gemma3ForCausalLM`` via :func:`tiny_lm_config`.
+(:data:`DEFAULT_LM`); tests build a tiny ``Gemma3ForCausalLM`` via ``demo.tiny.gemma3_lm_debug_config``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    Gemma3TextConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -75,7 +74,7 @@ from transformers import (
 from models.codec import SOUND_END, SOUND_START, duration_token, run_lengths, sound_token, sound_token_names
 from models.kv_cache import cache_arg, cache_of
 
-__all__ = ["DEFAULT_LM", "IGNORE_INDEX", "SpeechLM", "tiny_lm_config"]
+__all__ = ["DEFAULT_LM", "IGNORE_INDEX", "SpeechLM"]
 
 DEFAULT_LM = "google/gemma-3-270m"
 IGNORE_INDEX = -100
@@ -105,36 +104,6 @@ def progress_features(steps: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], -1)
 
 
-def tiny_lm_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, **overrides: Any):
-    """A few-layer Gemma 3 text config with random weights, for tests and the demo.
-
-    Args:
-        vocab_size: Size of the tokenizer it will serve (before sound tokens are added).
-        hidden_size: ``H``.
-        num_layers: One sliding-window and one global layer by default, as in Gemma 3.
-        **overrides: Any other ``Gemma3TextConfig`` field.
-    """
-    layer_types = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["full_attention"] * (
-        num_layers % 2
-    )
-    kw: dict[str, Any] = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        query_pre_attn_scalar=32,
-        max_position_embeddings=4096,
-        sliding_window=64,
-        layer_types=layer_types,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    kw.update(overrides)
-    return Gemma3TextConfig(**kw)
 
 
 def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int | None, gen) -> torch.Tensor:

@@ -85,7 +85,7 @@ class SpokenLLM(nn.Module):
     """A causal LM (Gemma 4 by default) with LoRA that reads spoken instructions.
 
     Args:
-        model: Hub id or local folder (``google/gemma-4-E4B-it``; tests use ``build_tiny_gemma4``).
+        model: Hub id or local folder (``google/gemma-4-E4B-it``; tests use ``demo.tiny.save_gemma4_llm_debug``).
         input_mode: ``"embeddings"`` (decoded states through an audio path) or ``"tokens"`` (sound tokens).
         audio_path: Embeddings mode: ``"native"`` (Gemma 4's ``output_proj`` + ``embed_audio``: states of
             its own audio encoder), ``"projector"`` (a trainable ``AudioProjector``: states of any

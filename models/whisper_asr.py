@@ -31,21 +31,18 @@ token limit, which is what made a long generated set slow to score).
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from transformers import (
     AutoTokenizer,
-    GenerationConfig,
-    WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
 )
 from transformers.modeling_outputs import BaseModelOutput
 
-__all__ = ["WhisperASR", "make_tiny_whisper"]
+__all__ = ["WhisperASR"]
 
 _FRAMES_PER_SECOND = 50.0  # Whisper's encoder output rate (mel hop 160 x conv stride 2 at 16 kHz)
 # transformers renamed the forward's ``past_key_values`` to ``cache`` (5.2x); take whichever it has.
@@ -273,34 +270,3 @@ def _decoding_rules(model: WhisperForConditionalGeneration, tokenizer, language:
     return prompt, eos, keep(banned), keep(banned_first)
 
 
-def make_tiny_whisper(out_dir: str | Path, texts: list[str], *, seed: int = 0, **config: Any) -> Path:
-    """Write a random-weight tiny Whisper folder (model, tokenizer, feature extractor) for tests.
-
-    The tokenizer is a byte-level BPE trained on ``texts`` with Whisper's special tokens; the model
-    (``models.gemma4_configs.tiny_whisper_config``, a 4 s window) has exactly its vocabulary. The
-    folder loads as a ``WhisperEncoder(source=...)`` and a :class:`WhisperASR` alike.
-    """
-    from models.gemma4_configs import tiny_whisper_config
-    from models.text_tokenizer import train_tokenizer
-
-    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
-    tok = train_tokenizer(texts, vocab_size=300, special_tokens=specials, chat_template=None)
-    ids = tok.convert_tokens_to_ids
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg: WhisperConfig = tiny_whisper_config(
-        vocab_size=len(tok), decoder_start_token_id=ids("<|startoftranscript|>"), eos_token_id=ids("<|endoftext|>"),
-        pad_token_id=ids("<|endoftext|>"), bos_token_id=ids("<|endoftext|>"), **config,
-    )
-    torch.manual_seed(seed)
-    model = WhisperForConditionalGeneration(cfg)
-    model.generation_config = GenerationConfig(
-        decoder_start_token_id=cfg.decoder_start_token_id, eos_token_id=cfg.eos_token_id,
-        pad_token_id=cfg.pad_token_id, no_timestamps_token_id=ids("<|notimestamps|>"), is_multilingual=False,
-        suppress_tokens=[], begin_suppress_tokens=[cfg.eos_token_id],
-    )
-    model.save_pretrained(out)
-    window_s = 2 * cfg.max_source_positions * 160 // 16000
-    WhisperFeatureExtractor(feature_size=cfg.num_mel_bins, chunk_length=window_s).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out

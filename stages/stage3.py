@@ -4,8 +4,8 @@ Follows Speechless (Dao et al., INTERSPEECH 2025, arXiv:2505.17417), stage 3: th
 tokens (stage 2) are dequantized by the frozen stage-1 RVQ into the Gemma 4 audio encoder's own
 pre-projection space and enter the LLM through its native audio path (``models.spoken_llm.SpokenLLM``);
 only LoRA trains, on the response tokens. Validation also feeds *real* speech of held-out speakers
-through the audio tower and scores greedy answers (``eval_task``): a closed task by exact match (the
-demo: next digit, ``val/spoken_accuracy``), an open one (the transcript itself, ``repeat``, or any
+through the audio tower and scores greedy answers (``eval_task``): a closed task by exact match of an
+answer the data carries (``exact:json:<field>``; the demo's next digit, ``val/spoken_accuracy``), an open one (the transcript itself, ``repeat``, or any
 field of the shard's json, ``json:reference``) by WER/CER after the normaliser of the speech's language
 (``val/spoken_wer``, ``val/spoken_cer``), which checkpoint choice (``ModelCheckpoint(monitor=
 "val/spoken_wer", mode="min")``), the summary table and the promotion gates can use.
@@ -51,7 +51,7 @@ from stages.promotion import ArtifactModule, load_artifact
 from stages.stage1 import check_encoder_matches
 
 __all__ = [
-    "SpokenInstructionStage", "attach_stage1", "build_demo_llm", "check_eval_task", "collate_instructions",
+    "SpokenInstructionStage", "attach_stage1", "check_eval_task", "collate_instructions",
     "eval_reference", "exact_match",
 ]
 
@@ -116,42 +116,6 @@ def attach_stage1(llm: SpokenLLM, path: str, *, encoder: bool = False) -> dict[s
     return loaded
 
 
-def build_demo_llm(path: str | Path, *, encoder_dir: str | Path, seed: int = 0, texts: list[str] | None = None) -> Path:
-    """A tiny random Gemma 4 whose audio tower *is* the stage-1 demo encoder (config and weights).
-
-    The stage-1 RVQ was trained on that encoder's pre-projection states, so real speech through this
-    model's audio tower lands where the RVQ's codes decode to.
-
-    Args:
-        path: Output folder.
-        encoder_dir: The stage-1 encoder folder (a saved ``Gemma4AudioModel``).
-        seed: Seed of the random text weights.
-        texts: Tokenizer training text.
-
-    Returns:
-        The folder (model, tokenizer, feature extractor).
-    """
-    from transformers import Gemma4AudioModel, Gemma4ForConditionalGeneration
-
-    from models.gemma4_tiny import build_tiny_gemma4
-
-    path = build_tiny_gemma4(path, seed=seed, texts=texts)
-    encoder = Gemma4AudioModel.from_pretrained(str(encoder_dir))
-    model = Gemma4ForConditionalGeneration.from_pretrained(str(path))
-    config = model.config
-    config.audio_config = encoder.config
-    torch.manual_seed(seed)
-    rebuilt = Gemma4ForConditionalGeneration(config).eval()
-    missing, unexpected = rebuilt.load_state_dict(
-        {k: v for k, v in model.state_dict().items() if ".audio_tower." not in k and "embed_audio" not in k},
-        strict=False,
-    )
-    if unexpected or [k for k in missing if ".audio_tower." not in k and "embed_audio" not in k]:
-        raise RuntimeError(f"text weights did not carry over: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    rebuilt.model.audio_tower.load_state_dict(encoder.state_dict())
-    rebuilt.generation_config = model.generation_config
-    rebuilt.save_pretrained(path)
-    return path
 
 
 def collate_instructions(examples: list[dict[str, Any]], *, pad_id: int) -> dict[str, torch.Tensor]:
@@ -186,19 +150,21 @@ def exact_match(answer: str, reference: str) -> bool:
 def check_eval_task(task: str) -> bool:
     """Check a spoken-validation task name; return whether it is open (scored by WER/CER).
 
-    ``next_digit`` (closed: exact match of the first word) and ``repeat`` (open: the transcript) derive
-    the reference from the sample's ``json.text`` (:data:`datamodules.instructions.CLOSED_TASKS`);
-    ``json:<key>`` takes the sample's own ``json[<key>]`` (``json:reference``, ``json:response``) and is
-    open.
+    ``repeat`` (open: the transcript) derives the reference from the sample's ``json.text``
+    (:data:`datamodules.instructions.CLOSED_TASKS`); ``json:<key>`` takes the sample's own ``json[<key>]``
+    (``json:reference``, ``json:response``) and is open; ``exact:json:<key>`` takes the same field and
+    is closed, scored by exact match of the answer's first word (a closed set of one-word answers the
+    data carries, such as the demo's digits, ``demo.tasks``).
 
     Raises:
         ValueError: Any other name.
     """
-    if task.startswith("json:") and task[len("json:") :].strip():
-        return True
+    field = task.removeprefix("exact:")
+    if field.startswith("json:") and field[len("json:") :].strip():
+        return not task.startswith("exact:")
     if task not in CLOSED_TASKS:
-        raise ValueError(f"eval_task must be one of {sorted(CLOSED_TASKS)} or json:<field> "
-                         f"(e.g. json:reference), got {task!r}")  # fmt: skip
+        raise ValueError(f"eval_task must be one of {sorted(CLOSED_TASKS)}, json:<field> (e.g. json:reference) "
+                         f"or exact:json:<field>, got {task!r}")  # fmt: skip
     return task in OPEN_TASKS
 
 
@@ -208,8 +174,8 @@ def eval_reference(task: str, meta: dict[str, Any], *, where: str = "sample") ->
     Raises:
         ValueError: The sample lacks what the task needs (an empty transcript, a missing field).
     """
-    if task.startswith("json:"):
-        key = task[len("json:") :]
+    if task.removeprefix("exact:").startswith("json:"):
+        key = task.removeprefix("exact:")[len("json:") :]
         value = meta.get(key)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{where}: eval_task {task!r} needs a non-empty json[{key!r}] (it has {sorted(meta)})")
@@ -233,11 +199,13 @@ class SpokenInstructionStage(LightningModule):
         eval_audio_shards: Audio shards of real speech (held-out speakers) scored at each validation end.
             Recordings that preparation cut into pieces are joined and heard whole, scored against the
             whole transcript (``stages.infer.read_shard_recordings``); one with pieces missing is left out.
-        eval_task: The reference answer of each real utterance, and how it is scored: ``next_digit``
-            (closed, from ``json.text``: exact match of the first word, ``val/spoken_accuracy``);
-            ``repeat`` (open: the transcript ``json.text`` itself) or ``json:<field>`` (open: the
-            sample's own ``json[<field>]``, e.g. ``json:reference`` or ``json:response`` written by
-            ``speechless-prepare`` from a manifest column). Open tasks log ``val/spoken_wer`` and
+        eval_task: The reference answer of each real utterance, and how it is scored: ``repeat``
+            (open: the transcript ``json.text`` itself; the default, which any transcribed corpus
+            has), ``json:<field>`` (open: the sample's own ``json[<field>]``, e.g. ``json:reference``
+            or ``json:response`` written by ``speechless-prepare`` from a manifest column) or
+            ``exact:json:<field>`` (closed: exact match of the answer's first word with that field,
+            ``val/spoken_accuracy``, printed with its chance 1/k for k distinct answers; the demo's
+            digit task is ``exact:json:answer``). Open tasks log ``val/spoken_wer`` and
             ``val/spoken_cer`` (WER/CER over the whole set) and ``val/spoken_accuracy`` (the share of
             answers equal to the reference after normalisation); choose checkpoints on
             ``val/spoken_wer`` with ``mode: min``.
@@ -264,7 +232,7 @@ class SpokenInstructionStage(LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         eval_audio_shards: str | None = None,
-        eval_task: str = "next_digit",
+        eval_task: str = "repeat",
         eval_closed_task: str | None = None,
         eval_language: str | None = None,
         eval_instruction_text: str | None = None,
@@ -282,6 +250,7 @@ class SpokenInstructionStage(LightningModule):
                           "(which also takes open tasks: repeat, json:<field>)", DeprecationWarning, stacklevel=2)  # fmt: skip
             eval_task = eval_closed_task
         self.eval_task, self.eval_open = eval_task, check_eval_task(eval_task)
+        self._eval_answers = 0  # distinct references of the last spoken evaluation (its chance)
         self.eval_language = eval_language
         self.eval_max_samples, self.eval_batch_size = eval_max_samples, eval_batch_size
         self.eval_max_new_tokens = eval_max_new_tokens
@@ -379,8 +348,8 @@ class SpokenInstructionStage(LightningModule):
                     f"on {scores['n']} real utterances ({self.eval_task})")  # fmt: skip
         else:
             line = f"spoken accuracy {scores['accuracy']:.3f} on {scores['n']} real utterances"
-            if self.eval_task == "next_digit":
-                line += f" (chance {1 / 10:.3f})"
+            # chance: one of the k distinct answers at random is right 1/k of the time (the demo: 0.100)
+            line += f" (chance {1 / self._eval_answers:.3f})" if self._eval_answers else ""
         if self.trainer.is_global_zero:
             print(f"\n[stage3] epoch {self.current_epoch}: {line}", flush=True)
 
@@ -393,7 +362,9 @@ class SpokenInstructionStage(LightningModule):
             meta = rec["meta"]
             reference = eval_reference(self.eval_task, meta, where=f"{self.eval_audio_shards}:{rec['id']}")
             samples.append((rec["wave"], reference, self.eval_language or meta.get("language") or "und"))
-        return samples[: self.eval_max_samples] if self.eval_max_samples else samples
+        samples = samples[: self.eval_max_samples] if self.eval_max_samples else samples
+        self._eval_answers = len({reference for _, reference, _ in samples})
+        return samples
 
     def _max_new_tokens(self, references: list[str]) -> int:
         if self.eval_max_new_tokens is not None:
@@ -524,23 +495,3 @@ class SpokenInstructionStage(LightningModule):
 
     def parent_artifacts(self) -> list[dict[str, Any]]:
         return list(self._parents)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m stages.stage3 build-demo-model``: the demo's tiny stage-3 Gemma 4 (see ``build_demo_llm``)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("command", choices=["build-demo-model"])
-    parser.add_argument("--out", default="data/demo/models/gemma4_stage3")
-    parser.add_argument("--encoder-dir", default="data/demo/models/gemma4_audio")
-    parser.add_argument("--text-jsonl", default="data/demo/raw/text_instructions.jsonl")
-    args = parser.parse_args(argv)
-    rows = [json.loads(line) for line in Path(args.text_jsonl).read_text().splitlines() if line.strip()]
-    texts = [f"{r['instruction']} {r['response']}" for r in rows]
-    print(build_demo_llm(args.out, encoder_dir=args.encoder_dir, texts=texts))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

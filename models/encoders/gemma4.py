@@ -108,7 +108,7 @@ class Gemma4AudioEncoder(FrozenEncoder):
         source: hub id or local folder (standalone audio model or full Gemma 4 checkpoint); the
             feature extractor config is read from it when present, else the Gemma 4 defaults are used.
         config: instead of ``source``, a ``Gemma4AudioConfig`` (or a dict of its fields) for random
-            weights (tests); see ``models.gemma4_configs.tiny_gemma4_audio_config``.
+            weights (tests); see ``demo.tiny.gemma4_audio_debug_config``.
         revision: hub revision for ``source``.
         chunk_seconds: longest piece fed at once; 30 s is the feature extractor's window. Must be a
             multiple of 40 ms so pieces end on frame boundaries.

@@ -21,7 +21,7 @@ from real_models import (  # noqa: E402
     shrink_gemma4_text,
 )
 
-from models.gemma4_tiny import CHAT_TEMPLATE  # noqa: E402
+from demo.tiny import GEMMA4_CHAT_TEMPLATE as CHAT_TEMPLATE  # noqa: E402
 
 # Published sizes (parameters with embeddings): 268M, 1.0B, 5.1B, 8B.
 SIZES = {"gemma-3-270m": 0.268e9, "gemma-3-1b-it": 1.0e9, "gemma-4-E2B-it": 5.10e9, "gemma-4-E4B-it": 7.94e9}

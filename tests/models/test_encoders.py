@@ -1,6 +1,6 @@
 """Frozen speech encoders: one interface, masks, freezing, long audio, and loading from saved folders.
 
-All models are tiny and random (``models.gemma4_configs``); nothing touches the hub.
+All models are tiny and random (``demo.tiny``); nothing touches the hub.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ from transformers import (  # noqa: E402
 )
 
 import models.encoders.gemma4 as gemma4_module  # noqa: E402
+from demo.tiny import (  # noqa: E402
+    gemma4_audio_debug_config,
+    gemma4_debug_config,
+    hubert_debug_config,
+    save_gemma4_audio_debug,
+    whisper_debug_config,
+)
 from models.encoders import (  # noqa: E402
     EncoderOutput,
     FrozenEncoder,
@@ -33,24 +40,17 @@ from models.encoders import (  # noqa: E402
     build_encoder,
 )
 from models.encoders.base import level_gain  # noqa: E402
-from models.gemma4_configs import (  # noqa: E402
-    save_tiny_gemma4_audio,
-    tiny_gemma4_audio_config,
-    tiny_gemma4_config,
-    tiny_hubert_config,
-    tiny_whisper_config,
-)
 
 SR = 16000
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 # name -> (builder, expected frame rate, expected dim)
 BUILDERS = {
-    "gemma4": (lambda: Gemma4AudioEncoder(config=tiny_gemma4_audio_config()), 25.0, 64),
-    "whisper": (lambda: WhisperEncoder(config=tiny_whisper_config()), 50.0, 32),
-    "whisper_pool2": (lambda: WhisperEncoder(config=tiny_whisper_config(), pooling=2), 25.0, 32),
-    "whisper_clip": (lambda: WhisperEncoder(config=tiny_whisper_config(), window="clip"), 50.0, 32),
-    "hubert": (lambda: SSLEncoder(config=tiny_hubert_config(), layer=2), 50.0, 32),
+    "gemma4": (lambda: Gemma4AudioEncoder(config=gemma4_audio_debug_config()), 25.0, 64),
+    "whisper": (lambda: WhisperEncoder(config=whisper_debug_config()), 50.0, 32),
+    "whisper_pool2": (lambda: WhisperEncoder(config=whisper_debug_config(), pooling=2), 25.0, 32),
+    "whisper_clip": (lambda: WhisperEncoder(config=whisper_debug_config(), window="clip"), 50.0, 32),
+    "hubert": (lambda: SSLEncoder(config=hubert_debug_config(), layer=2), 50.0, 32),
     "logmel": (lambda: LogMelEncoder(n_mels=40), 100.0, 40),
 }
 
@@ -186,21 +186,21 @@ def test_gemma_states_are_the_input_of_output_proj(encoders):
 
 
 def test_gemma_from_saved_folder_matches_in_memory(tmp_path):
-    path = save_tiny_gemma4_audio(tmp_path / "tiny", seed=3)
+    path = save_gemma4_audio_debug(tmp_path / "tiny", seed=3)
     loaded = Gemma4AudioEncoder(source=str(path))
     torch.manual_seed(3)
-    in_memory = Gemma4AudioEncoder(config=tiny_gemma4_audio_config())
+    in_memory = Gemma4AudioEncoder(config=gemma4_audio_debug_config())
     audio, lengths = _batch([16000, 9000], seed=5)
     a, b = loaded(audio, lengths), in_memory(audio, lengths)
     torch.testing.assert_close(a.states, b.states, atol=1e-5, rtol=1e-5)
     assert loaded.describe()["source"] == str(path) and loaded.describe() != in_memory.describe()
     with pytest.raises(ValueError, match="exactly one"):
-        Gemma4AudioEncoder(source=str(path), config=tiny_gemma4_audio_config())
+        Gemma4AudioEncoder(source=str(path), config=gemma4_audio_debug_config())
 
 
 def test_gemma_loads_only_the_audio_tower_of_a_full_checkpoint(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    full = Gemma4ForConditionalGeneration(tiny_gemma4_config()).eval()
+    full = Gemma4ForConditionalGeneration(gemma4_debug_config()).eval()
     full.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
 
@@ -247,7 +247,7 @@ def test_gemma_loads_only_the_audio_tower_of_a_full_checkpoint(tmp_path, monkeyp
 
 
 def test_gemma_full_checkpoint_without_audio_is_rejected(tmp_path):
-    cfg = tiny_gemma4_config()
+    cfg = gemma4_debug_config()
     cfg.audio_config = None
     Gemma4ForConditionalGeneration(cfg).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no audio tower"):
@@ -268,8 +268,8 @@ def test_whisper_long_audio_is_chunked_by_window(encoders):
 def _whisper_pair(pooling: int = 1) -> tuple[WhisperEncoder, WhisperEncoder]:
     """The same tiny random Whisper (4 s window) behind ``window="full"`` and ``window="clip"``."""
     torch.manual_seed(0)
-    full = WhisperEncoder(config=tiny_whisper_config(), pooling=pooling)
-    clip = WhisperEncoder(config=tiny_whisper_config(), pooling=pooling, window="clip")
+    full = WhisperEncoder(config=whisper_debug_config(), pooling=pooling)
+    clip = WhisperEncoder(config=whisper_debug_config(), pooling=pooling, window="clip")
     clip._set_model(full.model)
     return full, clip
 
@@ -360,7 +360,7 @@ def test_whisper_clip_with_trailing_silence():
     with pytest.raises(ValueError, match="clip_silence_s: artifact None vs config 0.5"):
         check_encoder_matches({**full.describe(), "window": "clip"}, clip.describe(), where="artifact")
     with pytest.raises(ValueError, match="clip_silence_s"):
-        WhisperEncoder(config=tiny_whisper_config(), clip_silence_s=1.0)  # full window: meaningless
+        WhisperEncoder(config=whisper_debug_config(), clip_silence_s=1.0)  # full window: meaningless
 
 
 def test_whisper_clip_long_audio_is_chunked_by_window():
@@ -390,23 +390,23 @@ def test_whisper_window_is_described_and_checked():
     with pytest.raises(ValueError, match="window: artifact None vs config 'clip'"):
         check_encoder_matches(full.describe(), clip.describe(), where="artifact")
     with pytest.raises(ValueError, match="window"):
-        WhisperEncoder(config=tiny_whisper_config(), window="short")
+        WhisperEncoder(config=whisper_debug_config(), window="short")
 
 
 def test_whisper_and_hubert_load_from_saved_folders(tmp_path):
     audio, lengths = _batch([16000, 7000], seed=7)
     torch.manual_seed(11)
-    whisper = WhisperModel(tiny_whisper_config())
+    whisper = WhisperModel(whisper_debug_config())
     whisper.save_pretrained(tmp_path / "w")
     WhisperFeatureExtractor(feature_size=80, chunk_length=4).save_pretrained(tmp_path / "w")
     loaded = WhisperEncoder(source=str(tmp_path / "w"), pooling=2)
-    reference = WhisperEncoder(config=tiny_whisper_config(), pooling=2)
+    reference = WhisperEncoder(config=whisper_debug_config(), pooling=2)
     reference.model.load_state_dict(whisper.encoder.state_dict())
     torch.testing.assert_close(loaded(audio, lengths).states, reference(audio, lengths).states)
     assert loaded.describe()["source"] == str(tmp_path / "w") and loaded.frame_rate == 25.0
 
     torch.manual_seed(12)
-    hubert = HubertModel(tiny_hubert_config())
+    hubert = HubertModel(hubert_debug_config())
     hubert.save_pretrained(tmp_path / "h")
     Wav2Vec2FeatureExtractor(do_normalize=False).save_pretrained(tmp_path / "h")
     loaded = SSLEncoder(source=str(tmp_path / "h"), layer=3)
@@ -421,15 +421,15 @@ def test_whisper_and_hubert_load_from_saved_folders(tmp_path):
 def test_ssl_layer_and_group_norm_models():
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="layer"):
-        SSLEncoder(config=tiny_hubert_config(), layer=4)
+        SSLEncoder(config=hubert_debug_config(), layer=4)
     enc = SSLEncoder(
-        config=tiny_hubert_config(feat_extract_norm="group", do_stable_layer_norm=False), layer=1
+        config=hubert_debug_config(feat_extract_norm="group", do_stable_layer_norm=False), layer=1
     )
     audio, lengths = _batch([9000, 16000], seed=8)
     out = enc(audio, lengths)
     alone = enc(audio[:1, :9000])
     torch.testing.assert_close(out.states[0, : alone.states.shape[1]], alone.states[0])
-    layer0 = SSLEncoder(config={"model_type": "hubert", **tiny_hubert_config().to_diff_dict()}, layer=0)
+    layer0 = SSLEncoder(config={"model_type": "hubert", **hubert_debug_config().to_diff_dict()}, layer=0)
     assert layer0.kind == "hubert" and layer0(audio, lengths).states.shape[-1] == 32
 
 
@@ -444,9 +444,9 @@ def test_bad_inputs_raise_clear_errors(encoders):
     with pytest.raises(ValueError, match="NaN"):
         enc(torch.full((1, 100), float("nan")))
     with pytest.raises(ValueError, match="0.04"):
-        Gemma4AudioEncoder(config=tiny_gemma4_audio_config(), chunk_seconds=29.99)
+        Gemma4AudioEncoder(config=gemma4_audio_debug_config(), chunk_seconds=29.99)
     with pytest.raises(ValueError, match="128"):
-        tiny_gemma4_audio_config(subsampling_conv_channels=[64, 8])
+        gemma4_audio_debug_config(subsampling_conv_channels=[64, 8])
     with pytest.raises(ValueError, match="unknown encoder"):
         build_encoder("nope")
     assert isinstance(build_encoder("logmel", n_mels=8), LogMelEncoder)
@@ -473,7 +473,7 @@ def test_level_and_centering_normalise_each_item(name):
     torch.manual_seed(0)
     plain = BUILDERS[name][0]()
     torch.manual_seed(0)
-    norm = type(plain)(config=tiny_gemma4_audio_config(), level_db=-20.0, center_states=True) if name == "gemma4" else (
+    norm = type(plain)(config=gemma4_audio_debug_config(), level_db=-20.0, center_states=True) if name == "gemma4" else (
         LogMelEncoder(n_mels=40, level_db=-20.0, center_states=True)
     )
     if name == "gemma4":

@@ -17,14 +17,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from demo.tiny import (
+    gemma3_lm_debug_config,  # noqa: E402
+    save_gemma4_audio_debug,  # noqa: E402
+    train_tokenizer,  # noqa: E402
+)
 from models.chat_format import IGNORE_INDEX  # noqa: E402
 from models.codec import codes_to_string, frames_to_string, string_to_frames  # noqa: E402
 from models.encoders import Gemma4AudioEncoder  # noqa: E402
-from models.gemma4_configs import save_tiny_gemma4_audio  # noqa: E402
 from models.rvq import ResidualVQ  # noqa: E402
-from models.speech_lm import tiny_lm_config  # noqa: E402
 from models.spoken_llm import SpokenLLM  # noqa: E402
-from models.text_tokenizer import train_tokenizer  # noqa: E402
 
 Q, K = 2, 16
 TEXTS = ["zero one two three four five six seven eight nine", "What comes after three? four. Listen:"] * 20
@@ -36,7 +38,7 @@ def lm_path(tmp_path_factory):
     out = tmp_path_factory.mktemp("gemma3")
     tok = train_tokenizer(TEXTS, vocab_size=300)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_lm_config(len(tok), hidden_size=32)).save_pretrained(out)
+    AutoModelForCausalLM.from_config(gemma3_lm_debug_config(len(tok), hidden_size=32)).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -93,7 +95,7 @@ def test_gemma3_tokens_mode_writes_codes_as_interleaved_sound_tokens(lm_path):
 
 def test_real_speech_becomes_the_tokens_of_its_stage1_codes(lm_path, tmp_path):
     m = make(lm_path)
-    encoder = Gemma4AudioEncoder(source=str(save_tiny_gemma4_audio(tmp_path / "enc")), level_db=-20.0)
+    encoder = Gemma4AudioEncoder(source=str(save_gemma4_audio_debug(tmp_path / "enc")), level_db=-20.0)
     torch.manual_seed(0)
     rvq = ResidualVQ(dim=encoder.dim, num_quantizers=Q, codebook_size=K, kmeans_init=False)
     m.attach_rvq(rvq)

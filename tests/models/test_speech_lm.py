@@ -10,9 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import AutoTokenizer  # noqa: E402
 
+from demo.tiny import gemma3_lm_debug_config, train_tokenizer  # noqa: E402
 from models.codec import codes_to_string, sound_token_names  # noqa: E402
-from models.speech_lm import IGNORE_INDEX, SpeechLM, tiny_lm_config  # noqa: E402
-from models.text_tokenizer import train_tokenizer  # noqa: E402
+from models.speech_lm import IGNORE_INDEX, SpeechLM  # noqa: E402
 
 Q, K = 3, 16
 TEXTS = ["hello world", "akwaaba, me din de Kofi na me fi Kumasi"]
@@ -35,7 +35,7 @@ def tokenizer():
 def make_model(tokenizer, form, delay=True, seed=0, **kw):
     torch.manual_seed(seed)
     return SpeechLM(
-        lm=tiny_lm_config(len(tokenizer)),
+        lm=gemma3_lm_debug_config(len(tokenizer)),
         tokenizer=tokenizer,
         num_levels=Q,
         codebook_size=K,

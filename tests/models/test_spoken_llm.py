@@ -1,6 +1,6 @@
 """Stage-3 model side: chat format, packing, SpokenLLM in both input modes, checkpoints and export.
 
-A tiny random Gemma 4 (``models.gemma4_tiny``) stands in for ``google/gemma-4-E4B-it`` and a sum of Q
+A tiny random Gemma 4 (``demo.tiny``) stands in for ``google/gemma-4-E4B-it`` and a sum of Q
 embedding tables stands in for the stage-1 RVQ, so everything runs on the CPU in seconds.
 """
 
@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import Gemma4ForConditionalGeneration  # noqa: E402
 
+from demo.tiny import save_gemma4_llm_debug  # noqa: E402
 from models.chat_format import (  # noqa: E402
     IGNORE_INDEX,
     audio_token_count,
@@ -26,7 +27,6 @@ from models.chat_format import (  # noqa: E402
     collate_padded,
     pack_examples,
 )
-from models.gemma4_tiny import build_tiny_gemma4  # noqa: E402
 from models.spoken_llm import SpokenLLM  # noqa: E402
 
 Q, K, D = 2, 16, 32  # RVQ levels, codebook size, encoder dim (the tiny audio tower's hidden size)
@@ -58,7 +58,7 @@ def _threads():
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    return build_tiny_gemma4(tmp_path_factory.mktemp("tiny_gemma4"), seed=0)
+    return save_gemma4_llm_debug(tmp_path_factory.mktemp("tiny_gemma4"), seed=0)
 
 
 def make(path, mode="embeddings", **kw) -> SpokenLLM:
@@ -356,11 +356,11 @@ class DimRVQ(SumRVQ):
 
 
 def tiny_whisper_encoder(dim: int = WD):
+    from demo.tiny import whisper_debug_config
     from models.encoders import WhisperEncoder
-    from models.gemma4_configs import tiny_whisper_config
 
     torch.manual_seed(0)
-    config = tiny_whisper_config(d_model=dim, encoder_layers=1, max_source_positions=50)
+    config = whisper_debug_config(d_model=dim, encoder_layers=1, max_source_positions=50)
     return WhisperEncoder(config=config)  # a 1 s window (longer audio in pieces), 50 frames/s
 
 
@@ -369,15 +369,14 @@ def gemma3_path(tmp_path_factory):
     """A tiny random Gemma 3 text LM (no audio tower) with a locally trained tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from models.speech_lm import tiny_lm_config
-    from models.text_tokenizer import train_tokenizer
+    from demo.tiny import gemma3_lm_debug_config, train_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_gemma3")
     tok = train_tokenizer(["Accra is the capital", "one two three four five", "Answer the question."] * 20, vocab_size=300)
     torch.manual_seed(0)
     # Embeddings at a pretrained LM's scale: at init's 0.02 the frozen tied lm_head could not sharpen any
     # answer (every logit within ~1 of the others), whatever LoRA and the projector learn.
-    config = tiny_lm_config(len(tok), hidden_size=32, initializer_range=0.2)
+    config = gemma3_lm_debug_config(len(tok), hidden_size=32, initializer_range=0.2)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path

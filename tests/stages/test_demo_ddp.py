@@ -1,6 +1,6 @@
 """The demo configs on several CPU ranks: every fit ends, exits 0 and promotes (no hang after ``fit``).
 
-``python -m stages.demo --devices N --workdir DIR`` runs the demo's own commands (``lightning fit
+``python -m demo --devices N --workdir DIR`` runs the demo's own commands (``lightning fit
 --config configs/demo/<stage>.yaml --trainer.devices N --trainer.strategy ddp``, gloo on the CPU) in a
 folder of the test's. Everything after ``fit`` (validating best/final/averaged, the metrics table,
 promotion) must reach every collective on every rank; a timeout turns a hang into a failure.

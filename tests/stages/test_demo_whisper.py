@@ -1,4 +1,4 @@
-"""The demo on the pretrained Whisper tiny.en (``python -m stages.demo --encoder whisper-tiny``).
+"""The demo on the pretrained Whisper tiny.en (``python -m demo --encoder whisper-tiny``).
 
 The slow test runs the whole pipeline as the README's demo command does (the shipped
 ``configs/demo/whisper_*.yaml`` through ``lightning fit|test|predict`` and ``speechless-infer``, in a
@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from stages import demo
+from demo import run as demo
 
 
 def _no_wheel(monkeypatch) -> None:

@@ -11,10 +11,10 @@ from datamodules.audio import split_at_silence
 
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
-    from models.gemma4_tiny import build_tiny_gemma4
+    from demo.tiny import save_gemma4_llm_debug
     from models.spoken_llm import SpokenLLM
 
-    path = build_tiny_gemma4(tmp_path_factory.mktemp("gemma4"), seed=0)
+    path = save_gemma4_llm_debug(tmp_path_factory.mktemp("gemma4"), seed=0)
     torch.manual_seed(0)
     return SpokenLLM(model=str(path), dtype="fp32", lora_r=2, num_levels=2, codebook_size=8)
 

@@ -94,18 +94,16 @@ class Chain:
     # ---- models and data -------------------------------------------------------------------
     def models(self) -> dict[str, Path]:
         def build() -> dict[str, Path]:
-            from models.gemma4_configs import save_tiny_gemma4_audio
-            from stages.stage2 import make_tiny_lm
-            from stages.stage3 import build_demo_llm
+            from demo.tiny import save_gemma3_lm_debug, save_gemma4_audio_debug, save_gemma4_stage3_debug
 
             models = self.root / "models"
-            encoder = save_tiny_gemma4_audio(models / "gemma4_audio", seed=0, num_hidden_layers=1,
+            encoder = save_gemma4_audio_debug(models / "gemma4_audio", seed=0, num_hidden_layers=1,
                                              subsampling_conv_channels=[128, 32])
             texts = WORDS * 4 + ["Say the next number.", "next"]
             return {
                 "encoder": encoder,
-                "stage2_lm": make_tiny_lm(models / "stage2_lm", texts, hidden_size=64, num_layers=2),
-                "gemma4": build_demo_llm(models / "gemma4", encoder_dir=encoder, texts=texts),
+                "stage2_lm": save_gemma3_lm_debug(models / "stage2_lm", texts, hidden_size=64, num_layers=2),
+                "gemma4": save_gemma4_stage3_debug(models / "gemma4", encoder_dir=encoder, texts=texts),
             }
 
         return self.once("models", build)

@@ -156,12 +156,13 @@ Q, K = 2, 16
 @pytest.fixture(scope="module")
 def stage3_setup(tmp_path_factory):
     from datamodules.shards import ShardWriter
-    from models.gemma4_tiny import build_tiny_gemma4
+    from demo.tasks import next_digit
+    from demo.tiny import save_gemma4_llm_debug
     from models.rvq import ResidualVQ
     from stages.promotion import ArtifactModule, promote
 
     root = tmp_path_factory.mktemp("resume3")
-    model = build_tiny_gemma4(root / "llm", seed=0)
+    model = save_gemma4_llm_debug(root / "llm", seed=0)
     init = {"dim": 32, "num_quantizers": Q, "codebook_size": K, "kmeans_init": False}
     artifact = promote(
         stage="stage1",
@@ -174,7 +175,7 @@ def stage3_setup(tmp_path_factory):
     with ShardWriter(root / "tokens", prefix="tokens", kind="tokens") as writer:
         for i in range(12):
             codes = rng.integers(0, K, size=(Q, 4 + i % 5)).astype(np.int64)
-            writer.write({"__key__": f"u{i}", "json": {"text": words[i % 4], "n_frames": codes.shape[1]}, "codes.npy": codes},
+            writer.write({"__key__": f"u{i}", "json": {"text": words[i % 4], "answer": next_digit(words[i % 4]), "n_frames": codes.shape[1]}, "codes.npy": codes},
                          seconds=0.5)  # fmt: skip
     with open(root / "text.jsonl", "w") as f:
         for i in range(8):
@@ -220,7 +221,7 @@ def _stage3_config(setup, *, every_n_steps: int | None):
                 "class_path": "datamodules.instructions.InstructionDataModule",
                 "init_args": {"train_shards": str(setup["tokens"]), "val_shards": str(setup["tokens"]),
                               "text_jsonl": str(setup["text"]), "text_ratio": 0.5, "instruction_key": "text",
-                              "response_key": None, "closed_task": "next_digit", "batch_size": 3, "seed": 0},
+                              "response_key": "answer", "batch_size": 3, "seed": 0},
             },
         }  # fmt: skip
         path = cwd / "stage3.yaml"

@@ -14,10 +14,11 @@ from lightning.pytorch import Trainer
 from datamodules.shards import ShardWriter
 from datamodules.speech import SpeechDataModule
 from datamodules.text import InstructionDataModule
+from demo.tiny import save_gemma3_lm_debug
 from models.rvq import ResidualVQ
 from models.speech_lm import SpeechLM
 from stages.promotion import load_artifact, promote
-from stages.stage2 import SpeechlessStage, aligned_cosine, dtw_cosine, make_tiny_lm, own_text, word_match
+from stages.stage2 import SpeechlessStage, aligned_cosine, dtw_cosine, own_text, word_match
 from stages.writers import ShardPredictionWriter
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -50,7 +51,7 @@ def world(tmp_path_factory):
     with open(root / "instructions.jsonl", "w") as f:
         for n in range(5):
             f.write(json.dumps({"id": f"i{n}", "instruction": WORDS[n % 3], "response": "ok"}) + "\n")
-    lm_dir = make_tiny_lm(root / "lm", WORDS * 5 + ["ok"], vocab_size=300, hidden_size=32)
+    lm_dir = save_gemma3_lm_debug(root / "lm", WORDS * 5 + ["ok"], vocab_size=300, hidden_size=32)
     del rng
     return root, lm_dir
 
@@ -342,12 +343,12 @@ ASR_TEXTS = ["Zero!", "One hello!", "Two hello hello hello!"]  # 1, 2 and 4 word
 @pytest.fixture(scope="module")
 def asr_world(tmp_path_factory):
     """A stage-1 artifact over a tiny random Whisper encoder (pooling 2) and token shards for it."""
+    from demo.tiny import save_whisper_debug
     from models.encoders import WhisperEncoder
-    from models.whisper_asr import make_tiny_whisper
     from stages.promotion import ArtifactModule
 
     root = tmp_path_factory.mktemp("stage2_asr")
-    whisper = _say_one_word(make_tiny_whisper(root / "whisper", [" ".join(WORDS + ["hello"])] * 3), " hello")
+    whisper = _say_one_word(save_whisper_debug(root / "whisper", [" ".join(WORDS + ["hello"])] * 3), " hello")
     encoder = WhisperEncoder(source=str(whisper), pooling=2)
     torch.manual_seed(0)
     rvq = ResidualVQ(dim=encoder.dim, num_quantizers=Q, codebook_size=K, kmeans_init=False)
@@ -362,7 +363,7 @@ def asr_world(tmp_path_factory):
         writer.write({"__key__": f"u{n:03d}", "json": {"text": ASR_TEXTS[w], "language": "en"},
                       "codes.npy": codes}, seconds=0.04 * codes.shape[1])
     writer.close()
-    return root, make_tiny_lm(root / "lm", WORDS * 5, vocab_size=300, hidden_size=32), info
+    return root, save_gemma3_lm_debug(root / "lm", WORDS * 5, vocab_size=300, hidden_size=32), info
 
 
 def _say_one_word(folder, word: str):
@@ -451,9 +452,9 @@ def test_asr_decoder_choice_follows_the_stage1_encoder(asr_world, tmp_path):
     with pytest.raises(ValueError, match="gemma4_audio"):
         asr_source("other/whisper", {"kind": "gemma4_audio"}, where="s1")
     assert _asr_stage(asr_world, asr_decoder=None).asr is None
-    from models.whisper_asr import make_tiny_whisper
+    from demo.tiny import save_whisper_debug
 
-    narrow = make_tiny_whisper(tmp_path / "narrow", WORDS, d_model=16)
+    narrow = save_whisper_debug(tmp_path / "narrow", WORDS, d_model=16)
     with pytest.raises(ValueError, match="16-dim"):
         _asr_stage(asr_world, asr_decoder=str(narrow))
 

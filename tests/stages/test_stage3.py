@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from lightning import Trainer
 
-from datamodules.instructions import InstructionDataModule, next_digit
+from datamodules.instructions import InstructionDataModule
 from datamodules.shards import ShardWriter
+from demo.tasks import CLOSED_TASK, next_digit
+from demo.tiny import save_gemma4_llm_debug
 from models.chat_format import IGNORE_INDEX, build_example
-from models.gemma4_tiny import build_tiny_gemma4
 from models.rvq import ResidualVQ
 from models.spoken_llm import SpokenLLM
 from stages.promotion import ArtifactModule, promote
@@ -31,7 +32,7 @@ Q, K = 2, 16
 def setup_dir(tmp_path_factory):
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("stage3")
-    model = build_tiny_gemma4(root / "llm", seed=0)
+    model = save_gemma4_llm_debug(root / "llm", seed=0)
     rvq = ResidualVQ(dim=32, num_quantizers=Q, codebook_size=K, kmeans_init=False)  # tiny audio tower width
     init = {"dim": 32, "num_quantizers": Q, "codebook_size": K, "kmeans_init": False}
     artifact = promote(
@@ -45,7 +46,7 @@ def setup_dir(tmp_path_factory):
         for i in range(8):
             word = ("zero", "one", "two", "three")[i % 4]
             codes = rng.integers(0, K, size=(Q, 5 + i)).astype(np.int64)
-            writer.write({"__key__": f"u{i}", "json": {"text": word, "n_frames": codes.shape[1]}, "codes.npy": codes}, seconds=0.5)
+            writer.write({"__key__": f"u{i}", "json": {"text": word, "answer": next_digit(word), "n_frames": codes.shape[1]}, "codes.npy": codes}, seconds=0.5)
     return {"root": root, "model": model, "artifact": artifact, "tokens": root / "tokens"}
 
 
@@ -99,7 +100,7 @@ def test_fit_trains_lora_and_checkpoint_holds_only_the_adapter(setup_dir, tmp_pa
     lora_before = {k: v.clone() for k, v in stage.llm.trainable_state_dict().items()}
     data = InstructionDataModule(
         train_shards=str(setup_dir["tokens"]), val_shards=str(setup_dir["tokens"]),
-        instruction_key="text", response_key=None, closed_task="next_digit", batch_size=4,
+        instruction_key="text", response_key="answer", batch_size=4,
     )  # fmt: skip
     trainer = Trainer(
         accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -149,12 +150,6 @@ def test_stage1_encoder_normalisation_reaches_real_speech(setup_dir, tmp_path):
     stage = SpokenInstructionStage(llm=llm, stage1_artifact=str(artifact))
     assert (stage.llm.level_db, stage.llm.center_states) == (-20.0, True)
     assert stage.artifact_info()["audio_normalization"] == {"level_db": -20.0, "center_states": True}
-
-
-def test_next_digit_wraps_and_rejects():
-    assert next_digit("Nine") == "zero"
-    with pytest.raises(ValueError):
-        next_digit("eleven")
 
 
 def test_real_config_resolves_without_download():
@@ -301,7 +296,7 @@ def test_the_checkpoint_table_shows_the_metrics_the_task_has(setup_dir, capsys):
 
     # No real speech to validate on: no spoken column (the table showed "val/spoken_accuracy nan").
     assert make_stage(setup_dir).summary_metrics == ["val/loss"]
-    closed = make_stage(setup_dir, eval_audio_shards="somewhere", eval_task="next_digit")
+    closed = make_stage(setup_dir, eval_audio_shards="somewhere", eval_task=CLOSED_TASK)
     assert closed.summary_metrics == ["val/loss", "val/spoken_accuracy"]
     print_checkpoint_table({"best": {"val/loss": 1.5}}, make_stage(setup_dir).summary_metrics)
     assert "nan" not in capsys.readouterr().out

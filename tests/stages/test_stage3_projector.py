@@ -23,10 +23,11 @@ import torch
 import yaml
 from lightning import Trainer
 
-from datamodules.instructions import DIGITS, InstructionDataModule
+from datamodules.instructions import InstructionDataModule
 from datamodules.shards import ShardWriter
+from demo.tasks import CLOSED_TASK, DIGITS, next_digit
+from demo.tiny import whisper_debug_config
 from models.encoders import WhisperEncoder
-from models.gemma4_configs import tiny_whisper_config
 from models.projector import AudioProjector
 from models.rvq import ResidualVQ
 from models.spoken_llm import SpokenLLM
@@ -43,7 +44,7 @@ def save_tiny_whisper(path: Path, *, seed: int = 0) -> Path:
     from transformers import WhisperFeatureExtractor, WhisperModel
 
     torch.manual_seed(seed)
-    WhisperModel(tiny_whisper_config(d_model=D, encoder_layers=1, max_source_positions=50)).save_pretrained(path)
+    WhisperModel(whisper_debug_config(d_model=D, encoder_layers=1, max_source_positions=50)).save_pretrained(path)
     WhisperFeatureExtractor(feature_size=80, chunk_length=1).save_pretrained(path)
     return path
 
@@ -95,19 +96,19 @@ def write_speech(out: Path) -> Path:
     with ShardWriter(out, prefix="speech") as writer:
         for i in range(3):
             wave = tone(0.5 + 0.3 * i, 120 + 40 * i)
-            meta = {"text": DIGITS[i], "language": "en", "speaker": "s0", "duration": len(wave) / 16_000, "source": "tone"}
+            meta = {"text": DIGITS[i], "answer": next_digit(DIGITS[i]), "language": "en", "speaker": "s0", "duration": len(wave) / 16_000, "source": "tone"}
             writer.write({"__key__": f"s{i}", "flac": encode_flac(wave), "json": meta})
     return out
 
 
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
-    from stages.stage2 import make_tiny_lm
+    from demo.tiny import save_gemma3_lm_debug
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("stage3_projector")
     texts = [" ".join(DIGITS), "What comes after three? four. Answer the spoken question."] * 20
-    lm = make_tiny_lm(root / "gemma3", texts, vocab_size=300, hidden_size=32)
+    lm = save_gemma3_lm_debug(root / "gemma3", texts, vocab_size=300, hidden_size=32)
     whisper = save_tiny_whisper(root / "whisper")
     write_instruction_data(root)
     return {"root": root, "lm": lm, "whisper": whisper, "artifact": stage1_artifact(root / "artifacts", whisper),
@@ -133,7 +134,7 @@ def test_a_stage1_encoder_of_another_width_is_refused(setup_dir):
 
 
 def test_fit_trains_lora_and_projector_and_checkpoint_holds_only_them(setup_dir, tmp_path):
-    stage = make_stage(setup_dir, eval_audio_shards=str(setup_dir["speech"]))  # validation hears real audio
+    stage = make_stage(setup_dir, eval_audio_shards=str(setup_dir["speech"]), eval_task=CLOSED_TASK)  # validation hears real audio
     assert stage.llm.audio_path == "projector"  # "auto" on an LLM without an audio tower
     assert stage.llm.encoder.describe()["kind"] == "whisper"  # the stage-1 artifact's encoder, attached
     frozen = {n: p.detach().clone() for n, p in stage.llm.named_parameters() if not p.requires_grad}

@@ -20,10 +20,11 @@ import torch
 import yaml
 
 from datamodules.audio import encode_flac
-from datamodules.instructions import DIGITS, InstructionDataModule
+from datamodules.instructions import InstructionDataModule
 from datamodules.shards import ShardWriter
+from demo.tasks import CLOSED_TASK, DIGITS, next_digit
+from demo.tiny import save_gemma4_audio_debug
 from models.encoders import Gemma4AudioEncoder
-from models.gemma4_configs import save_tiny_gemma4_audio
 from models.rvq import ResidualVQ
 from stages.promotion import ArtifactModule, promote
 
@@ -49,13 +50,13 @@ def stage1_artifact(root: Path, encoder_dir: Path, *, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
-    from stages.stage2 import make_tiny_lm
+    from demo.tiny import save_gemma3_lm_debug
 
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("stage3_tokens")
     texts = [" ".join(DIGITS), "What comes after three? four. Answer the spoken question."] * 20
-    lm = make_tiny_lm(root / "gemma3", texts, vocab_size=300, hidden_size=32)
-    encoder_dir = save_tiny_gemma4_audio(root / "encoder", seed=0)
+    lm = save_gemma3_lm_debug(root / "gemma3", texts, vocab_size=300, hidden_size=32)
+    encoder_dir = save_gemma4_audio_debug(root / "encoder", seed=0)
     rng = np.random.default_rng(0)
     for split, n in (("train", 12), ("val", 4)):
         with ShardWriter(root / "synthetic" / split, prefix=split, kind="tokens") as writer:
@@ -70,7 +71,7 @@ def setup_dir(tmp_path_factory):
     with ShardWriter(root / "speech", prefix="speech") as writer:
         for i in range(4):
             wave = (0.2 * np.sin(2 * np.pi * (120 + 40 * i) * t[: 8000 + 1600 * i])).astype(np.float32)
-            meta = {"text": DIGITS[i], "language": "en", "speaker": "s0", "duration": len(wave) / 16_000, "source": "tone"}
+            meta = {"text": DIGITS[i], "answer": next_digit(DIGITS[i]), "language": "en", "speaker": "s0", "duration": len(wave) / 16_000, "source": "tone"}
             writer.write({"__key__": f"s{i}", "flac": encode_flac(wave), "json": meta})
     return {"root": root, "lm": lm, "encoder": encoder_dir, "artifact": stage1_artifact(root / "artifacts", encoder_dir, seed=0)}
 
@@ -85,7 +86,8 @@ def tokens_config(setup_dir, run: Path) -> Path:
     trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run), "name": "s3"}}
     trainer["callbacks"][-1]["init_args"]["artifacts_dir"] = str(run / "artifacts")
     model = config["model"]["init_args"]
-    model.update(stage1_artifact=str(setup_dir["artifact"]), eval_audio_shards=str(setup_dir["root"] / "speech"), lr=1e-2)
+    model.update(stage1_artifact=str(setup_dir["artifact"]), eval_audio_shards=str(setup_dir["root"] / "speech"), lr=1e-2,
+                 eval_task=CLOSED_TASK)
     model["llm"]["init_args"].update(model=str(setup_dir["lm"]), dtype="fp32", num_levels=Q, codebook_size=K,
                                      sound_levels=Q, ctc_weight=0.5, lora_r=4, lora_alpha=8)  # fmt: skip
     config["data"]["init_args"].update(train_shards=str(setup_dir["root"] / "synthetic" / "train"), num_workers=0,
@@ -126,7 +128,7 @@ def test_tokens_config_fits_validates_promotes_and_answers_through_infer(setup_d
     out = tmp_path / "answers.jsonl"
     capsys.readouterr()
     assert infer(["--artifact", str(current), "--shards", str(setup_dir["root"] / "speech"), "--closed-task",
-                  "next_digit", "--dtype", "fp32", "--max-new-tokens", "4", "--output", str(out)]) == 0  # fmt: skip
+                  CLOSED_TASK, "--dtype", "fp32", "--max-new-tokens", "4", "--output", str(out)]) == 0  # fmt: skip
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert [a["reference"] for a in answers] == ["one", "two", "three", "four"]
     assert all(isinstance(a["answer"], str) for a in answers)

@@ -89,17 +89,16 @@ def test_fit_and_a_test_without_logger_warn_nothing_of_ours(tiny_corpus, make_st
 
 
 def test_generation_makes_no_deprecated_cache_call(tmp_path):
-    from models.gemma4_tiny import build_tiny_gemma4
-    from models.speech_lm import SpeechLM, tiny_lm_config
+    from demo.tiny import gemma3_lm_debug_config, save_gemma4_llm_debug, train_tokenizer
+    from models.speech_lm import SpeechLM
     from models.spoken_llm import SpokenLLM
-    from models.text_tokenizer import train_tokenizer
 
     torch.set_num_threads(1)
     tokenizer = train_tokenizer(["hello world, this is a test", "akwaaba me din de kofi"] * 5, vocab_size=300)
-    gemma = build_tiny_gemma4(tmp_path / "gemma4", seed=0)
+    gemma = save_gemma4_llm_debug(tmp_path / "gemma4", seed=0)
     with recorded() as (caught, logged):
         for form in ("one_level", "all_levels"):  # stage 2's decode loop over the KV cache
-            lm = SpeechLM(lm=tiny_lm_config(len(tokenizer)), tokenizer=tokenizer, num_levels=2, codebook_size=8,
+            lm = SpeechLM(lm=gemma3_lm_debug_config(len(tokenizer)), tokenizer=tokenizer, num_levels=2, codebook_size=8,
                           output_form=form, max_duration=5)  # fmt: skip
             assert len(lm.generate(["hello world"], max_frames=4)) == 1
         llm = SpokenLLM(model=str(gemma), dtype="fp32", lora_r=2, num_levels=2, codebook_size=8)  # stage 3

@@ -1,4 +1,4 @@
-"""Tests for the embedded demo corpus (datamodules/demo_corpus.py) and its TTS backends (datamodules/tts.py)."""
+"""Tests for the embedded demo corpus (demo/corpus.py) and its TTS backends (demo/tts.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules import tts
-from datamodules.demo_corpus import DIGITS, build_demo_corpus, main, make_speakers, next_digit
+from demo import tts
+from demo.corpus import build_demo_corpus, main, make_speakers
+from demo.tasks import DIGITS, next_digit
 
 SMALL = {"n_speakers": 4, "takes": 2, "n_val": 1, "n_test": 1, "seed": 3}
 

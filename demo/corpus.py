@@ -2,12 +2,12 @@
 
 Follows the Free Spoken Digit Dataset (the ten English digit words spoken in isolation, several takes
 per speaker, text = the word), so configs written for ``../shared/data/fsdd`` run on it unchanged, but
-is generated in seconds on any machine with :mod:`datamodules.tts` (eSpeak NG voices and variants as
+is generated in seconds on any machine with :mod:`demo.tts` (eSpeak NG voices and variants as
 speakers, small rate/pitch jitter between takes). Speakers are split disjointly into train/val/test,
 so held-out numbers measure generalisation to unseen voices.
 
 The text side is the closed task the demo's stage 3 learns: "a spoken number -> the next number",
-modulo ten (``"nine" -> "zero"``), so every answer stays inside the ten-word vocabulary.
+modulo ten (``"nine" -> "zero"``, :mod:`demo.tasks`), so every answer stays inside the ten-word vocabulary.
 
 Layout written under ``out_dir``::
 
@@ -39,19 +39,17 @@ from typing import Any
 import numpy as np
 
 from datamodules.shards import atomic_write_text
-from datamodules.tts import backend_version, resolve_backend, synthesize
+from demo.tasks import DIGITS, next_digit, previous_digit
+from demo.tts import backend_version, resolve_backend, synthesize
 
 __all__ = [
-    "DIGITS",
     "SPEAKER_RECIPES",
     "Speaker",
     "build_demo_corpus",
     "main",
     "make_speakers",
-    "next_digit",
 ]
 
-DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 MANIFEST_HEADER = ("audio", "text", "speaker", "language", "split")
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
@@ -88,11 +86,6 @@ class Speaker:
     pitch: int
     rate_wpm: int
     split: str
-
-
-def next_digit(word: str) -> str:
-    """The closed task's answer: the next digit word, modulo ten (``"nine" -> "zero"``)."""
-    return DIGITS[(DIGITS.index(word) + 1) % len(DIGITS)]
 
 
 def make_speakers(n_speakers: int = 12, *, n_val: int = 2, n_test: int = 2, seed: int = 0) -> list[Speaker]:
@@ -181,7 +174,7 @@ def text_instructions() -> list[dict[str, str]]:
     templates = (
         ("after", "What comes after {w}?", next_digit),
         ("follows", "Which number follows {w}?", next_digit),
-        ("before", "What comes before {w}?", lambda w: DIGITS[(DIGITS.index(w) - 1) % len(DIGITS)]),
+        ("before", "What comes before {w}?", previous_digit),
     )
     return [
         {"id": f"text-{name}-{w}", "instruction": tpl.format(w=w), "response": answer(w)}

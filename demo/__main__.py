@@ -1,0 +1,7 @@
+"""``python -m demo``: the embedded demo (:mod:`demo.run`)."""
+
+import sys
+
+from demo.run import main
+
+sys.exit(main())
