@@ -38,7 +38,7 @@ import numpy as np
 import soundfile
 import torch
 
-from datamodules.shards import iter_tar_samples
+from datamodules.shards import iter_tar_samples, resolve_shards
 
 __all__ = [
     "SHARD_READ_ERRORS",
@@ -52,6 +52,7 @@ __all__ = [
     "collate_samples",
     "decode_sample",
     "plan_exact_epoch",
+    "read_recordings",
     "read_shard",
     "seeded_rng",
     "shuffle_buffer",
@@ -473,3 +474,53 @@ def assemble_planned(
         raise ValueError(f"{len(where)} planned samples never arrived, e.g. {next(iter(where))}")
     for _ in range(slot.pad_batches):
         yield []
+
+
+# Fields preparation adds to the samples of a recording it cut into pieces (datamodules/prepare.py);
+# not the whole recording's.
+PIECE_FIELDS = ("parent", "segment", "offset", "parent_text", "parent_duration", "text_scope")
+
+
+def read_recordings(spec: str, *, sample_rate: int = 16_000) -> list[dict[str, Any]]:
+    """Audio shards -> one item per *recording*, the pieces of a cut recording joined in order.
+
+    ``speechless-prepare`` cuts a recording longer than ``--max-seconds`` into pieces whose json has
+    ``parent`` (the recording's key), ``segment`` (0, 1, ...), ``parent_text`` (the transcript: a
+    piece's own ``text`` is empty) and ``parent_duration``. Their waveforms are concatenated by
+    ``segment`` (the pieces cover the recording exactly), wherever in the shards they lie, and the item
+    takes the recording's transcript and key. Samples are decoded by :func:`decode_sample`, as in
+    training. Used by stage 3's spoken validation and ``speechless-infer --shards``.
+
+    Returns:
+        ``[{"id", "wave" (float32 [N] at ``sample_rate``), "meta" (the recording's json: ``text`` is its
+        transcript), "pieces" (how many were joined), "complete" (no piece missing)}]`` in order of
+        first appearance.
+
+    Raises:
+        SampleError: A sample without json or with undecodable audio.
+    """
+    items: list[dict[str, Any]] = []
+    groups: dict[str, dict[str, Any]] = {}
+    for path in resolve_shards(spec).paths():
+        for raw in iter_tar_samples(path):
+            sample = decode_sample(raw, fields="audio", sample_rate=sample_rate, frame_rate=25.0)
+            meta, wave = sample["meta"], sample["audio"]
+            parent = meta.get("parent") if "segment" in meta else None
+            if parent is None:
+                items.append({"id": sample["__key__"], "wave": wave, "meta": meta, "pieces": 1, "complete": True})
+                continue
+            if parent not in groups:
+                whole = {k: v for k, v in meta.items() if k not in PIECE_FIELDS}
+                whole.update(text=meta.get("parent_text") or "", duration=meta.get("parent_duration"))
+                groups[parent] = {"id": str(parent), "meta": whole, "parts": {}, "expect": meta.get("parent_duration")}
+                items.append(groups[parent])
+            groups[parent]["parts"][int(meta.get("segment", 0))] = wave
+    for group in groups.values():
+        parts = group.pop("parts")
+        expect = group.pop("expect")
+        group["wave"] = np.concatenate([parts[i] for i in sorted(parts)])
+        group["pieces"] = len(parts)
+        seconds = len(group["wave"]) / sample_rate
+        group["complete"] = sorted(parts) == list(range(len(parts))) and (
+            expect is None or abs(seconds - float(expect)) < 0.05)  # fmt: skip
+    return items

@@ -22,7 +22,7 @@ to the manifest, optional ``text``, ``reference`` / ``response``, ``language``, 
 (audio shards; ``json.text`` is the transcript). Recordings that preparation cut into pieces (their
 json names the recording as ``parent`` and the piece as ``segment``, with the transcript in
 ``parent_text``) are joined in order and heard whole, and scored against the whole recording's
-transcript (:func:`read_shard_recordings`); a recording with pieces missing from the shards given is
+transcript (:func:`datamodules.pipeline.read_recordings`); a recording with pieces missing from the shards given is
 answered but not scored. Long audio is cut at silence into pieces of at most 30 s (Gemma 4's audio
 window) whose frames fill one audio block in order, so the whole recording is heard.
 
@@ -37,31 +37,26 @@ One JSON line per utterance goes to stdout (or ``--output``); scores are printed
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 
-__all__ = ["load_inputs", "main", "normalizer", "read_shard_recordings", "references", "score"]
+from datamodules.audio import load_audio, resample
+from datamodules.pipeline import read_recordings
+from stages.tasks import check_eval_task, normalizer, score
+
+__all__ = ["load_inputs", "main", "references"]
 
 
 def _read_wave(source: Any) -> np.ndarray:
-    wave, rate = sf.read(source, dtype="float32", always_2d=True)
-    wave = wave.mean(1)
-    if rate != 16_000:
-        import soxr
-
-        wave = soxr.resample(wave, rate, 16_000).astype(np.float32)
-    return wave
+    """An audio file -> mono float32 at 16 kHz (decoded and resampled as preparation does)."""
+    wave, rate, _ = load_audio(source)
+    return resample(wave, rate)
 
 
 _MANIFEST_COLUMNS = {f: f for f in ("audio", "text", "speaker", "language", "id", "split")}
-# Piece fields preparation adds to a cut recording's samples (datamodules/prepare.py); not the whole's.
-_PIECE_FIELDS = ("parent", "segment", "offset", "parent_text", "parent_duration", "text_scope")
 
 
 def _read_manifest(manifest: str) -> list[dict[str, Any]]:
@@ -84,57 +79,15 @@ def _read_manifest(manifest: str) -> list[dict[str, Any]]:
     return items
 
 
-def read_shard_recordings(spec: str) -> list[dict[str, Any]]:
-    """Audio shards -> one item per *recording*, pieces of a cut recording joined in order.
-
-    ``speechless-prepare`` cuts a recording longer than ``--max-seconds`` into pieces whose json has
-    ``parent`` (the recording's key), ``segment`` (0, 1, ...), ``parent_text`` (the transcript: a
-    piece's own ``text`` is empty) and ``parent_duration``. Their waveforms are concatenated by
-    ``segment`` (the pieces cover the recording exactly), wherever in the shards they lie, and the item
-    takes the recording's transcript and key.
-
-    Returns:
-        ``[{"id", "wave" (16 kHz float32 [N]), "meta" (the recording's json: ``text`` is its transcript),
-        "pieces" (how many were joined), "complete" (no piece missing)}]`` in order of first appearance.
-    """
-    from datamodules.shards import iter_tar_samples, resolve_shards
-
-    items: list[dict[str, Any]] = []
-    groups: dict[str, dict[str, Any]] = {}
-    for path in resolve_shards(spec).paths():
-        for raw in iter_tar_samples(path):
-            meta = json.loads(raw["json"])
-            wave = _read_wave(io.BytesIO(raw["flac"]))
-            parent = meta.get("parent") if "segment" in meta else None
-            if parent is None:
-                items.append({"id": raw["__key__"], "wave": wave, "meta": meta, "pieces": 1, "complete": True})
-                continue
-            if parent not in groups:
-                whole = {k: v for k, v in meta.items() if k not in _PIECE_FIELDS}
-                whole.update(text=meta.get("parent_text") or "", duration=meta.get("parent_duration"))
-                groups[parent] = {"id": str(parent), "meta": whole, "parts": {}, "expect": meta.get("parent_duration")}
-                items.append(groups[parent])
-            groups[parent]["parts"][int(meta.get("segment", 0))] = wave
-    for group in groups.values():
-        parts = group.pop("parts")
-        expect = group.pop("expect")
-        group["wave"] = np.concatenate([parts[i] for i in sorted(parts)])
-        group["pieces"] = len(parts)
-        seconds = len(group["wave"]) / 16_000
-        group["complete"] = sorted(parts) == list(range(len(parts))) and (
-            expect is None or abs(seconds - float(expect)) < 0.05)  # fmt: skip
-    return items
-
-
 def load_inputs(*, audio: list[str], manifest: str | None, shards: str | None) -> list[dict[str, Any]]:
     """``[{"id", "wave" (16 kHz float32 [N]), "text" (transcript or None), "reference" (or None),
     "language" (or None)}]``; shard recordings cut into pieces come back whole (``complete`` False when
-    a piece is missing, see :func:`read_shard_recordings`)."""
+    a piece is missing, see :func:`datamodules.pipeline.read_recordings`)."""
     items = [{"id": p, "wave": _read_wave(p), "text": None, "reference": None, "language": None} for p in audio]
     if manifest:
         items.extend(_read_manifest(manifest))
     if shards:
-        for rec in read_shard_recordings(shards):
+        for rec in read_recordings(shards):
             meta = rec["meta"]
             reference = meta.get("reference", meta.get("response"))
             items.append({"id": rec["id"], "wave": rec["wave"], "text": meta.get("text") or None, "meta": meta,
@@ -148,7 +101,7 @@ def load_inputs(*, audio: list[str], manifest: str | None, shards: str | None) -
 def references(items: list[dict[str, Any]], *, closed_task: str | None, transcribe: bool) -> list[str]:
     """Set each item's ``reference`` for the scoring asked for; return the notes to print (stderr).
 
-    ``closed_task`` (a stage-3 ``eval_task``, :func:`stages.stage3.check_eval_task`): ``CLOSED_TASKS[task](text)``
+    ``closed_task`` (a stage-3 ``eval_task``, :func:`stages.tasks.check_eval_task`): ``CLOSED_TASKS[task](text)``
     (``repeat``) or the shard json's field (``json:<field>``, ``exact:json:<field>``); ``transcribe``: the item's ``reference``, else its
     ``text``; neither: the item's own ``reference`` (or ``response``) as read. An item without what its
     reference needs (no transcript; a cut recording with pieces missing) is not scored, and the notes
@@ -157,7 +110,6 @@ def references(items: list[dict[str, Any]], *, closed_task: str | None, transcri
     notes, field = [], None
     if closed_task:
         from datamodules.instructions import CLOSED_TASKS
-        from stages.stage3 import check_eval_task
 
         try:
             check_eval_task(closed_task)
@@ -190,46 +142,6 @@ def references(items: list[dict[str, Any]], *, closed_task: str | None, transcri
         notes.append(f"warning: {asked} asked for scores, but {scope} of the inputs have {where}; "
                      f"--audio files have none: {'nothing is scored' if scope == 'none' else 'those are not scored'}")  # fmt: skip
     return notes
-
-
-def normalizer(language: str | None = "en"):
-    """Whisper's text normaliser for ``language``: the English one for ``en`` (spellings, numbers,
-    contractions), the basic one otherwise (case, punctuation, symbols), which keeps the letters of
-    other languages (Twi's ɛ and ɔ) intact."""
-    if (language or "en").lower().split("-")[0] == "en":
-        from whisper_normalizer.english import EnglishTextNormalizer
-
-        norm = EnglishTextNormalizer()
-    else:
-        from whisper_normalizer.basic import BasicTextNormalizer
-
-        norm = BasicTextNormalizer()
-    return lambda text: " ".join(norm(text).split())  # punctuation leaves spaces: collapse them
-
-
-def score(
-    answers: list[str], references: list[str], *, mode: str, language: str | Sequence[str | None] | None = "en"
-) -> dict[str, float]:
-    """``exact`` -> ``{"accuracy"}``; ``transcription`` -> ``{"wer", "cer"}`` on normalised text.
-
-    Args:
-        answers: The model's answers.
-        references: One reference per answer.
-        mode: ``exact`` or ``transcription``.
-        language: The normaliser's language (see :func:`normalizer`): one for all, or one per answer
-            (each reference and answer normalised for its own language).
-    """
-    if mode == "exact":
-        from stages.stage3 import exact_match
-
-        return {"accuracy": float(np.mean([exact_match(a, r) for a, r in zip(answers, references, strict=True)]))}
-    from torchmetrics.text import CharErrorRate, WordErrorRate
-
-    languages = [language] * len(answers) if language is None or isinstance(language, str) else list(language)
-    norms = {lang: normalizer(lang) for lang in set(languages)}
-    hyp = [norms[lang](a) for a, lang in zip(answers, languages, strict=True)]
-    ref = [norms[lang](r) for r, lang in zip(references, languages, strict=True)]
-    return {"wer": float(WordErrorRate()(hyp, ref)), "cer": float(CharErrorRate()(hyp, ref))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
             out.write(json.dumps({"id": it["id"], "answer": answer.strip(), "reference": it["reference"]}) + "\n")
     scored = [(a, it) for a, it in zip(answers, items, strict=True) if it["reference"] is not None]
     if scored:
-        from stages.stage3 import check_eval_task
 
         mode = "exact" if args.closed_task and not check_eval_task(args.closed_task) else "transcription"
         language = args.language or [it.get("language") or "und" for _, it in scored]

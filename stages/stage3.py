@@ -41,14 +41,14 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
 from datamodules.audio import split_at_silence
-from datamodules.instructions import CLOSED_TASKS, OPEN_TASKS
+from datamodules.pipeline import read_recordings
 from models.chat_format import IGNORE_INDEX, collate_padded
 from models.encoders import FrozenEncoder
 from models.rvq import ResidualVQ
 from models.spoken_llm import SpokenLLM
-from stages.infer import normalizer, read_shard_recordings
 from stages.promotion import ArtifactModule, load_artifact
 from stages.stage1 import check_encoder_matches
+from stages.tasks import check_eval_task, eval_reference, exact_match, normalizer
 
 __all__ = [
     "SpokenInstructionStage", "attach_stage1", "check_eval_task", "collate_instructions",
@@ -141,51 +141,6 @@ def collate_instructions(examples: list[dict[str, Any]], *, pad_id: int) -> dict
     return batch
 
 
-def exact_match(answer: str, reference: str) -> bool:
-    """First word of the answer, lower-cased and stripped of punctuation, equals the reference."""
-    words = answer.strip().lower().split()
-    return bool(words) and words[0].strip(".,!?;:'\"") == reference.strip().lower()
-
-
-def check_eval_task(task: str) -> bool:
-    """Check a spoken-validation task name; return whether it is open (scored by WER/CER).
-
-    ``repeat`` (open: the transcript) derives the reference from the sample's ``json.text``
-    (:data:`datamodules.instructions.CLOSED_TASKS`); ``json:<key>`` takes the sample's own ``json[<key>]``
-    (``json:reference``, ``json:response``) and is open; ``exact:json:<key>`` takes the same field and
-    is closed, scored by exact match of the answer's first word (a closed set of one-word answers the
-    data carries, such as the demo's digits, ``demo.tasks``).
-
-    Raises:
-        ValueError: Any other name.
-    """
-    field = task.removeprefix("exact:")
-    if field.startswith("json:") and field[len("json:") :].strip():
-        return not task.startswith("exact:")
-    if task not in CLOSED_TASKS:
-        raise ValueError(f"eval_task must be one of {sorted(CLOSED_TASKS)}, json:<field> (e.g. json:reference) "
-                         f"or exact:json:<field>, got {task!r}")  # fmt: skip
-    return task in OPEN_TASKS
-
-
-def eval_reference(task: str, meta: dict[str, Any], *, where: str = "sample") -> str:
-    """The reference answer of one real utterance (its shard json ``meta``) for ``task`` (:func:`check_eval_task`).
-
-    Raises:
-        ValueError: The sample lacks what the task needs (an empty transcript, a missing field).
-    """
-    if task.removeprefix("exact:").startswith("json:"):
-        key = task.removeprefix("exact:")[len("json:") :]
-        value = meta.get(key)
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{where}: eval_task {task!r} needs a non-empty json[{key!r}] (it has {sorted(meta)})")
-        return value
-    try:
-        return CLOSED_TASKS[task](meta.get("text") or "")
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
-
-
 class SpokenInstructionStage(LightningModule):
     """Gemma 4 + LoRA answering spoken instructions (Speechless stage 3).
 
@@ -198,7 +153,7 @@ class SpokenInstructionStage(LightningModule):
         warmup_steps: Linear warm-up steps, then cosine decay to 10 % over the run.
         eval_audio_shards: Audio shards of real speech (held-out speakers) scored at each validation end.
             Recordings that preparation cut into pieces are joined and heard whole, scored against the
-            whole transcript (``stages.infer.read_shard_recordings``); one with pieces missing is left out.
+            whole transcript (``datamodules.pipeline.read_recordings``); one with pieces missing is left out.
         eval_task: The reference answer of each real utterance, and how it is scored: ``repeat``
             (open: the transcript ``json.text`` itself; the default, which any transcribed corpus
             has), ``json:<field>`` (open: the sample's own ``json[<field>]``, e.g. ``json:reference``
@@ -356,7 +311,7 @@ class SpokenInstructionStage(LightningModule):
     def _eval_samples(self) -> list[tuple[Any, str, str]]:
         """``(wave, reference, language)`` per real recording, pieces of a cut recording joined."""
         samples = []
-        for rec in read_shard_recordings(self.eval_audio_shards):
+        for rec in read_recordings(self.eval_audio_shards):
             if not rec["complete"]:  # a transcript cannot be scored against part of its recording
                 continue
             meta = rec["meta"]

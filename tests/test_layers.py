@@ -66,3 +66,83 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     assert any("x.py:2 imports models.rvq" in v for v in found), found
     assert any("x.py:3 imports demo.tiny" in v for v in found), found
     assert any("y.py:1 imports models" in v for v in found), found
+
+
+PACKAGES = (*LIBRARY, "demo")
+
+
+def module_graph(root: Path | None = None) -> dict[str, set[str]]:
+    """``module -> modules of ours it imports`` (any depth), one node per source file."""
+    root = root or ROOT
+    files = {".".join(p.relative_to(root).with_suffix("").parts): p for pkg in PACKAGES for p in (root / pkg).rglob("*.py")}
+    names = {m.removesuffix(".__init__"): m for m in files}
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        edges = set()
+        for _, imported in imported_modules(path) if root == ROOT else _imports_under(path, root):
+            target = names.get(imported)
+            if target and target != module:
+                edges.add(target)
+        graph[module] = edges
+    return graph
+
+
+def _imports_under(path: Path, root: Path) -> list[tuple[int, str]]:
+    global ROOT
+    saved, ROOT = ROOT, root
+    try:
+        return imported_modules(path)
+    finally:
+        ROOT = saved
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import cycle, one per strongly connected component of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                part.append(w)
+                if w == v:
+                    break
+            if len(part) > 1:
+                found.append(sorted(part))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_between_our_modules():
+    """Function-level imports count too: an import deferred into a function still ties the two
+    modules together."""
+    assert cycles(module_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_deferred_import_cycle(tmp_path):
+    pkg = tmp_path / "stages"
+    pkg.mkdir()
+    for name in PACKAGES[:2] + PACKAGES[3:]:
+        (tmp_path / name).mkdir()
+    (pkg / "cli.py").write_text("from stages.promote import Promote\n")
+    (pkg / "promote.py").write_text("class Promote: ...\ndef main():\n    from stages.cli import main\n")
+    (pkg / "other.py").write_text("import stages.cli\n")
+    assert cycles(module_graph(tmp_path)) == [["stages.cli", "stages.promote"]]

@@ -43,7 +43,7 @@ def test_pieces_must_match_waveforms(tiny_llm):
 
 def test_repeat_is_an_open_task_scored_by_wer_with_the_language_s_normaliser():
     from datamodules.instructions import CLOSED_TASKS, OPEN_TASKS
-    from stages.infer import score
+    from stages.tasks import score
 
     assert "repeat" in OPEN_TASKS and "next_digit" not in OPEN_TASKS
     assert CLOSED_TASKS["repeat"]("  the  cat sat ") == "the cat sat"
@@ -151,7 +151,7 @@ def test_asking_for_scores_without_references_says_so(tmp_path):
 
 
 def test_the_normaliser_follows_the_language_english_only_for_en():
-    from stages.infer import score
+    from stages.tasks import score
 
     # Whisper's English normaliser respells "Prof." as "professor": right for English only.
     assert score(["Professor Juma"], ["Prof. Juma"], mode="transcription", language="en")["wer"] == 0.0

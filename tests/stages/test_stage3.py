@@ -166,7 +166,7 @@ def test_real_config_resolves_without_download():
 
 
 def test_infer_scores_exact_match_and_normalised_wer():
-    from stages.infer import score
+    from stages.tasks import score
 
     assert score(["Eight.", "one two", ""], ["eight", "two", "three"], mode="exact") == {"accuracy": 1 / 3}
     wer = score(["Hello, World!", "colour"], ["hello world", "color"], mode="transcription")
@@ -273,7 +273,7 @@ def test_a_json_field_task_takes_each_recording_s_own_reference(setup_dir, tmp_p
     scores = stage.spoken_scores()
     # English normalises "Ten dollars." to "$10" and "ten pounds" to "£10": 1 error in 3 + 1 words.
     assert scores["n"] == 2 and scores["wer"] == pytest.approx(1 / 4) and scores["accuracy"] == 0.5
-    from stages.stage3 import eval_reference
+    from stages.tasks import eval_reference
 
     with pytest.raises(ValueError, match=r"json\['answer'\]"):
         eval_reference("json:answer", {"text": "x"}, where="eval:u1")
