@@ -34,6 +34,8 @@ import zlib
 
 import numpy as np
 
+from datamodules.audio import resample
+
 __all__ = [
     "BACKENDS",
     "SynthesisError",
@@ -67,14 +69,6 @@ def _check_args(text: str, rate_wpm: int, pitch: int) -> None:
         raise ValueError(f"rate_wpm must be in [80, 450] (espeak's range), got {rate_wpm}")
     if not 0 <= pitch <= 99:
         raise ValueError(f"pitch must be in [0, 99] (espeak's range), got {pitch}")
-
-
-def _resample(audio: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
-    if rate == sample_rate:
-        return audio.astype(np.float32)
-    import soxr
-
-    return soxr.resample(audio, rate, sample_rate, quality="HQ").astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- system binary
@@ -442,4 +436,4 @@ def synthesize(
         return _builtin_synthesize(text, voice, rate_wpm, pitch, sample_rate)
     fn = _cli_synthesize if backend == "espeak-ng" else _library_synthesize
     audio, rate = fn(text, voice, rate_wpm, pitch)
-    return _resample(audio, rate, sample_rate)
+    return resample(audio, rate, sample_rate)
