@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from datamodules.audio import split_at_silence
     from models.spoken_llm import SpokenLLM
-    from stages.promotion import load_artifact, resolve_artifact
+    from stages.artifacts import load_artifact, resolve_artifact
     from stages.safety import inside_artifact
     from stages.stage3 import attach_stage1
 

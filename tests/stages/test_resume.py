@@ -158,7 +158,7 @@ def stage3_setup(tmp_path_factory):
     from datamodules.shards import ShardWriter
     from models.gemma4_tiny import build_tiny_gemma4
     from models.rvq import ResidualVQ
-    from stages.promotion import ArtifactModule, promote
+    from stages.artifacts import ArtifactModule, promote
 
     root = tmp_path_factory.mktemp("resume3")
     model = build_tiny_gemma4(root / "llm", seed=0)

@@ -19,7 +19,7 @@ from models.chat_format import IGNORE_INDEX, build_example
 from models.gemma4_tiny import build_tiny_gemma4
 from models.rvq import ResidualVQ
 from models.spoken_llm import SpokenLLM
-from stages.promotion import ArtifactModule, promote
+from stages.artifacts import ArtifactModule, promote
 from stages.stage3 import SpokenInstructionStage, collate_instructions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

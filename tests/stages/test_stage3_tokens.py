@@ -25,7 +25,7 @@ from datamodules.shards import ShardWriter
 from models.encoders import Gemma4AudioEncoder
 from models.gemma4_configs import save_tiny_gemma4_audio
 from models.rvq import ResidualVQ
-from stages.promotion import ArtifactModule, promote
+from stages.artifacts import ArtifactModule, promote
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]
