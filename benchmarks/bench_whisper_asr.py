@@ -18,7 +18,7 @@ choices that metric makes, on real speech, with the pretrained Whisper tiny.en:
 
 Corpora: ``../shared/data/english_clips`` (the clips with a transcript), an FSDD subset (digits
 of 6 speakers) and espeak-ng sentences (``benchmarks/sentence_corpus.py``, voices not used for the
-RVQ). WER/CER are torchmetrics' after Whisper's English normaliser (``stages.stage2``).
+RVQ). WER/CER are torchmetrics' after Whisper's English normaliser (``stages.metrics``).
 
     WHISPER_TINY_EN=<folder of the converted HF model> .venv/bin/python benchmarks/bench_whisper_asr.py
 """
@@ -46,7 +46,7 @@ from demo.tts import synthesize  # noqa: E402
 from models.encoders.whisper import _pair_mean  # noqa: E402  (the encoder's own pooling math)
 from models.rvq import ResidualVQ  # noqa: E402
 from models.whisper_asr import WhisperASR  # noqa: E402
-from stages.stage2 import normalize_transcript  # noqa: E402
+from stages.metrics import normalize_transcript  # noqa: E402
 
 __all__ = ["main"]
 

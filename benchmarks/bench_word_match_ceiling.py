@@ -6,7 +6,7 @@ with real training clips in place of generations (one random training clip per w
 draws), so it bounds what a stage-2 model can reach with a given encoder. It compares the demo's
 tiny random-weight Gemma 4 audio encoder with and without its per-utterance normalisations
 (``level_db``, ``center_states``; see ``models.encoders.FrozenEncoder``). The word match itself is
-``stages.stage2.word_match`` (DTW alignment, states centred on the evaluated set's mean), run on the
+``stages.metrics.word_match`` (DTW alignment, states centred on the evaluated set's mean), run on the
 encoder states directly (no RVQ), so the figure isolates the encoder.
 
 Needs FSDD shards from the demo (``python -m demo --corpus fsdd --stages 1`` writes
@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from datamodules.audio import decode_flac  # noqa: E402
 from datamodules.shards import iter_tar_samples, resolve_shards  # noqa: E402
 from models.encoders import Gemma4AudioEncoder  # noqa: E402
-from stages.stage2 import word_match  # noqa: E402
+from stages.metrics import word_match  # noqa: E402
 
 __all__ = ["main"]
 

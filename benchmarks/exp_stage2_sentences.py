@@ -79,7 +79,7 @@ def build_tokens(work: Path, corpus: dict, args) -> Path:
     from datamodules.shards import ShardWriter
     from models.encoders import WhisperEncoder
     from models.rvq import ResidualVQ
-    from stages.promotion import ArtifactModule, promote
+    from stages.artifacts import ArtifactModule, promote
 
     q, k = (int(x) for x in args.rvq.split("x"))
     root = work / f"tokens_{cache_tag(args)}_{args.rvq}"
@@ -188,7 +188,7 @@ def oracle_length_figures(stage, corpus: dict) -> dict[str, float]:
     """gen_cosine and WER of the test texts generated with each utterance's real length given."""
     from torchmetrics.text import WordErrorRate
 
-    from stages.stage2 import aligned_cosine, normalize_transcript
+    from stages.metrics import aligned_cosine, normalize_transcript
 
     stage.eval()
     items = [(t, s) for t, s, sp in zip(corpus["texts"], corpus["states"], corpus["split"], strict=True) if sp == "test"]
@@ -220,7 +220,7 @@ def teacher_forced_wer(stage, tokens: Path, args, n: int = 16) -> float:
     from torchmetrics.text import WordErrorRate
 
     from datamodules.shards import iter_tar_samples
-    from stages.stage2 import normalize_transcript
+    from stages.metrics import normalize_transcript
 
     root = tokens / "test" if args.eval_split == "test" else (
         tokens / "train" if args.train_fraction >= 1.0 else tokens / f"train_{args.train_fraction:g}")
@@ -249,8 +249,8 @@ def real_code_wer(tokens: Path, corpus: dict, args) -> float:
 
     from models.rvq import ResidualVQ
     from models.whisper_asr import WhisperASR
-    from stages.promotion import load_artifact
-    from stages.stage2 import normalize_transcript
+    from stages.artifacts import load_artifact
+    from stages.metrics import normalize_transcript
 
     rvq = load_artifact(tokens / "artifacts/stage1/current", names=["quantizer"],
                         expect={"quantizer": ResidualVQ})["modules"]["quantizer"].eval()

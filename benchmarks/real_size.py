@@ -135,7 +135,7 @@ def random_stage1_artifact(root: Path, encoder_source: str) -> Path:
     import torch
 
     from models.rvq import ResidualVQ
-    from stages.promotion import ArtifactModule, promote
+    from stages.artifacts import ArtifactModule, promote
 
     init = {"dim": D, "num_quantizers": Q, "codebook_size": K, "kmeans_init": False}
     torch.manual_seed(0)

@@ -40,6 +40,7 @@ __all__ = [
     "ShardWriter",
     "atomic_write_text",
     "encode_member",
+    "file_sha256",
     "iter_tar_samples",
     "read_index",
     "resolve_shards",
@@ -128,7 +129,8 @@ def read_index(path: str | os.PathLike) -> ShardIndex:
     return ShardIndex(shards=shards, kind=data.get("kind", "speech"), root=str(path.parent), extra=data.get("extra", {}))
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (shard indexes, artifact weights)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -191,7 +193,7 @@ def scan_shard(path: str | os.PathLike, *, with_hash: bool = True) -> ShardInfo:
         seconds=round(sum(durations), 3),
         durations=durations,
         bytes=os.path.getsize(path),
-        sha256=_sha256(str(path)) if with_hash else "",
+        sha256=file_sha256(path) if with_hash else "",
     )
 
 
@@ -306,7 +308,7 @@ class ShardWriter:
                 samples=self._count,
                 seconds=round(self._seconds, 3),
                 bytes=os.path.getsize(self._final),
-                sha256=_sha256(str(self._final)),
+                sha256=file_sha256(self._final),
                 durations=self._durations,
             )
         )

@@ -2,57 +2,24 @@
 
 Follows Speechless (Dao et al., INTERSPEECH 2025, arXiv:2505.17417) and Ichigo (arXiv:2410.15316):
 the prompt is the raw text in the chat template's user turn, the answer is the utterance's
-semantic tokens, and decoding is greedy by default. Two output forms:
+semantic tokens, and decoding is greedy by default. Two output forms, each in its own module with
+its embedding, heads and decode loop:
 
-``one_level``
-    Ichigo's form. The sound, duration and start/end tokens of :mod:`models.codec` are added to the
-    LM vocabulary (embeddings resized) and the answer is the codec string of level-0 codes,
-    run-length compressed when ``use_durations`` (plain de-duplication hurt convergence in
-    Speechless; durations keep the sequence exact). ``<|sound_end|>`` ends the speech.
-
-``all_levels``
-    Stage 3 needs every RVQ level per frame, but spelling ``Q`` tokens per frame would multiply the
-    sequence by ``Q`` (8x). Instead one position carries one frame: its input is the *sum* of ``Q``
-    level embeddings (tables ``[K + 2, H]``: ``K`` codes, ``EOS = K``, ``PAD = K + 1`` which also
-    serves as the begin-of-speech input) and ``Q`` linear heads ``[H, K + 1]`` predict the levels.
-    With ``delay=True`` (default) level ``q`` is shifted right by ``q`` steps, MusicGen's delay
-    pattern (Copet et al. 2023, arXiv:2306.05284): when a position predicts level ``q`` of frame
-    ``t`` it has already seen levels ``< q`` of that frame, which matters for a *residual*
-    quantizer whose fine levels refine the coarse ones; it costs only ``Q - 1`` extra steps.
-    ``delay=False`` predicts the levels of a frame in parallel. Every head is trained to emit
-    ``EOS`` one step after its last frame; at generation head 0 decides the length (the other
-    heads' ``EOS`` is masked until their frame count reaches it, then forced), so levels never
-    disagree on ``T``.
-
-``length_conditioning`` (``all_levels`` only)
-    A read sentence's length is set by its text, and a small LM trained on a few hundred sentences
-    does not learn where its speech should end: greedy decoding then overruns by seconds. With
-    this option a *length head* predicts the utterance's frames as the sum over the prompt's tokens
-    of a per-token duration (``softplus`` of a linear layer on each prompt position's state, which
-    has read the text and nothing of the speech; a TTS duration predictor's form, so the prediction
-    grows with the text by construction), trained by MSE of ``log T`` beside the speech loss, and
-    every answer position's input also carries an embedding of its *progress*: frames
-    left ``T - s`` and the fraction ``s / T`` (sinusoids, projected; zero-initialised), with the real
-    ``T`` in training and the predicted (or a given) one at generation, where head 0's end of speech
-    is placed exactly at ``T``. Knowing how far it is into the utterance also tells the model how
-    far it should be into the text, which is what the alignment of a read sentence needs (the
-    length-conditioned TTS family: total duration given to the decoder, as in E2/F5-TTS).
-    ``text_alignment`` goes one step further and adds to each answer step the embeddings of the text
-    tokens a linear alignment (the text spread evenly over ``T``) places there, with their
-    neighbours: the "which words now" that a duration-based TTS gets from its length regulator
-    (FastSpeech), here without per-token durations. It made held-out generations specific to their
-    text (word match 0.13 -> 1.00 on the sentence benchmark) where attention alone had not found it.
+- ``one_level`` (:mod:`models.speech_lm_one_level`): Ichigo's form, level-0 codes as LM tokens
+  with duration tokens for runs, ended by ``<|sound_end|>``;
+- ``all_levels`` (:mod:`models.speech_lm_all_levels`, the default): one position per frame, the
+  sum of ``Q`` level embeddings in and ``Q`` heads out (MusicGen's delay pattern), optionally
+  length-conditioned (a length head, progress embeddings, a linear text alignment).
 
 Both forms share one layout: prompts left-padded to ``P`` columns, answers right-padded to ``S``
 columns, explicit ``position_ids`` so padding never shifts positions, and the text part always
-embedded by the LM's own table (fed as ``inputs_embeds``). :meth:`SpeechLM.generate` is a manual
-batched decode loop over the HF ``DynamicCache``. The real default LM is ``google/gemma-3-270m``
+embedded by the LM's own table (fed as ``inputs_embeds``). :meth:`SpeechLM.generate` runs the
+form's manual batched decode loop over the HF ``DynamicCache``. The real default LM is ``google/gemma-3-270m``
 (:data:`DEFAULT_LM`); tests build a tiny ``Gemma3ForCausalLM`` via ``demo.tiny.gemma3_lm_debug_config``.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 from pathlib import Path
@@ -71,55 +38,28 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from models.codec import SOUND_END, SOUND_START, duration_token, run_lengths, sound_token, sound_token_names
+from models import speech_lm_decode as decode_steps
+from models.chat_format import IGNORE_INDEX
 from models.kv_cache import cache_arg, cache_of
+from models.speech_lm_all_levels import AllLevels
+from models.speech_lm_one_level import OneLevel
 
 __all__ = ["DEFAULT_LM", "IGNORE_INDEX", "SpeechLM"]
 
 DEFAULT_LM = "google/gemma-3-270m"
-IGNORE_INDEX = -100
 _CONFIG_NAME = "speech_lm.json"
 _WEIGHTS_NAME = "model.safetensors"
-_PROGRESS_FREQS = 16  # sinusoid pairs per progress quantity (frames left, fraction done)
+_FORMS = {form.name: form for form in (OneLevel, AllLevels)}
 
 
-def progress_features(steps: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """Sinusoids of frames left ``total - steps`` and of the fraction ``steps / total``.
-
-    Args:
-        steps: ``[B, S]`` answer step of each position (frame index of level 0).
-        total: ``[B]`` utterance length in frames.
-
-    Returns:
-        ``[B, S, 4 * _PROGRESS_FREQS]`` float features (frames left at periods 2 to ~2000 frames,
-        the fraction at periods 1/8 to ~4 utterances).
-    """
-    total = total.to(steps.device, torch.float32).clamp(min=1)[:, None]
-    left = (total - steps.float()).clamp(min=-1)
-    frac = steps.float() / total
-    j = torch.arange(_PROGRESS_FREQS, device=steps.device, dtype=torch.float32)
-    w_left = 2 * torch.pi / (2.0 * 1000.0 ** (j / (_PROGRESS_FREQS - 1)))
-    w_frac = 2 * torch.pi / (0.125 * 32.0 ** (j / (_PROGRESS_FREQS - 1)))
-    a, b = left[..., None] * w_left, frac[..., None] * w_frac
-    return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], -1)
-
-
-
-
-def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int | None, gen) -> torch.Tensor:
-    """Choose ids from ``logits [N, V]`` (``-inf`` marks disallowed) -> ``[N]``."""
-    if greedy:
-        return logits.argmax(-1)
-    logits = logits.float() / max(temperature, 1e-5)
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
 class SpeechLM(nn.Module):
     """Text -> semantic tokens decoder-only LM (see the module docstring for the two forms).
+
+    What differs between the forms (their layers, answer grids, embedding, heads, decode loop) is
+    the ``form`` object (:class:`OneLevel` or :class:`AllLevels`); prompts, batching, the
+    teacher-forced loss, the decode steps and persistence are shared here.
 
     Args:
         lm: A causal LM: hub id or local path, a ``PreTrainedModel``, or a config (random init).
@@ -223,56 +163,10 @@ class SpeechLM(nn.Module):
         self.scheduled_sampling = float(scheduled_sampling)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         hidden = lm.config.get_text_config().hidden_size
-        if output_form == "one_level":
-            self._add_sound_tokens()
-        else:
-            # Scale the new tables like the LM's (scaled) text embeddings, split over Q summands, so
-            # the first steps do not see inputs orders of magnitude off what the LM was trained on.
-            with torch.no_grad():
-                emb = lm.get_input_embeddings()
-                probe = torch.arange(min(emb.num_embeddings, 1024), device=emb.weight.device)
-                std = float(emb(probe).float().std()) / num_levels**0.5
-            self.level_embeddings = nn.ModuleList(
-                nn.Embedding(codebook_size + 2, hidden) for _ in range(num_levels)
-            )
-            for e in self.level_embeddings:
-                nn.init.normal_(e.weight, std=std)
-            self.heads = nn.ModuleList(
-                nn.Linear(hidden, codebook_size + 1, bias=False) for _ in range(num_levels)
-            )
-        if length_conditioning:
-            self.length_head = nn.Linear(hidden, 1)  # frames per prompt token (softplus), summed
-            nn.init.zeros_(self.length_head.weight)
-            nn.init.constant_(self.length_head.bias, 1.85)  # softplus(1.85) = 2 frames a token before training
-            self.progress = nn.Linear(4 * _PROGRESS_FREQS, hidden, bias=False)
-            nn.init.zeros_(self.progress.weight)  # starts as the plain model; learns to use progress
-        if text_alignment:
-            self.alignment = nn.Linear(3 * hidden, hidden, bias=False)  # tokens j-1, j, j+1
-            nn.init.zeros_(self.alignment.weight)
+        self.form = _FORMS[output_form]()
+        self.form.build(self, hidden)
 
     # ----------------------------------------------------------------------------------- setup
-    def _add_sound_tokens(self) -> None:
-        names = sound_token_names(
-            self.codebook_size, with_durations=self.use_durations, max_duration=self.max_duration
-        )
-        missing = [n for n in names if n not in self.tokenizer.get_vocab()]
-        if missing:
-            # A copy: the caller's tokenizer object may be shared (e.g. with stage 3's text side).
-            self.tokenizer = copy.deepcopy(self.tokenizer)
-            self.tokenizer.add_tokens(missing, special_tokens=True)
-        if len(self.tokenizer) > self.lm.get_input_embeddings().num_embeddings:
-            self.lm.resize_token_embeddings(len(self.tokenizer))
-        ids = self.tokenizer.convert_tokens_to_ids
-        self.start_id, self.end_id = ids(SOUND_START), ids(SOUND_END)
-        sound = torch.tensor([ids(sound_token(c)) for c in range(self.codebook_size)])
-        dur = [ids(duration_token(n)) for n in range(2, self.max_duration + 1)] if self.use_durations else []
-        # Allowed answer tokens in a fixed order: K sounds, durations 2..max, end.
-        self.register_buffer(
-            "answer_vocab",
-            torch.cat([sound, torch.tensor(dur, dtype=torch.long), torch.tensor([self.end_id])]),
-            persistent=False,
-        )
-
     @classmethod
     def from_pretrained_lm(cls, path_or_id: str = DEFAULT_LM, *, tokenizer: str | None = None, **kwargs):
         """Wrap a pretrained causal LM (hub id or local path); the tokenizer defaults to the same path."""
@@ -285,7 +179,7 @@ class SpeechLM(nn.Module):
     @property
     def eos_id(self) -> int:
         """End-of-speech id: ``<|sound_end|>`` (one_level) or per-head ``EOS = K`` (all_levels)."""
-        return self.end_id if self.output_form == "one_level" else self.codebook_size
+        return self.form.eos_id(self)
 
     # ----------------------------------------------------------------------------------- batching
     def prompt_ids(self, text: str) -> list[int]:
@@ -315,37 +209,6 @@ class SpeechLM(nn.Module):
             b -= 1
         return a, b
 
-    def _answer_grids(self, codes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Answer inputs and targets ``[Q', S]`` for one utterance (``Q' = 1`` for one_level).
-
-        With ``codes=None`` only the first input step (begin of speech) is returned, for generation.
-        """
-        if self.output_form == "one_level":
-            if codes is None:
-                return torch.tensor([[self.start_id]]), torch.full((1, 1), IGNORE_INDEX)
-            seq = [self.start_id]
-            for code, n in run_lengths(
-                codes[0], max_duration=self.max_duration if self.use_durations else 1 << 30
-            ):
-                if n > 1 and self.use_durations:
-                    seq += [int(self.answer_vocab[self.codebook_size + n - 2]), int(self.answer_vocab[code])]
-                else:
-                    seq += [int(self.answer_vocab[code])] * n
-            seq.append(self.end_id)
-            t = torch.tensor(seq).unsqueeze(0)
-            return t[:, :-1], t[:, 1:]
-        q_n, pad = self.num_levels, self.codebook_size + 1
-        if codes is None:
-            return torch.full((q_n, 1), pad), torch.full((q_n, 1), IGNORE_INDEX)
-        n_frames, shift = codes.shape[1], (q_n - 1 if self.delay else 0)
-        y = torch.full((q_n, n_frames + 1 + shift), IGNORE_INDEX, dtype=torch.long)
-        for q in range(q_n):
-            off = q if self.delay else 0
-            y[q, off : off + n_frames] = codes[q]
-            y[q, off + n_frames] = self.codebook_size  # EOS
-        x = torch.cat([torch.full((q_n, 1), pad), y[:, :-1].masked_fill(y[:, :-1] == IGNORE_INDEX, pad)], 1)
-        return x, y
-
     def build_batch(
         self, texts: list[str], codes: list[torch.Tensor] | None = None, *, loss_on_prompt: bool | None = None
     ) -> dict[str, torch.Tensor]:
@@ -372,17 +235,14 @@ class SpeechLM(nn.Module):
             c = None
             if codes is not None:
                 c = torch.as_tensor(codes[i], dtype=torch.long)
-                need = 1 if self.output_form == "one_level" else self.num_levels
+                need = self.form.rows(self)
                 if c.ndim != 2 or c.shape[0] < need:
                     raise ValueError(f"codes[{i}] must be [Q>={need}, T], got {tuple(c.shape)}")
                 if c.numel() and (c.min() < 0 or c.max() >= self.codebook_size):
                     raise ValueError(f"codes[{i}] out of range [0, {self.codebook_size})")
-            grids.append(self._answer_grids(c))
+            grids.append(self.form.answer_grids(self, c))
         b, p_len, s_len = len(texts), max(map(len, prompts)), max(g[0].shape[1] for g in grids)
-        q_n, fill = (
-            grids[0][0].shape[0],
-            (self.pad_id if self.output_form == "one_level" else self.codebook_size + 1),
-        )
+        q_n, fill = grids[0][0].shape[0], self.form.fill_id(self)
         input_ids = torch.full((b, p_len), self.pad_id, dtype=torch.long)
         answer_inputs = torch.full((b, q_n, s_len), fill, dtype=torch.long)
         labels = torch.full((b, q_n, s_len), IGNORE_INDEX, dtype=torch.long)
@@ -411,74 +271,11 @@ class SpeechLM(nn.Module):
         return batch
 
     # ----------------------------------------------------------------------------------- model
-    def _embed_answer(self, answer_inputs: torch.Tensor) -> torch.Tensor:
-        """``[B, Q', S]`` ids -> ``[B, S, H]`` input embeddings."""
-        if self.output_form == "one_level":
-            return self.lm.get_input_embeddings()(answer_inputs[:, 0])
-        return torch.stack([e(answer_inputs[:, q]) for q, e in enumerate(self.level_embeddings)]).sum(0)
-
-    def _corrupt(self, answer: torch.Tensor) -> torch.Tensor:
-        """``[B, Q, S]`` answer inputs with a fraction ``input_corruption`` of their codes (never EOS or
-        PAD/begin) replaced by random codes."""
-        hit = (torch.rand(answer.shape, device=answer.device) < self.input_corruption) & (answer < self.codebook_size)
-        return torch.where(hit, torch.randint_like(answer, self.codebook_size), answer)
-
-    def _self_fed(self, batch: dict[str, torch.Tensor], answer: torch.Tensor) -> torch.Tensor:
-        """``answer [B, Q, S]`` with a fraction ``scheduled_sampling`` of its steps replaced by the
-        model's own greedy predictions of those steps (one no-grad teacher-forced pass); only real
-        codes are replaced, by predicted codes (never by EOS, never the begin step or padding)."""
-        with torch.no_grad():
-            was = self.training
-            self.eval()  # the predictions of the model that generates (no dropout)
-            try:
-                pred = self._teacher_forced(batch, answer)["logits"].argmax(-1)  # [B, Q, S]: step s predicts s+1's input
-            finally:
-                self.train(was)
-        b, _, s_len = answer.shape
-        fed = (torch.rand(b, 1, s_len, device=answer.device) < self.scheduled_sampling)[..., 1:]
-        new = pred[..., :-1]
-        hit = fed & (answer[..., 1:] < self.codebook_size) & (new < self.codebook_size)
-        return torch.cat([answer[..., :1], torch.where(hit, new, answer[..., 1:])], -1)
-
-    def _log_length(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``[B]`` predicted ``log T``: the sum over the prompt's tokens (``h [B, P, H]``, ``mask [B, P]``)
-        of each token's frames, ``softplus(length_head(h_i))``, as a TTS duration predictor sums its
-        per-token durations: the prediction grows with the text by construction."""
-        per_token = F.softplus(self.length_head(h).squeeze(-1).float()) * mask.float()
-        return per_token.sum(1).clamp(min=1e-3).log()
-
-    def _progress(self, steps: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-        """``[B, S, H]`` progress embeddings of answer steps ``[B, S]`` of utterances of ``total [B]`` frames."""
-        return self.progress(progress_features(steps, total).to(self.progress.weight.dtype))
-
-    def _condition(self, steps: torch.Tensor, total: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[B, S, H]`` what a length-conditioned answer step adds to its input: progress, plus the
-        linearly aligned text tokens (``text_alignment``; zero for an empty text)."""
-        out = self._progress(steps, total)
-        if not self.text_alignment:
-            return out
-        ids, span = batch["input_ids"].to(steps.device), batch["text_span"].to(steps.device)
-        n = (span[:, 1] - span[:, 0])[:, None]  # [B, 1] text tokens
-        idx = (steps * n).div(total.to(steps.device).clamp(min=1)[:, None], rounding_mode="floor")
-        table = self.lm.get_input_embeddings()
-        parts = []
-        for off in (-1, 0, 1):
-            j = span[:, :1] + (idx + off).clamp(min=0).minimum((n - 1).clamp(min=0))  # [B, S]
-            parts.append(table(ids.gather(1, j.clamp(max=ids.shape[1] - 1))))
-        aligned = self.alignment(torch.cat(parts, -1).to(self.alignment.weight.dtype))
-        return out + aligned * (n > 0)[..., None]
-
     def _lm_logits(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """LM-head logits (optionally restricted to rows ``weight``), with Gemma's final softcap."""
         logits = self.lm.get_output_embeddings()(h) if weight is None else h @ weight.T
         cap = getattr(self.lm.config.get_text_config(), "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
-
-    def _speech_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """``[B, S, H]`` -> ``[B, Q', S, V']`` (``V'`` = LM vocab or ``K + 1``)."""
-        if self.output_form == "one_level":
-            return self._lm_logits(h).unsqueeze(1)
-        return torch.stack([head(h) for head in self.heads], 1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Teacher-forced pass.
@@ -490,12 +287,9 @@ class SpeechLM(nn.Module):
             ``prompt_loss`` when computed; with ``length_conditioning`` also ``length_loss`` (MSE of
             ``log T``, included in ``loss``) and ``length_error`` (mean ``|T_pred - T|`` frames).
         """
-        dev = self.device
-        answer = batch["answer_inputs"].to(dev)
-        if self.training and self.input_corruption > 0:
-            answer = self._corrupt(answer)
-        if self.training and self.scheduled_sampling > 0:
-            answer = self._self_fed(batch, answer)
+        answer = batch["answer_inputs"].to(self.device)
+        if self.training:
+            answer = self.form.training_inputs(self, batch, answer)
         return self._teacher_forced(batch, answer)
 
     def _teacher_forced(self, batch: dict[str, torch.Tensor], answer: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -503,11 +297,7 @@ class SpeechLM(nn.Module):
         dev = self.device
         input_ids = batch["input_ids"].to(dev)
         p_len = input_ids.shape[1]
-        answer_embeds = self._embed_answer(answer)
-        if self.length_conditioning:
-            frames = batch["answer_frames"].to(dev)
-            steps = torch.arange(answer.shape[-1], device=dev).expand(answer.shape[0], -1)
-            answer_embeds = answer_embeds + self._condition(steps, frames, batch)
+        answer_embeds = self.form.conditioned(self, self.form.embed(self, answer), answer, batch)
         embeds = torch.cat([self.lm.get_input_embeddings()(input_ids), answer_embeds], 1)
         h = self.lm.get_decoder()(
             inputs_embeds=embeds,
@@ -515,7 +305,7 @@ class SpeechLM(nn.Module):
             position_ids=batch["position_ids"].to(dev),
             use_cache=False,
         ).last_hidden_state
-        logits = self._speech_logits(h[:, p_len:])
+        logits = self.form.logits(self, h[:, p_len:])
         labels = batch["labels"].to(dev)
         ce = F.cross_entropy(logits.flatten(0, 2).float(), labels.flatten(), reduction="none").view(
             labels.shape
@@ -536,10 +326,8 @@ class SpeechLM(nn.Module):
             total=total,
         )
         loss = speech_loss
-        if self.length_conditioning:
-            log_pred = self._log_length(h[:, :p_len], batch["attention_mask"][:, :p_len].to(dev))
-            out["length_loss"] = F.mse_loss(log_pred, frames.float().clamp(min=1).log())
-            out["length_error"] = (log_pred.detach().exp() - frames.float()).abs().mean()
+        out.update(self.form.length_losses(self, h[:, :p_len], batch))  # a length-conditioned model's
+        if "length_loss" in out:
             loss = loss + out["length_loss"]
         if "prompt_labels" in batch:
             pl = batch["prompt_labels"].to(dev)
@@ -620,12 +408,10 @@ class SpeechLM(nn.Module):
             gen = None
             if seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(seed)
-            pick = lambda logits: _pick(logits, greedy, temperature, top_k, gen)  # noqa: E731
+            pick = lambda logits: decode_steps.pick(logits, greedy, temperature, top_k, gen)  # noqa: E731
             median, cfg = eos_rule == "median" and greedy, (cfg_scale if guided else None)
-            if self.output_form == "one_level":
-                return self._decode_one_level(batch, max_frames, min_frames, pick, median=median, cfg_scale=cfg)
-            return self._decode_all_levels(batch, max_frames, min_frames, pick, median=median, cfg_scale=cfg,
-                                           lengths=lengths)
+            return self.form.decode(self, batch, max_frames, min_frames, pick, median=median, cfg_scale=cfg,
+                                    lengths=lengths)
         finally:
             self.train(was_training)
 
@@ -634,7 +420,7 @@ class SpeechLM(nn.Module):
         embeds = torch.cat(
             [
                 self.lm.get_input_embeddings()(batch["input_ids"].to(dev)),
-                self._embed_answer(batch["answer_inputs"].to(dev)),
+                self.form.embed(self, batch["answer_inputs"].to(dev)),
             ],
             1,
         )
@@ -644,23 +430,12 @@ class SpeechLM(nn.Module):
         )
         return out.last_hidden_state[:, -1], cache_of(out), mask, pos[:, -1:]
 
-    def _prefill_prompt(self, batch: dict[str, torch.Tensor]):
-        """Prefill the prompt alone: its states ``[B, P, H]`` (the length head's input), cache, mask, position."""
-        dev, p_len = self.device, batch["input_ids"].shape[1]
-        mask, pos = batch["attention_mask"][:, :p_len].to(dev), batch["position_ids"][:, :p_len].to(dev)
-        out = self.lm.get_decoder()(
-            inputs_embeds=self.lm.get_input_embeddings()(batch["input_ids"].to(dev)), attention_mask=mask,
-            position_ids=pos, use_cache=True,
-        )
-        return out.last_hidden_state, cache_of(out), mask, pos[:, -1:]
-
     @torch.no_grad()
     def predict_lengths(self, texts: list[str]) -> torch.Tensor:
         """``[B]`` predicted frames per text (``length_conditioning`` models), at least 1."""
         if not self.length_conditioning:
             raise ValueError("predict_lengths needs a model built with length_conditioning=True")
-        h, _, mask, _ = self._prefill_prompt(self.build_batch(texts, None, loss_on_prompt=False))
-        return self._log_length(h, mask).exp().round().long().clamp(min=1).cpu()
+        return self.form.predict_lengths(self, self.build_batch(texts, None, loss_on_prompt=False))
 
     def _advance(self, embeds: torch.Tensor, cache, mask: torch.Tensor, pos: torch.Tensor):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
@@ -670,143 +445,6 @@ class SpeechLM(nn.Module):
             inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg(decoder): cache}
         )
         return out.last_hidden_state[:, -1], cache_of(out), mask, pos
-
-    @staticmethod
-    def _guide(logits: torch.Tensor, cfg_scale: float | None) -> torch.Tensor:
-        """Rows ``[c; u]`` (``2B``) -> guided ``u + s (c - u)`` (``B``); unchanged without guidance."""
-        if cfg_scale is None:
-            return logits
-        cond, uncond = logits.chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
-
-    @staticmethod
-    def _twice(x: torch.Tensor, cfg_scale: float | None) -> torch.Tensor:
-        """The next inputs of ``B`` rows, repeated for the unprompted half under guidance."""
-        return x if cfg_scale is None else torch.cat([x, x])
-
-    @staticmethod
-    def _median_stop(logits: torch.Tensor, eos: int, survival: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Update ``survival`` (P(speech goes on)) with this step's end hazard; force/forbid the end.
-
-        Returns the masked ``logits`` (end forced where survival fell below 1/2, forbidden elsewhere)
-        and the new survival.
-        """
-        survival = survival * (1 - logits.float().softmax(-1)[:, eos])
-        stop = (survival < 0.5).unsqueeze(1)
-        is_eos = torch.zeros_like(logits, dtype=torch.bool)
-        is_eos[:, eos] = True
-        return logits.masked_fill(stop ^ is_eos, float("-inf")), survival
-
-    def _decode_one_level(
-        self, batch, max_frames: int, min_frames: int, pick, median: bool = False, cfg_scale: float | None = None
-    ) -> list[torch.Tensor]:
-        dev, k = self.device, self.codebook_size
-        n_dur = len(self.answer_vocab) - k - 1
-        weight = self.lm.get_output_embeddings().weight[self.answer_vocab]  # [A, H]
-        h, cache, mask, pos = self._prefill(batch)
-        b = h.shape[0] // (1 if cfg_scale is None else 2)
-        survival = torch.ones(b, device=dev)
-        frames = torch.zeros(b, dtype=torch.long, device=dev)
-        pending = torch.zeros(b, dtype=torch.long, device=dev)  # run length set by a duration token
-        done = torch.full((b,), max_frames == 0, device=dev)
-        out = torch.zeros(b, max_frames, dtype=torch.long, device=dev)
-        durations = torch.arange(2, n_dur + 2, device=dev)
-        cols = torch.arange(max_frames, device=dev)
-        for _ in range(2 * max_frames + 1):  # a sound adds >= 1 frame; a duration needs a sound next
-            if bool(done.all()):
-                break
-            logits = self._guide(self._lm_logits(h, weight).float(), cfg_scale)  # [B, A]
-            remaining = (max_frames - frames).unsqueeze(1)
-            ban = torch.zeros_like(logits, dtype=torch.bool)
-            ban[:, k : k + n_dur] = (durations.unsqueeze(0) > remaining) | (pending > 0).unsqueeze(1)
-            ban[:, -1] = (pending > 0) | (frames < min_frames)
-            logits = logits.masked_fill(ban, float("-inf"))
-            if median:  # the end hazard is read only where the end is allowed (after a sound)
-                free = ~ban[:, -1]
-                stopped, new_survival = self._median_stop(logits, logits.shape[1] - 1, survival)
-                logits = torch.where(free.unsqueeze(1), stopped, logits)
-                survival = torch.where(free & ~done, new_survival, survival)
-            choice = pick(logits)
-            is_sound = (choice < k) & ~done
-            run = torch.where(pending > 0, pending, torch.ones_like(pending))
-            write = (
-                is_sound.unsqueeze(1) & (cols >= frames.unsqueeze(1)) & (cols < (frames + run).unsqueeze(1))
-            )
-            out = torch.where(write, choice.unsqueeze(1), out)
-            frames = frames + torch.where(is_sound, run, 0)
-            is_dur = (choice >= k) & (choice < k + n_dur) & ~done
-            pending = torch.where(is_dur, choice - k + 2, torch.where(is_sound, 0, pending))
-            done = done | (choice == k + n_dur) | (frames >= max_frames)
-            h, cache, mask, pos = self._advance(
-                self._twice(self.lm.get_input_embeddings()(self.answer_vocab[choice]).unsqueeze(1), cfg_scale),
-                cache, mask, pos,
-            )
-        return [out[i, : int(frames[i])].unsqueeze(0).cpu() for i in range(b)]
-
-    def _decode_all_levels(
-        self, batch, max_frames: int, min_frames: int, pick, median: bool = False, cfg_scale: float | None = None,
-        lengths: torch.Tensor | None = None,
-    ) -> list[torch.Tensor]:
-        dev, k, q_n = self.device, self.codebook_size, self.num_levels
-        eos, pad = k, k + 1
-        shift = (
-            torch.arange(q_n, device=dev) if self.delay else torch.zeros(q_n, dtype=torch.long, device=dev)
-        )
-        target = None  # [B] frames each row ends at, when fixed in advance
-        if self.length_conditioning:
-            h, cache, mask, pos = self._prefill_prompt(batch)
-            b = h.shape[0] // (1 if cfg_scale is None else 2)
-            if lengths is None:
-                lengths = self._log_length(h[:b], mask[:b]).exp().round().long()
-            target = lengths.to(dev).clamp(min_frames, max_frames)
-            first = torch.full((h.shape[0], q_n), pad, dtype=torch.long, device=dev)
-            embeds = self._embed_answer(first[..., None])  # [B', 1, H]: begin of speech
-            steps = torch.zeros(h.shape[0], 1, dtype=torch.long, device=dev)
-            h, cache, mask, pos = self._advance(embeds + self._condition(steps, self._twice(target, cfg_scale), batch),
-                                                cache, mask, pos)
-        else:
-            h, cache, mask, pos = self._prefill(batch)
-            b = h.shape[0] // (1 if cfg_scale is None else 2)
-            if lengths is not None:
-                target = lengths.to(dev).clamp(min_frames, max_frames)
-        length = torch.full((b,), -1, dtype=torch.long, device=dev)  # T per row, -1 until head 0 ends
-        out = torch.zeros(b, q_n, max_frames, dtype=torch.long, device=dev)
-        survival = torch.ones(b, device=dev)  # P(speech has not ended yet) under head 0's EOS hazard
-        for s in range(max_frames + 1 + int(shift[-1])):
-            frame = s - shift  # [Q] frame index each level is at
-            logits = self._guide(torch.stack([head(h) for head in self.heads], 1).float(), cfg_scale)  # [B, Q, K+1]
-            # Head 0 ends the utterance (forced at max_frames); the others may not end on their own.
-            logits[:, 1:, eos] = float("-inf")
-            if target is not None:
-                if frame[0] >= 0:  # end exactly at the row's target: forbidden before, forced there
-                    end = (frame[0] >= target)[:, None]
-                    is_eos = torch.arange(k + 1, device=dev)[None] == eos
-                    logits[:, 0] = logits[:, 0].masked_fill(end ^ is_eos, float("-inf"))
-            elif frame[0] >= 0 and frame[0] >= max_frames:
-                logits[:, 0, :eos] = float("-inf")
-            elif frame[0] < min_frames:
-                logits[:, 0, eos] = float("-inf")
-            elif median and frame[0] >= 0:
-                logits[:, 0], survival = self._median_stop(logits[:, 0], eos, survival)
-            choice = pick(logits.flatten(0, 1)).view(b, q_n)
-            if frame[0] >= 0:
-                length = torch.where((length < 0) & (choice[:, 0] == eos), int(frame[0]), length)
-            known = (length >= 0).unsqueeze(1)
-            f = frame.unsqueeze(0).expand(b, q_n)
-            choice = torch.where(known & (f == length.unsqueeze(1)), eos, choice)
-            choice = torch.where((f < 0) | (known & (f > length.unsqueeze(1))), pad, choice)
-            for q in range(q_n):  # every row is at the same frame of level q
-                fq = int(frame[q])
-                if 0 <= fq < max_frames:
-                    out[:, q, fq] = torch.where(choice[:, q] < k, choice[:, q], out[:, q, fq])
-            if bool(((length >= 0) & (s >= length + shift[-1])).all()):
-                break
-            embeds = self._twice(self._embed_answer(choice[..., None]), cfg_scale)
-            if self.length_conditioning:  # the next input is answer step s + 1
-                steps = torch.full((embeds.shape[0], 1), s + 1, dtype=torch.long, device=dev)
-                embeds = embeds + self._condition(steps, self._twice(target, cfg_scale), batch)
-            h, cache, mask, pos = self._advance(embeds, cache, mask, pos)
-        return [out[i, :, : int(length[i])].cpu() for i in range(b)]
 
     # ----------------------------------------------------------------------------------- persistence
     def config_dict(self) -> dict[str, Any]:

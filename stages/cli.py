@@ -8,6 +8,9 @@
 The saved ``config.yaml`` in the log directory is overwritten on a re-run into the same directory
 rather than raising, because resuming a killed run into its own folder is the normal case here.
 
+``speechless-promote`` (:func:`promote_main`) validates a finished run's checkpoint and promotes it
+with the run's own ``Promote`` callback.
+
 ``--promote.force_gates true`` promotes despite failed gates and ``--promote.force true`` replaces a
 better ``current`` (both set the config's ``stages.promote.Promote`` callback for this command, without
 editing its YAML). Outside ``fit`` (``validate``, ``test``, ``predict``) the config's
@@ -18,28 +21,35 @@ nothing there, and restoring it into another folder (``--trainer.logger false`` 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
+import tempfile
+from pathlib import Path
 
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from stages.artifacts import GateError
 from stages.averaging import CheckpointAveraging, checkpoint_candidates, save_final_checkpoint
-from stages.promote import GATE_EXIT, Promote
-from stages.promotion import GateError
+from stages.promote import Promote
 from stages.resume import ExactResume, resume_version
 from stages.safety import checkpoint_weights_only
 from stages.skips import skip_tally, with_skip_tally
 
-__all__ = ["SpeechlessCLI", "main", "without_checkpoint_restore"]
+__all__ = ["GATE_EXIT", "SpeechlessCLI", "main", "promote_main", "without_checkpoint_restore"]
+
+GATE_EXIT = 4  # exit status of a command whose promotion gates failed
 
 DESCRIPTION = (
     "speechless: train speech-capable Gemma 4 models for low-resource languages "
     "(stage 1 RVQ, stage 2 text-to-semantic-tokens, stage 3 LoRA). "
     "Usage: lightning fit|validate|test|predict --config configs/<stage>.yaml"
 )
+PROMOTE_DESCRIPTION = "Validate a finished run's checkpoint and promote it with the run's Promote callback."
 
 
 class FitConfigSaver(SaveConfigCallback):
@@ -208,4 +218,74 @@ def main(args: list[str] | None = None) -> int:
 
         return init_main(argv[1:])
     SpeechlessCLI(args=args)
+    return 0
+
+
+# Keys a subcommand adds to the config it saves (``fit`` saves ``ckpt_path`` and ``weights_only``);
+# they are arguments of that subcommand, not of the model, data or trainer. ``promote`` holds the
+# one-command overrides (``--promote.force_gates``): a fit that forced its gates does not make a later
+# ``speechless-promote`` over its saved config force them too.
+SUBCOMMAND_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predictions", "promote")
+
+
+def run_config(path: str, tmp: str) -> str:
+    """The run's saved ``config.yaml`` without its subcommand's own keys, as a file under ``tmp``."""
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    if not any(key in config for key in SUBCOMMAND_KEYS):
+        return path
+    for key in SUBCOMMAND_KEYS:
+        config.pop(key, None)
+    out = Path(tmp) / "config.yaml"
+    out.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(out)
+
+
+def promote_main(argv: list[str] | None = None) -> int:
+    """``speechless-promote``: validate a finished run's checkpoint and promote it.
+
+    ``speechless-promote --config lightning_logs/version_0/config.yaml --ckpt_path
+    lightning_logs/version_0/checkpoints/averaged.ckpt [--force] [--force-gates]``: ``--force``
+    replaces a better ``current``; ``--force-gates`` promotes despite failed gates. They are separate
+    choices: a forced-gates version that is worse than ``current`` is kept beside it. Other arguments
+    go to the run's CLI (``--trainer.logger false``). Returns 0, 2 (the config has no ``Promote``
+    callback) or :data:`GATE_EXIT`.
+    """
+    parser = argparse.ArgumentParser(prog="speechless-promote", description=PROMOTE_DESCRIPTION)
+    parser.add_argument("--config", required=True, help="the run's config.yaml (in its log directory)")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint to promote (e.g. .../checkpoints/averaged.ckpt)")
+    parser.add_argument("--select", default=None, help="label recorded in provenance (default: from the file name)")
+    parser.add_argument("--force", action="store_true", help="replace a better current artifact")
+    parser.add_argument("--force-gates", action="store_true",
+                        help="promote even though gates failed (said on stderr, recorded in provenance and model card)")
+    parser.add_argument("--artifacts_dir", default=None)
+    args, rest = parser.parse_known_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = SpeechlessCLI(args=["--config", run_config(args.config, tmp), *rest], run=False)
+    without_checkpoint_restore(cli.trainer)  # this command validates a checkpoint; it never saves one
+    promoter = next((cb for cb in cli.trainer.callbacks if isinstance(cb, Promote)), None)
+    if promoter is None:
+        print("speechless-promote: the config has no stages.promote.Promote callback (stage and gates)", file=sys.stderr)
+        return 2
+    promoter.force = promoter.force or args.force
+    promoter.force_gates = promoter.force_gates or args.force_gates
+    if args.artifacts_dir:
+        promoter.artifacts_dir = args.artifacts_dir
+    # The fit's train skips ride in its checkpoints; validating here counts the val ones anew.
+    tally = skip_tally(cli.trainer)
+    if tally is not None and not tally.load_checkpoint(args.ckpt_path):
+        print(f"speechless-promote: {args.ckpt_path} holds no skip counts of its fit", file=sys.stderr)
+    metrics = cli.trainer.validate(
+        cli.model, datamodule=cli.datamodule, ckpt_path=args.ckpt_path, verbose=False,
+        weights_only=checkpoint_weights_only(args.ckpt_path, None),  # a URL is never unpickled
+    )[0]  # fmt: skip
+    selected = args.select or Path(args.ckpt_path).stem
+    try:
+        promoter.promote_module(
+            trainer=cli.trainer, model=cli.model, datamodule=cli.datamodule, config=cli.config,
+            metrics=metrics, selected=selected, checkpoint=os.path.abspath(args.ckpt_path),
+        )
+    except GateError as exc:
+        print(str(exc), file=sys.stderr)
+        return GATE_EXIT
+    print(json.dumps({"artifact": str(promoter.result.path), "current": promoter.result.became_current}))
     return 0

@@ -45,7 +45,7 @@ import numpy as np
 
 from datamodules.audio import load_audio, resample
 from datamodules.pipeline import read_recordings
-from stages.tasks import check_eval_task, normalizer, score
+from stages.tasks import check_eval_task, score
 
 __all__ = ["load_inputs", "main", "references"]
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from datamodules.audio import split_at_silence
     from models.spoken_llm import SpokenLLM
-    from stages.promotion import load_artifact, resolve_artifact
+    from stages.artifacts import load_artifact, resolve_artifact
     from stages.safety import inside_artifact
     from stages.stage3 import attach_stage1
 

@@ -489,7 +489,7 @@ def chance_wer(texts: list[str], language: str = "en") -> float:
     knows the corpus's sentences but not which one was said scores (0.9 for ten one-word digits)."""
     from torchmetrics.text import WordErrorRate
 
-    from stages.stage2 import normalize_transcript
+    from stages.metrics import normalize_transcript
 
     norm = [normalize_transcript(t, language) for t in texts]
     return float(WordErrorRate()([h for h in norm for _ in norm], [r for _ in norm for r in norm]))

@@ -1,48 +1,31 @@
-"""Promotion as a step of ``fit`` (the :class:`Promote` callback) and as a command over a finished run.
+"""Promotion as a step of ``fit``: the :class:`Promote` callback, which ``speechless-promote``
+(:func:`stages.cli.promote_main`) also drives over a finished run.
 
 After ``fit``, the CLI validates the best, final and averaged checkpoints, then the ``Promote``
 callback (when configured) picks one by config, checks its gates and writes the artifact
-(:mod:`stages.promotion`). Only rank 0 writes; the other ranks wait at a barrier and all ranks
+(:mod:`stages.artifacts`). Only rank 0 writes; the other ranks wait at a barrier and all ranks
 leave with the same outcome, so nobody hangs. A gate failure ends the command with exit status 4,
 unless the gates are overridden on purpose (``force_gates``: ``lightning fit ... --promote.force_gates
 true``, ``speechless-promote ... --force-gates``, or ``force_gates: true`` in the callback's YAML): the
 artifact is then written, the failed gates are printed on stderr, and they are recorded (metric, value,
-bounds) in its ``provenance.json`` and at the top of its model card (:func:`stages.promotion.promote`).
+bounds) in its ``provenance.json`` and at the top of its model card (:func:`stages.artifacts.promote`).
 The run's skipped samples (:mod:`stages.skips`) are gated like any metric (``skipped/train/fraction``
 joins the validation metrics) and recorded in ``provenance["data"]["skipped"]``; over a finished run
 the train counts come from the checkpoint's ``SkipTally`` state, the val counts from validating it.
-
-Over a finished run::
-
-    speechless-promote --config lightning_logs/version_0/config.yaml \
-        --ckpt_path lightning_logs/version_0/checkpoints/averaged.ckpt [--force] [--force-gates]
-
-``--force`` replaces a better ``current``; ``--force-gates`` promotes despite failed gates. They are
-separate choices: a forced-gates version that is worse than ``current`` is kept beside it.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import os
-import sys
-import tempfile
 import traceback
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from stages.promotion import GateError, PromotionResult, code_version, promote
-from stages.safety import checkpoint_weights_only
+from stages.artifacts import GateError, PromotionResult, code_version, promote
 from stages.skips import explain_skips, skip_tally
 
-__all__ = ["Promote", "main", "plain", "provenance_for"]
-
-GATE_EXIT = 4
+__all__ = ["Promote", "plain", "provenance_for"]
 
 
 def plain(value: Any) -> Any:
@@ -174,73 +157,3 @@ class Promote(Callback):
                 raise GateError(message)
             raise RuntimeError(f"promotion failed on rank 0: {message}")
         return self.result
-
-
-# Keys a subcommand adds to the config it saves (``fit`` saves ``ckpt_path`` and ``weights_only``);
-# they are arguments of that subcommand, not of the model, data or trainer. ``promote`` holds the
-# one-command overrides (``--promote.force_gates``): a fit that forced its gates does not make a later
-# ``speechless-promote`` over its saved config force them too.
-SUBCOMMAND_KEYS = ("ckpt_path", "weights_only", "verbose", "return_predictions", "promote")
-
-
-def run_config(path: str, tmp: str) -> str:
-    """The run's saved ``config.yaml`` without its subcommand's own keys, as a file under ``tmp``."""
-    config = yaml.safe_load(Path(path).read_text()) or {}
-    if not any(key in config for key in SUBCOMMAND_KEYS):
-        return path
-    for key in SUBCOMMAND_KEYS:
-        config.pop(key, None)
-    out = Path(tmp) / "config.yaml"
-    out.write_text(yaml.safe_dump(config, sort_keys=False))
-    return str(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``speechless-promote``: validate a finished run's checkpoint and promote it."""
-    from stages.cli import SpeechlessCLI
-
-    parser = argparse.ArgumentParser(prog="speechless-promote", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="the run's config.yaml (in its log directory)")
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint to promote (e.g. .../checkpoints/averaged.ckpt)")
-    parser.add_argument("--select", default=None, help="label recorded in provenance (default: from the file name)")
-    parser.add_argument("--force", action="store_true", help="replace a better current artifact")
-    parser.add_argument("--force-gates", action="store_true",
-                        help="promote even though gates failed (said on stderr, recorded in provenance and model card)")
-    parser.add_argument("--artifacts_dir", default=None)
-    args, rest = parser.parse_known_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        cli = SpeechlessCLI(args=["--config", run_config(args.config, tmp), *rest], run=False)
-    from stages.cli import without_checkpoint_restore
-
-    without_checkpoint_restore(cli.trainer)  # this command validates a checkpoint; it never saves one
-    promoter = next((cb for cb in cli.trainer.callbacks if isinstance(cb, Promote)), None)
-    if promoter is None:
-        print("speechless-promote: the config has no stages.promote.Promote callback (stage and gates)", file=sys.stderr)
-        return 2
-    promoter.force = promoter.force or args.force
-    promoter.force_gates = promoter.force_gates or args.force_gates
-    if args.artifacts_dir:
-        promoter.artifacts_dir = args.artifacts_dir
-    # The fit's train skips ride in its checkpoints; validating here counts the val ones anew.
-    tally = skip_tally(cli.trainer)
-    if tally is not None and not tally.load_checkpoint(args.ckpt_path):
-        print(f"speechless-promote: {args.ckpt_path} holds no skip counts of its fit", file=sys.stderr)
-    metrics = cli.trainer.validate(
-        cli.model, datamodule=cli.datamodule, ckpt_path=args.ckpt_path, verbose=False,
-        weights_only=checkpoint_weights_only(args.ckpt_path, None),  # a URL is never unpickled
-    )[0]  # fmt: skip
-    selected = args.select or Path(args.ckpt_path).stem
-    try:
-        promoter.promote_module(
-            trainer=cli.trainer, model=cli.model, datamodule=cli.datamodule, config=cli.config,
-            metrics=metrics, selected=selected, checkpoint=os.path.abspath(args.ckpt_path),
-        )
-    except GateError as exc:
-        print(str(exc), file=sys.stderr)
-        return GATE_EXIT
-    print(json.dumps({"artifact": str(promoter.result.path), "current": promoter.result.became_current}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,12 +13,14 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
 from models.encoders import FrozenEncoder
 from models.rvq import ResidualVQ
+from stages.artifacts import ArtifactModule, load_artifact, parent_record
 from stages.metrics import CodebookUsage
-from stages.promotion import ArtifactModule, load_artifact
+from stages.optim import configure, default_optimizer, fit_steps
 
 __all__ = ["RVQStage"]
 
@@ -49,6 +51,9 @@ class RVQStage(LightningModule):
         w_cos: weight of ``1 - cosine`` between reconstruction and input, per frame.
         lr: AdamW learning rate for gradient-learnt parts (codebooks when ``learnable="grad"``).
         weight_decay: AdamW weight decay.
+        optimizer: trainable parameters -> optimiser (``class_path``/``init_args`` in the YAML); unset:
+            AdamW with ``lr`` and ``weight_decay`` (:mod:`stages.optim`), which it replaces.
+        lr_scheduler: optimiser -> scheduler, stepped every optimiser step; unset: a constant rate.
     """
 
     def __init__(
@@ -62,6 +67,8 @@ class RVQStage(LightningModule):
         w_cos: float = 0.5,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         self._artifact_config: dict[str, Any] | None = None
@@ -74,6 +81,7 @@ class RVQStage(LightningModule):
         self.predict_output = predict_output
         self.w_mse, self.w_cos = w_mse, w_cos
         self.lr, self.weight_decay = lr, weight_decay
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         if encoder is not None and encoder.dim != quantizer.dim:
             raise ValueError(
                 f"encoder {encoder.describe()} gives {encoder.dim}-dim states but the quantizer expects "
@@ -93,7 +101,7 @@ class RVQStage(LightningModule):
     def _from_artifact(self, path: str, quantizer: ResidualVQ | None, encoder: FrozenEncoder | None) -> ResidualVQ:
         loaded = load_artifact(path, names=["quantizer"], expect={"quantizer": ResidualVQ})
         self._artifact_config = loaded["config"]
-        self._artifact_path = str(loaded["path"])
+        self._parent = parent_record(loaded)
         built: ResidualVQ = loaded["modules"]["quantizer"]
         info = loaded["config"].get("info", {})
         if quantizer is not None:
@@ -131,9 +139,7 @@ class RVQStage(LightningModule):
         }
 
     def parent_artifacts(self) -> list[dict[str, Any]]:
-        if self._artifact_config is None:
-            return []
-        return [{"path": self._artifact_path, "sha256": self._artifact_config.get("sha256", "")}]
+        return [] if self._artifact_config is None else [self._parent]
 
     # ---- inputs -------------------------------------------------------------------------------
     def states(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +272,8 @@ class RVQStage(LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = self.optimizer or default_optimizer(lr=self.lr, weight_decay=self.weight_decay)
+        return configure(params, optimizer=optimizer, lr_scheduler=self.lr_scheduler, total_steps=lambda: fit_steps(self.trainer))
 
 
 def check_encoder_matches(expected: dict[str, Any], actual: dict[str, Any], *, where: str) -> None:

@@ -8,13 +8,12 @@ data set, which stage 3 trains on. The model itself is :class:`models.speech_lm.
 
 from __future__ import annotations
 
-import functools
-import math
+from functools import partial
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
@@ -23,18 +22,11 @@ from datamodules.speech import SpeechDataModule
 from models import distributed as dist_utils
 from models.rvq import ResidualVQ
 from models.speech_lm import SpeechLM
-from stages.promotion import ArtifactModule, load_artifact
+from stages.artifacts import ArtifactModule, load_artifact, parent_record
+from stages.metrics import WordMatchItems, aligned_cosine, normalize_transcript, word_match
+from stages.optim import WarmupCosine, configure, default_optimizer, fit_steps
 
-__all__ = [
-    "SpeechlessStage",
-    "WordMatchItems",
-    "aligned_cosine",
-    "asr_source",
-    "dtw_cosine",
-    "normalize_transcript",
-    "own_text",
-    "word_match",
-]
+__all__ = ["SpeechlessStage", "asr_source", "own_text"]
 
 
 def own_text(sample: dict[str, Any]) -> dict[str, Any]:
@@ -58,20 +50,6 @@ def own_text(sample: dict[str, Any]) -> dict[str, Any]:
         where = f"segment {meta.get('segment', '?')} of {meta.get('parent', '?')}"
         raise SampleError("piece_without_text", f"{where}: only the whole recording has a transcript")
     raise SampleError("no_text", "no transcript to condition on")
-
-
-@functools.lru_cache(maxsize=2)
-def _normalizer(english: bool):
-    from whisper_normalizer.basic import BasicTextNormalizer
-    from whisper_normalizer.english import EnglishTextNormalizer
-
-    return EnglishTextNormalizer() if english else BasicTextNormalizer()
-
-
-def normalize_transcript(text: str, language: str | None) -> str:
-    """Whisper's ``EnglishTextNormalizer`` for English (``en``, ``en-US``, ``eng``), else its basic one."""
-    lang = str(language or "").lower().replace("_", "-").split("-")[0]
-    return _normalizer(lang in ("en", "eng", "english"))(text).strip()
 
 
 def asr_source(asr_decoder: str | None, encoder: dict[str, Any] | None, *, where: str) -> str | None:
@@ -104,178 +82,6 @@ def asr_source(asr_decoder: str | None, encoder: dict[str, Any] | None, *, where
     return asr_decoder
 
 
-def aligned_cosine(gen: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Mean per-frame cosine after linearly interpolating ``gen [T_g, D]`` to ``real [T_r, D]``'s length.
-
-    An empty generation scores 0 (no speech is as far from the target as orthogonal speech).
-    """
-    if gen.shape[0] == 0 or real.shape[0] == 0:
-        return real.new_zeros(())
-    if gen.shape[0] != real.shape[0]:
-        gen = F.interpolate(gen.T[None].float(), size=real.shape[0], mode="linear", align_corners=True)[0].T
-    return F.cosine_similarity(gen.float(), real.float(), dim=-1).mean()
-
-
-def dtw_cosine(gens: list[torch.Tensor], reals: list[torch.Tensor], *, max_cells: int = 1 << 25) -> torch.Tensor:
-    """Mean cosine along the best monotonic alignment (dynamic time warping) of each pair.
-
-    ``gens[i] [T_i, D]`` is aligned with ``reals[i] [U_i, D]`` by DTW over the cost ``1 - cosine``
-    (steps: both, gen only, real only); the score is the mean cosine over the path's cells. Unlike a
-    linear stretch, DTW lets a syllable be early or late without blurring it. A pair with an empty
-    side scores 0.
-
-    Pairs are sorted by size and run in chunks of at most ``max_cells`` cost-matrix cells; within a
-    chunk the recursion runs over anti-diagonals (``T + U`` vectorised steps, not ``T x U``).
-
-    Returns:
-        ``[N]`` float scores in ``[-1, 1]``.
-    """
-    n = len(gens)
-    if n != len(reals):
-        raise ValueError(f"{n} generations but {len(reals)} real utterances")
-    out = torch.zeros(n)
-    live = [i for i in range(n) if gens[i].shape[0] > 0 and reals[i].shape[0] > 0]
-    live.sort(key=lambda i: (gens[i].shape[0], reals[i].shape[0]))
-    start = 0
-    while start < len(live):
-        stop = start + 1  # grow the chunk while its padded cost matrices fit the budget
-        t, u = gens[live[start]].shape[0], reals[live[start]].shape[0]
-        while stop < len(live):
-            t2, u2 = max(t, gens[live[stop]].shape[0]), max(u, reals[live[stop]].shape[0])
-            if (stop + 1 - start) * t2 * u2 > max_cells:
-                break
-            t, u, stop = t2, u2, stop + 1
-        idx = live[start:stop]
-        out[idx] = _dtw_chunk([gens[i] for i in idx], [reals[i] for i in idx])
-        start = stop
-    return out
-
-
-def _dtw_chunk(gens: list[torch.Tensor], reals: list[torch.Tensor]) -> torch.Tensor:
-    """:func:`dtw_cosine` of non-empty pairs, padded to one ``[N, T, U]`` cost tensor."""
-    n = len(gens)
-    tg = torch.tensor([g.shape[0] for g in gens])
-    tr = torch.tensor([r.shape[0] for r in reals])
-    g = torch.nn.utils.rnn.pad_sequence([F.normalize(x.float(), dim=-1) for x in gens], batch_first=True)
-    r = torch.nn.utils.rnn.pad_sequence([F.normalize(x.float(), dim=-1) for x in reals], batch_first=True)
-    cost = 1 - g @ r.transpose(1, 2)  # [N, T, U]
-    t_max, u_max = cost.shape[1:]
-    big = torch.finfo(cost.dtype).max / 4
-    # Anti-diagonal d holds cells (i, d - i), i = 0..T (1-based DP indices; row/column 0 is the border).
-    i = torch.arange(t_max + 1)
-    prev2_cost = torch.full((n, t_max + 1), big)  # diagonal d - 2: accumulated cost
-    prev2_len = torch.zeros(n, t_max + 1)  # and the length of that best path
-    prev2_cost[:, 0] = 0.0  # d = 0: only the origin (0, 0)
-    prev1_cost, prev1_len = torch.full((n, t_max + 1), big), torch.zeros(n, t_max + 1)  # d = 1: border only
-    total, steps = torch.zeros(n), torch.ones(n)
-    rows = torch.arange(n)
-
-    def shifted(x: torch.Tensor, fill: float) -> torch.Tensor:  # x[:, i - 1], with ``fill`` at i = 0
-        return torch.cat([x.new_full((n, 1), fill), x[:, :-1]], 1)
-
-    for d in range(2, t_max + u_max + 1):
-        j = d - i
-        ok = (i >= 1) & (j >= 1) & (j <= u_max)
-        c = cost[:, (i - 1).clamp(0, t_max - 1), (j - 1).clamp(0, u_max - 1)]  # [N, T + 1]
-        cand = torch.stack([shifted(prev2_cost, big), shifted(prev1_cost, big), prev1_cost], 2)
-        lens = torch.stack([shifted(prev2_len, 0.0), shifted(prev1_len, 0.0), prev1_len], 2)
-        best, arg = cand.min(2)
-        new_cost = torch.where(ok, best + c, big)
-        new_len = torch.where(ok, lens.gather(2, arg[..., None])[..., 0] + 1, 0.0)
-        end = (tg + tr) == d  # pairs whose last cell (T_n, U_n) lies on this diagonal
-        total = torch.where(end, new_cost[rows, tg], total)
-        steps = torch.where(end, new_len[rows, tg], steps)
-        prev2_cost, prev2_len, prev1_cost, prev1_len = prev1_cost, prev1_len, new_cost, new_len
-    return 1 - total / steps.clamp(min=1)
-
-
-def word_match(
-    items: list[tuple[str, torch.Tensor, torch.Tensor]], *, align: Literal["dtw", "linear"] = "dtw"
-) -> tuple[float, int]:
-    """Fraction of texts whose generated states are closest to their own real states.
-
-    Args:
-        items: ``(text, generated states [T_g, D], real states [T_r, D])`` per utterance.
-        align: ``"dtw"`` (default, :func:`dtw_cosine`) or ``"linear"`` (:func:`aligned_cosine`)
-            length alignment of a generated and a real utterance.
-
-    Returns:
-        ``(fraction of texts matched, number of texts)``; a text matches when the mean cosine of
-        its generations to the real utterances of the same text is higher than to the real
-        utterances of every other text. Cosines are taken around the mean real state of ``items``.
-        Identical generations of a text (greedy decoding) are scored once. Chance is
-        ``1 / number of texts``.
-    """
-    if not items:
-        return float("nan"), 0
-    # Encoder states share a large common component (every raw cosine is ~0.95), so states are
-    # compared around the mean real state of the evaluated set: cosine of the deviations.
-    center = torch.cat([r for _, _, r in items]).mean(0)
-    gens: dict[str, list[torch.Tensor]] = {}
-    reals: dict[str, list[torch.Tensor]] = {}
-    for text, g, r in items:
-        same = gens.setdefault(text, [])
-        if not any(x.shape == g.shape and torch.equal(x, g) for x in same):
-            same.append(g)
-        reals.setdefault(text, []).append(r - center)
-    gens = {t: [g - center for g in v] for t, v in gens.items()}
-    words = sorted(gens)
-    if len(words) < 2:
-        return float("nan"), len(words)
-    pairs = [(wi, vi, g, r) for wi, w in enumerate(words) for g in gens[w] for vi, v in enumerate(words) for r in reals[v]]
-    if align == "dtw":
-        scores = dtw_cosine([p[2] for p in pairs], [p[3] for p in pairs])
-    else:
-        scores = torch.stack([aligned_cosine(p[2], p[3]) for p in pairs])
-    idx = torch.tensor([[p[0], p[1]] for p in pairs])
-    sums, counts = torch.zeros(len(words), len(words)), torch.zeros(len(words), len(words))
-    sums.index_put_((idx[:, 0], idx[:, 1]), scores.float(), accumulate=True)
-    counts.index_put_((idx[:, 0], idx[:, 1]), torch.ones(len(pairs)), accumulate=True)
-    score = sums / counts.clamp(min=1)
-    own = score.diagonal()
-    others = score.masked_fill(torch.eye(len(words), dtype=torch.bool), float("-inf")).amax(1)
-    return float((own > others).float().mean()), len(words)
-
-
-class WordMatchItems:
-    """The (generated, real) states of at most ``max_texts`` texts, kept for :func:`word_match`.
-
-    Word match costs ``texts x utterances`` DTW alignments, so a real validation set (thousands of
-    distinct sentences) is scored over a fixed subset: the ``max_texts`` smallest texts (string
-    order) of the whole set. Each rank keeps only its own ``max_texts`` smallest texts while the
-    epoch runs (memory stays bounded), and :meth:`gather` exchanges first the text lists, then only
-    the items of the globally chosen texts, so every rank scores the same items and logs the same
-    figure, the one a single process would log.
-    """
-
-    def __init__(self, max_texts: int) -> None:
-        if max_texts < 2:
-            raise ValueError(f"word match needs max_texts >= 2, got {max_texts}")
-        self.max_texts = max_texts
-        self.by_text: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-    def add(self, text: str, generated: torch.Tensor, real: torch.Tensor) -> None:
-        self.by_text.setdefault(text, []).append((generated, real))
-        if len(self.by_text) > self.max_texts:
-            del self.by_text[max(self.by_text)]
-
-    def gather(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """All ranks' items of the ``max_texts`` smallest texts overall (a collective under DDP)."""
-        chosen, local = sorted(self.by_text), self.by_text
-        if dist_utils.is_dist():
-            world = dist_utils.world_size()
-            names: list[list[str]] = [[] for _ in range(world)]
-            torch.distributed.all_gather_object(names, chosen)
-            chosen = sorted({t for part in names for t in part})[: self.max_texts]
-            parts: list[dict] = [{} for _ in range(world)]
-            torch.distributed.all_gather_object(parts, {t: local[t] for t in chosen if t in local})
-            local = {t: [item for part in parts for item in part.get(t, [])] for t in chosen}
-        return [(t, g, r) for t in chosen for g, r in local.get(t, [])]
-
-    def clear(self) -> None:
-        self.by_text = {}
-
-
 
 
 class SpeechlessStage(LightningModule):
@@ -287,7 +93,7 @@ class SpeechlessStage(LightningModule):
     speech encoder is not re-run), the generated states are linearly interpolated to the real length
     and the per-frame cosine is averaged (``val/gen_cosine``); ``val/len_error`` is the mean
     ``|T_gen - T_real|`` in frames; ``{val,test}/word_match`` is the fraction of held-out texts whose
-    generations are closer (DTW-aligned cosine, :func:`word_match`) to their own real utterances
+    generations are closer (DTW-aligned cosine, :func:`stages.metrics.word_match`) to their own real utterances
     than to any other text's (chance = 1 / number of texts; over all ranks, at most
     ``word_match_texts`` texts). Samples without a transcript of their own (pieces of long
     recordings) are skipped in every split and counted by reason (:func:`own_text`).
@@ -316,6 +122,11 @@ class SpeechlessStage(LightningModule):
             it (the length head's error swung between 6 and 120 frames from epoch to epoch on the
             sentence benchmark); a decay lets the end settle.
         min_lr_ratio: the cosine schedule's final rate, as a fraction of ``lr``.
+        optimizer: trainable parameters -> optimiser (``class_path``/``init_args`` in the YAML); unset:
+            AdamW with ``lr`` and ``weight_decay`` (:mod:`stages.optim`), which it replaces.
+        lr_scheduler: optimiser -> scheduler, stepped every optimiser step; unset:
+            :class:`stages.optim.WarmupCosine` with ``warmup_steps``, ``lr_schedule`` and
+            ``min_lr_ratio``, which it replaces.
         gen_max_frames: length guard for generation (frames).
         greedy, temperature, top_k: decoding (Speechless decodes greedily).
         eos_rule: how greedy decoding ends speech (see :meth:`SpeechLM.generate`): ``"median"``
@@ -327,7 +138,7 @@ class SpeechlessStage(LightningModule):
             also learns the unprompted distribution that classifier-free guidance needs.
         cfg_scale: classifier-free guidance at generation (``1`` = off); needs ``text_dropout > 0``.
         word_match_texts: word match is scored over at most this many texts (the smallest in string
-            order, gathered over all ranks; see :class:`WordMatchItems`): its cost grows with texts
+            order, gathered over all ranks; see :class:`stages.metrics.WordMatchItems`): its cost grows with texts
             times utterances.
         gen_batches: generate (for ``gen_cosine``, ``len_error``, ``word_match``) in only the first
             this many validation/test batches of each rank; ``None`` = all. Teacher-forced loss and
@@ -353,7 +164,8 @@ class SpeechlessStage(LightningModule):
     def __init__(
         self, *, lm: SpeechLM | None = None, stage1_artifact: str, artifact: str | None = None,
         lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 0,
-        lr_schedule: Literal["constant", "cosine"] = "constant", min_lr_ratio: float = 0.1, gen_max_frames: int = 250,
+        lr_schedule: Literal["constant", "cosine"] = "constant", min_lr_ratio: float = 0.1,
+        optimizer: OptimizerCallable | None = None, lr_scheduler: LRSchedulerCallable | None = None, gen_max_frames: int = 250,
         greedy: bool = True, temperature: float = 1.0, top_k: int | None = None,
         eos_rule: Literal["argmax", "median"] = "median", text_dropout: float = 0.0, cfg_scale: float = 1.0,
         word_match_texts: int = 64, gen_batches: int | None = None, gen_batch_size: int = 16,
@@ -364,7 +176,7 @@ class SpeechlessStage(LightningModule):
         self._parents: list[dict[str, Any]] = []
         if artifact is not None:
             loaded = load_artifact(artifact, names=["lm"], expect={"lm": SpeechLM})
-            self._parents.append({"path": str(loaded["path"]), "sha256": loaded["config"].get("sha256", "")})
+            self._parents.append(parent_record(loaded))
             lm = loaded["modules"]["lm"]
         if lm is None:
             raise ValueError("stage 2 needs model.init_args.lm or model.init_args.artifact")
@@ -378,7 +190,7 @@ class SpeechlessStage(LightningModule):
                 f"stage-1 artifact {stage1_artifact} has {levels} levels x {size} codes but the SpeechLM "
                 f"has num_levels={lm.num_levels}, codebook_size={lm.codebook_size}: make them agree"
             )
-        self._parents.insert(0, {"path": str(s1["path"]), "sha256": s1["config"].get("sha256", "")})
+        self._parents.insert(0, parent_record(s1))
         self.stage1_info = info
         self.lm = lm
         self.lm.train()  # HF loaders return eval-mode models; Lightning keeps module modes as found
@@ -388,6 +200,7 @@ class SpeechlessStage(LightningModule):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine' and min_lr_ratio in [0, 1], "
                              f"got {lr_schedule!r}, {min_lr_ratio}")
         self.lr_schedule, self.min_lr_ratio = lr_schedule, min_lr_ratio
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         if not 0.0 <= text_dropout < 1.0:
             raise ValueError(f"text_dropout must be in [0, 1), got {text_dropout}")
         if cfg_scale != 1.0 and text_dropout == 0.0 and artifact is None:
@@ -633,31 +446,8 @@ class SpeechlessStage(LightningModule):
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         params = [p for p in self.lm.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        warm = max(self.warmup_steps, 1)
-        total = self._total_steps() if self.lr_schedule == "cosine" else None
-        floor = self.min_lr_ratio
-
-        def factor(step: int) -> float:
-            if step + 1 < warm or total is None:
-                return min(1.0, (step + 1) / warm)
-            done = min(1.0, (step + 1 - warm) / max(1, total - warm))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def _total_steps(self) -> int:
-        """Optimiser steps of the whole fit, for the cosine schedule."""
-        trainer = self.trainer
-        if trainer.max_steps and trainer.max_steps > 0:
-            return int(trainer.max_steps)
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "batches_per_epoch") and trainer.max_epochs:
-            datamodule.setup("fit")
-            per_epoch = datamodule.batches_per_epoch("train")
-            return max(1, per_epoch * int(trainer.max_epochs) // max(1, trainer.accumulate_grad_batches))
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("lr_schedule='cosine' needs trainer.max_steps (or a datamodule that counts its batches)")
-        return int(total)
+        optimizer = self.optimizer or default_optimizer(lr=self.lr, weight_decay=self.weight_decay)
+        lr_scheduler = self.lr_scheduler or partial(
+            WarmupCosine, warmup_steps=self.warmup_steps, decay=self.lr_schedule, min_lr_ratio=self.min_lr_ratio
+        )
+        return configure(params, optimizer=optimizer, lr_scheduler=lr_scheduler, total_steps=lambda: fit_steps(self.trainer))

@@ -29,7 +29,6 @@ the projector when there is one); the promoted artifact holds the PEFT adapter (
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from functools import partial
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
@@ -46,14 +46,12 @@ from models.chat_format import IGNORE_INDEX, collate_padded
 from models.encoders import FrozenEncoder
 from models.rvq import ResidualVQ
 from models.spoken_llm import SpokenLLM
-from stages.promotion import ArtifactModule, load_artifact
+from stages.artifacts import ArtifactModule, load_artifact, parent_record
+from stages.optim import WarmupCosine, configure, default_optimizer
 from stages.stage1 import check_encoder_matches
 from stages.tasks import check_eval_task, eval_reference, exact_match, normalizer
 
-__all__ = [
-    "SpokenInstructionStage", "attach_stage1", "check_eval_task", "collate_instructions",
-    "eval_reference", "exact_match",
-]
+__all__ = ["SpokenInstructionStage", "attach_stage1", "collate_instructions"]
 
 
 def audio_normalization(stage1_config: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +149,10 @@ class SpokenInstructionStage(LightningModule):
         lr: AdamW peak learning rate of the LoRA weights.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps, then cosine decay to 10 % over the run.
+        optimizer: Trainable parameters -> optimiser (``class_path``/``init_args`` in the YAML); unset:
+            AdamW with ``lr`` and ``weight_decay`` (:mod:`stages.optim`), which it replaces.
+        lr_scheduler: Optimiser -> scheduler, stepped every optimiser step; unset:
+            :class:`stages.optim.WarmupCosine` with ``warmup_steps`` (``count_this_step=False``), which it replaces.
         eval_audio_shards: Audio shards of real speech (held-out speakers) scored at each validation end.
             Recordings that preparation cut into pieces are joined and heard whole, scored against the
             whole transcript (``datamodules.pipeline.read_recordings``); one with pieces missing is left out.
@@ -185,6 +187,8 @@ class SpokenInstructionStage(LightningModule):
         stage1_artifact: str | None = None,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
         warmup_steps: int = 0,
         eval_audio_shards: str | None = None,
         eval_task: str = "repeat",
@@ -199,6 +203,7 @@ class SpokenInstructionStage(LightningModule):
         super().__init__()
         self.llm = llm
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.eval_audio_shards, self.eval_instruction_text = eval_audio_shards, eval_instruction_text
         if eval_closed_task is not None:
             warnings.warn("SpokenInstructionStage: eval_closed_task is deprecated, it is now eval_task "
@@ -224,7 +229,7 @@ class SpokenInstructionStage(LightningModule):
         # validation needs it (speechless-infer loads it from the artifact the stage-3 one records).
         encoder = self.llm.hears_through_encoder and bool(self.eval_audio_shards)
         loaded = attach_stage1(self.llm, path, encoder=encoder)
-        self._parents = [{"path": str(loaded["path"]), "sha256": loaded["config"].get("sha256", "")}]
+        self._parents = [parent_record(loaded)]
         self._stage1_encoder = (loaded["config"].get("info") or {}).get("encoder")
 
     # ---- data binding ------------------------------------------------------------------------
@@ -377,17 +382,13 @@ class SpokenInstructionStage(LightningModule):
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
         params = [p for p in self.llm.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
-
-        def schedule(step: int) -> float:
-            if step < self.warmup_steps:
-                return (step + 1) / self.warmup_steps
-            progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        optimizer = self.optimizer or default_optimizer(lr=self.lr, weight_decay=self.weight_decay)
+        lr_scheduler = self.lr_scheduler or partial(
+            WarmupCosine, warmup_steps=self.warmup_steps, decay="cosine", min_lr_ratio=0.1, count_this_step=False
+        )
+        # Lightning's estimate of the fit's steps (not stages.optim.fit_steps): as this stage always counted.
+        total = lambda: max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1  # noqa: E731
+        return configure(params, optimizer=optimizer, lr_scheduler=lr_scheduler, total_steps=total)
 
     # ---- checkpoints: the adapter (and projector) only ---------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

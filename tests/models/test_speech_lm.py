@@ -365,7 +365,7 @@ def test_input_corruption_changes_training_inputs_only(tokenizer):
     batch = model.build_batch(TEXTS, CODES)
     answer = batch["answer_inputs"]
     torch.manual_seed(1)
-    corrupted = model._corrupt(answer)
+    corrupted = model.form.corrupt(model, answer)
     codes = answer < K
     assert torch.equal(corrupted[~codes], answer[~codes])  # EOS, PAD and begin of speech kept
     changed = float((corrupted != answer)[codes].float().mean())
@@ -385,7 +385,7 @@ def test_scheduled_sampling_feeds_the_models_own_predictions(tokenizer, tmp_path
     batch = model.build_batch(TEXTS, CODES)
     answer = batch["answer_inputs"]
     model.train()
-    fed = model._self_fed(batch, answer)
+    fed = model.form.self_fed(model, batch, answer)
     model.eval()
     pred = model(batch)["logits"].argmax(-1)  # teacher-forced predictions: step s predicts step s + 1
     codes = answer < K
@@ -398,7 +398,7 @@ def test_scheduled_sampling_feeds_the_models_own_predictions(tokenizer, tmp_path
     assert model.training and not torch.allclose(model(batch)["logits"], a)
     half = make_model(tokenizer, "all_levels", scheduled_sampling=0.5).train()
     torch.manual_seed(3)
-    steps = (half._self_fed(batch, answer) != answer).any(1)  # [B, S] steps changed
+    steps = (half.form.self_fed(half, batch, answer) != answer).any(1)  # [B, S] steps changed
     assert 0.1 < float(steps[codes.any(1)].float().mean()) < 0.9  # about half the steps, all levels at once
     half.save(tmp_path / "lm")
     assert SpeechLM.load(tmp_path / "lm").scheduled_sampling == 0.5
@@ -430,7 +430,7 @@ def test_text_alignment_spreads_the_text_tokens_over_the_frames(tokenizer):
         torch.nn.init.normal_(model.alignment.weight, std=0.5)
         model.progress.weight.zero_()
     steps = torch.arange(12).expand(3, -1)
-    cond = model._condition(steps, torch.tensor([12, 12, 12]), batch)
+    cond = model.form.condition(model, steps, torch.tensor([12, 12, 12]), batch)
     assert cond[2].abs().max() == 0  # the empty prompt: nothing to align
     table, ids = model.lm.get_input_embeddings(), batch["input_ids"]
     a, b = spans[0]

@@ -116,7 +116,7 @@ def _english_clips() -> list[tuple[str, torch.Tensor]]:
 def _wer(hyps: list[str], refs: list[str]) -> float:
     from torchmetrics.text import WordErrorRate
 
-    from stages.stage2 import normalize_transcript
+    from stages.metrics import normalize_transcript
 
     return float(WordErrorRate()([normalize_transcript(h, "en") for h in hyps],
                                  [normalize_transcript(r, "en") for r in refs]))

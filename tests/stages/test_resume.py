@@ -159,7 +159,7 @@ def stage3_setup(tmp_path_factory):
     from demo.tasks import next_digit
     from demo.tiny import save_gemma4_llm_debug
     from models.rvq import ResidualVQ
-    from stages.promotion import ArtifactModule, promote
+    from stages.artifacts import ArtifactModule, promote
 
     root = tmp_path_factory.mktemp("resume3")
     model = save_gemma4_llm_debug(root / "llm", seed=0)

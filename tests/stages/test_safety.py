@@ -17,7 +17,7 @@ import torch
 
 from models.encoders import LogMelEncoder
 from models.rvq import ResidualVQ
-from stages.promotion import ArtifactModule, UnsafeArtifactError, build_module, load_artifact, promote
+from stages.artifacts import ArtifactModule, UnsafeArtifactError, build_module, load_artifact, promote
 from stages.safety import checkpoint_weights_only, inside_artifact, resolve_class_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +104,7 @@ def test_a_package_shadowing_models_is_never_imported(tmp_path):
     folder = _artifact(tmp_path, {"quantizer": {"class_path": "models.rvq.ResidualVQ", "init_args": {}}})
     script = (
         f"import sys; sys.path[:0] = [{str(tmp_path / 'site')!r}, {str(REPO)!r}]\n"
-        "from stages.promotion import load_artifact, UnsafeArtifactError\n"
+        "from stages.artifacts import load_artifact, UnsafeArtifactError\n"
         f"try:\n    load_artifact({str(folder)!r})\nexcept UnsafeArtifactError as e:\n    print('refused:', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
@@ -125,7 +125,7 @@ def test_a_models_folder_in_the_working_directory_neither_breaks_loading_nor_run
     init = {"dim": 8, "num_quantizers": 2, "codebook_size": 4, "kmeans_init": False}
     script = (
         "import sys, json\n"
-        "from stages.promotion import ArtifactModule, promote, load_artifact, UnsafeArtifactError\n"
+        "from stages.artifacts import ArtifactModule, promote, load_artifact, UnsafeArtifactError\n"
         "from models.rvq import ResidualVQ\n"
         f"init = {init!r}\n"
         "r = promote(stage='stage1', modules={'quantizer': ArtifactModule('models.rvq.ResidualVQ', init,"
@@ -339,12 +339,13 @@ def test_the_cli_lines_for_ckpt_urls(served, tmp_path):
 
 def test_promote_command_never_unpickles_a_url(monkeypatch):
     """``speechless-promote --ckpt_path URL`` validates with ``weights_only=True``."""
-    import stages.promote as promote_cmd
+    from stages.cli import promote_main
+    from stages.promote import Promote
 
     seen = {}
 
     class FakeTrainer:
-        callbacks = [promote_cmd.Promote(stage="stage1")]
+        callbacks = [Promote(stage="stage1")]
 
         def validate(self, model, **kw):
             seen.update(kw)
@@ -357,5 +358,5 @@ def test_promote_command_never_unpickles_a_url(monkeypatch):
     monkeypatch.setattr("stages.cli.SpeechlessCLI", FakeCLI)
     url = "https://example.org/run/averaged.ckpt"
     with pytest.raises(SystemExit):
-        promote_cmd.main(["--config", os.devnull, "--ckpt_path", url])
+        promote_main(["--config", os.devnull, "--ckpt_path", url])
     assert seen["ckpt_path"] == url and seen["weights_only"] is True

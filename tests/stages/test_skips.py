@@ -14,10 +14,8 @@ import torch
 import yaml
 
 from datamodules.shards import ShardWriter, iter_tar_samples, resolve_shards
-from stages.cli import SpeechlessCLI
+from stages.cli import GATE_EXIT, SpeechlessCLI, promote_main
 from stages.cli import main as cli
-from stages.promote import GATE_EXIT
-from stages.promote import main as promote_main
 from stages.skips import SkipTally, explain_skips
 
 REPO = Path(__file__).resolve().parents[2]

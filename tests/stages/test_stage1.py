@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from stages.averaging import average_state_dicts
+from stages.cli import GATE_EXIT, promote_main
 from stages.cli import main as cli
-from stages.promote import GATE_EXIT
-from stages.promote import main as promote_main
 
 REPO = Path(__file__).resolve().parents[2]
 

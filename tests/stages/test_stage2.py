@@ -17,8 +17,9 @@ from datamodules.text import InstructionDataModule
 from demo.tiny import save_gemma3_lm_debug
 from models.rvq import ResidualVQ
 from models.speech_lm import SpeechLM
-from stages.promotion import load_artifact, promote
-from stages.stage2 import SpeechlessStage, aligned_cosine, dtw_cosine, own_text, word_match
+from stages.artifacts import load_artifact, promote
+from stages.metrics import aligned_cosine, dtw_cosine, word_match
+from stages.stage2 import SpeechlessStage, own_text
 from stages.writers import ShardPredictionWriter
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -57,7 +58,7 @@ def world(tmp_path_factory):
 
 
 def _spec(rvq: ResidualVQ):
-    from stages.promotion import ArtifactModule
+    from stages.artifacts import ArtifactModule
 
     return ArtifactModule(
         "models.rvq.ResidualVQ", {"dim": 16, "num_quantizers": Q, "codebook_size": K}, rvq.state_dict()
@@ -217,6 +218,8 @@ def test_generation_is_queued_across_batches_with_the_same_figures(world, monkey
 def test_cosine_schedule_warms_up_then_decays_to_the_floor_at_the_last_step(world):
     from lightning.pytorch.callbacks import Callback
 
+    from stages.optim import fit_steps
+
     with pytest.raises(ValueError, match="lr_schedule"):
         _stage(world, lr_schedule="linear")
     rates = []
@@ -233,7 +236,7 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor_at_the_last_step(worl
                 **limit).fit(stage, datamodule=_data(world))
         assert rates[0] == pytest.approx(5e-3) and rates[1] == pytest.approx(1e-2)  # warm-up, then the peak
         assert all(a >= b for a, b in zip(rates[1:], rates[2:]))  # then only down
-        assert len(rates) == stage._total_steps()
+        assert len(rates) == fit_steps(stage.trainer)
         assert rates[-1] == pytest.approx(1e-3, rel=1e-6)  # the floor, min_lr_ratio * lr, at the last step
 
 
@@ -345,7 +348,7 @@ def asr_world(tmp_path_factory):
     """A stage-1 artifact over a tiny random Whisper encoder (pooling 2) and token shards for it."""
     from demo.tiny import save_whisper_debug
     from models.encoders import WhisperEncoder
-    from stages.promotion import ArtifactModule
+    from stages.artifacts import ArtifactModule
 
     root = tmp_path_factory.mktemp("stage2_asr")
     whisper = _say_one_word(save_whisper_debug(root / "whisper", [" ".join(WORDS + ["hello"])] * 3), " hello")
@@ -396,7 +399,7 @@ def _asr_stage(asr_world, **kw) -> SpeechlessStage:
 def test_validate_logs_the_wer_of_generated_and_of_real_codes(asr_world):
     from torchmetrics.text import CharErrorRate, WordErrorRate
 
-    from stages.stage2 import normalize_transcript
+    from stages.metrics import normalize_transcript
 
     root, _, _ = asr_world
     stage = _asr_stage(asr_world)  # asr_decoder "auto": the stage-1 encoder's Whisper folder

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stages.stage2 import WordMatchItems, word_match
+from stages.metrics import WordMatchItems, word_match
 
 WORLD = 2
 # rank -> the texts of its utterances, in the order it validates them

@@ -20,7 +20,7 @@ from demo.tiny import save_gemma4_llm_debug
 from models.chat_format import IGNORE_INDEX, build_example
 from models.rvq import ResidualVQ
 from models.spoken_llm import SpokenLLM
-from stages.promotion import ArtifactModule, promote
+from stages.artifacts import ArtifactModule, promote
 from stages.stage3 import SpokenInstructionStage, collate_instructions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -31,7 +31,7 @@ from models.encoders import WhisperEncoder
 from models.projector import AudioProjector
 from models.rvq import ResidualVQ
 from models.spoken_llm import SpokenLLM
-from stages.promotion import ArtifactModule, load_artifact, promote
+from stages.artifacts import ArtifactModule, load_artifact, promote
 from stages.stage3 import SpokenInstructionStage, attach_stage1, collate_instructions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

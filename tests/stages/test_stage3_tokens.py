@@ -26,7 +26,7 @@ from demo.tasks import CLOSED_TASK, DIGITS, next_digit
 from demo.tiny import save_gemma4_audio_debug
 from models.encoders import Gemma4AudioEncoder
 from models.rvq import ResidualVQ
-from stages.promotion import ArtifactModule, promote
+from stages.artifacts import ArtifactModule, promote
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Gated, atomic promotion of a trained stage into an artifact the next stage loads.
+"""The artifact format: a trained stage promoted (gated, atomically) into a folder the next stage loads.
 
 An artifact is a folder ``artifacts/<stage>/v<N>/`` that rebuilds its modules without the training
 code's checkpoint pickle (``../shared/DESIGN.md``, promoted-artifact contract):
@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from datamodules.shards import file_sha256
 from stages.safety import UnsafeArtifactError, inside_artifact, resolve_class_path
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "evaluate_gates",
     "gate_failures",
     "load_artifact",
+    "parent_record",
     "promote",
     "remove_stale_tmp",
     "resolve_artifact",
@@ -107,14 +109,6 @@ def code_version(root: str | os.PathLike | None = None) -> dict[str, Any]:
     except PackageNotFoundError:
         pkg = "unknown"
     return {"commit": commit, "dirty": dirty, "package_version": pkg}
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gate_failures(metrics: dict[str, float], gates: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
@@ -217,7 +211,7 @@ def _model_card(stage: str, version: int, metrics: dict[str, float], provenance:
         f"- training data: {shards.get('samples', '?')} samples in {len(shards.get('shards', []))} shards "
         f"(content hash `{str(shards.get('content_hash', ''))[:12]}`)\n"
         f"- parents:\n{parents}\n\n"
-        f"## Load\n\n```python\nfrom stages.promotion import load_artifact\nmodules = load_artifact('{stage_dir_hint(stage)}')\n```\n"
+        f"## Load\n\n```python\nfrom stages.artifacts import load_artifact\nmodules = load_artifact('{stage_dir_hint(stage)}')\n```\n"
     )
 
 
@@ -344,13 +338,13 @@ def _write_version(
             weights = tmp / f"{name}.safetensors"
             save_file({k: v.detach().cpu().contiguous() for k, v in mod.state_dict.items()}, str(weights))
             entry["weights"] = weights.name
-            entry["sha256"] = _sha256_file(weights)
+            entry["sha256"] = file_sha256(weights)
             parts.append(entry["sha256"])
         if mod.save is not None:
             mod.save(tmp / name)
             entry["folder"] = name
             entry["sha256"] = hashlib.sha256(
-                "".join(_sha256_file(f) for f in sorted((tmp / name).rglob("*")) if f.is_file()).encode()
+                "".join(file_sha256(f) for f in sorted((tmp / name).rglob("*")) if f.is_file()).encode()
             ).hexdigest()
             parts.append(entry["sha256"])
         config["modules"][name] = entry
@@ -555,3 +549,9 @@ def load_artifact(
         modules[name] = module
     metrics = json.loads((root / "metrics.json").read_text()) if (root / "metrics.json").exists() else {}
     return {"config": config, "metrics": metrics, "path": root, "modules": modules}
+
+
+def parent_record(loaded: dict[str, Any]) -> dict[str, str]:
+    """``{"path", "sha256"}`` of a :func:`load_artifact` result: how a stage records the artifact it
+    started from (``parent_artifacts()``, then ``provenance.json``'s ``parents``)."""
+    return {"path": str(loaded["path"]), "sha256": loaded["config"].get("sha256", "")}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from models.rvq import ResidualVQ
-from stages.promotion import ArtifactModule, GateError, evaluate_gates, load_artifact, promote
+from stages.artifacts import ArtifactModule, GateError, evaluate_gates, load_artifact, promote
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,7 +111,7 @@ def test_promotion_killed_half_way_leaves_current_intact(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys, torch
         sys.path.insert(0, {str(REPO)!r})
-        import stages.promotion as P
+        import stages.artifacts as P
         real = P._write_json
         def dying(path, data):
             if path.name == "metrics.json":
@@ -166,7 +166,7 @@ def test_next_promotion_removes_leftovers_of_dead_promotions_only(tmp_path):
 _DYING_PROMOTION = """
 import os, sys
 sys.path.insert(0, {repo!r})
-import stages.promotion as P
+import stages.artifacts as P
 from models.rvq import ResidualVQ
 where = sys.argv[1]
 real_replace, real_symlink, real_save = os.replace, os.symlink, P.save_file
@@ -231,7 +231,7 @@ def test_a_kill_at_any_point_leaves_current_and_the_next_promotion_cleans_up(tmp
 
 
 def test_force_gates_promotes_loudly_and_records_the_failed_gates(tmp_path, capsys):
-    from stages.promotion import GatesOverridden
+    from stages.artifacts import GatesOverridden
 
     gates = {"val/cosine": {"min": 0.5}, "val/utilisation": {"min": 0.1}, "val/mse": {"max": 1.0}}
     metrics = {"val/cosine": 0.2, "val/utilisation": 0.5}  # cosine too low, mse missing
@@ -268,9 +268,8 @@ def test_force_gates_does_not_replace_a_better_current(tmp_path):
 def test_a_failed_gate_exits_4_unless_overridden_in_fit_and_in_speechless_promote(
     tiny_corpus, make_stage1_config, tmp_path, capsys
 ):
+    from stages.cli import GATE_EXIT, promote_main
     from stages.cli import main as cli
-    from stages.promote import GATE_EXIT
-    from stages.promote import main as promote_main
 
     torch.set_num_threads(1)
     config = make_stage1_config(tiny_corpus, tmp_path, max_epochs=1, gates={"val/cosine": {"min": 2.0}})
