@@ -237,7 +237,7 @@ def stage3_run(track: Track, source: str, devices: list[str], bin_dir: Path) -> 
     run([str(bin_dir / "speechless-infer"), "--artifact", f"{arts}/stage3/current",
          "--stage1", f"{track.artifacts}/stage1/current", "--shards", f"{track.shards}/test",
          "--closed-task", CLOSED_TASK, "--batch-size", "40", "--max-new-tokens", "4", "--output", answers])
-    from stages.stage3 import exact_match
+    from stages.tasks import exact_match
 
     rows = [json.loads(line) for line in (WORK / answers).read_text().splitlines() if line.strip()]
     return sum(exact_match(r["answer"], r["reference"]) for r in rows) / len(rows) if rows else float("nan")

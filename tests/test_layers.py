@@ -20,11 +20,31 @@ FORBIDDEN = {
 }
 
 
-def imported_modules(path: Path) -> list[tuple[int, str]]:
-    """``(line, module)`` of every import in ``path``, at any depth (relative imports resolved)."""
+def _type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))  # fmt: skip
+
+
+def _nodes(tree: ast.AST, runtime_only: bool):
+    """``ast.walk``, leaving out ``if TYPE_CHECKING:`` blocks when ``runtime_only``."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if runtime_only and _type_checking(node):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def imported_modules(path: Path, *, runtime_only: bool = False) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import in ``path``, at any depth (relative imports resolved);
+    ``runtime_only``: not those under ``if TYPE_CHECKING:``, which never run."""
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
     found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+    for node in _nodes(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)), runtime_only):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -72,14 +92,15 @@ PACKAGES = (*LIBRARY, "demo")
 
 
 def module_graph(root: Path | None = None) -> dict[str, set[str]]:
-    """``module -> modules of ours it imports`` (any depth), one node per source file."""
+    """``module -> modules of ours it imports`` when it runs (any depth; not under ``if TYPE_CHECKING:``),
+    one node per source file."""
     root = root or ROOT
     files = {".".join(p.relative_to(root).with_suffix("").parts): p for pkg in PACKAGES for p in (root / pkg).rglob("*.py")}
     names = {m.removesuffix(".__init__"): m for m in files}
     graph: dict[str, set[str]] = {}
     for module, path in files.items():
         edges = set()
-        for _, imported in imported_modules(path) if root == ROOT else _imports_under(path, root):
+        for _, imported in _imports_under(path, root):
             target = names.get(imported)
             if target and target != module:
                 edges.add(target)
@@ -91,7 +112,7 @@ def _imports_under(path: Path, root: Path) -> list[tuple[int, str]]:
     global ROOT
     saved, ROOT = ROOT, root
     try:
-        return imported_modules(path)
+        return imported_modules(path, runtime_only=True)
     finally:
         ROOT = saved
 
@@ -145,4 +166,6 @@ def test_the_cycle_finder_finds_a_deferred_import_cycle(tmp_path):
     (pkg / "cli.py").write_text("from stages.promote import Promote\n")
     (pkg / "promote.py").write_text("class Promote: ...\ndef main():\n    from stages.cli import main\n")
     (pkg / "other.py").write_text("import stages.cli\n")
+    (pkg / "typed.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from stages.other import x\n")
+    (pkg / "other.py").write_text("import stages.cli\nimport stages.typed\n")
     assert cycles(module_graph(tmp_path)) == [["stages.cli", "stages.promote"]]

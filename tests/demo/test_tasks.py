@@ -3,7 +3,7 @@
 import pytest
 
 from demo.tasks import CLOSED_TASK, DIGITS, next_digit, previous_digit
-from stages.stage3 import check_eval_task, eval_reference
+from stages.tasks import check_eval_task, eval_reference
 
 
 def test_next_digit_wraps_and_rejects():
