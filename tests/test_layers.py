@@ -1,7 +1,9 @@
 """The layer rules of ``../shared/DESIGN.md``, read from the sources' imports (``ast``, function-level too).
 
-``models/`` never imports Lightning; ``datamodules/`` never imports ``models/``; no library package
-(``models``, ``datamodules``, ``stages``) imports the ``demo`` package.
+``models/`` never imports Lightning; ``datamodules/`` never imports ``models/``; neither imports
+``stages/`` (which composes them); no library package (``models``, ``datamodules``, ``stages``)
+imports the ``demo`` package; and no module of ours imports one that imports it back
+(``ARCHITECTURE.md``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("models", "datamodules", "stages")
 FORBIDDEN = {
-    "models": ("lightning", "pytorch_lightning", "demo"),
-    "datamodules": ("models", "demo"),
+    "models": ("lightning", "pytorch_lightning", "datamodules", "stages", "demo"),
+    "datamodules": ("models", "stages", "demo"),
     "stages": ("demo",),
 }
 
