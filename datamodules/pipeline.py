@@ -476,7 +476,7 @@ def assemble_planned(
         yield []
 
 
-# Fields preparation adds to the samples of a recording it cut into pieces (datamodules/prepare.py);
+# Fields preparation adds to the samples of a recording it cut into pieces (datamodules/processing.py);
 # not the whole recording's.
 PIECE_FIELDS = ("parent", "segment", "offset", "parent_text", "parent_duration", "text_scope")
 
