@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-__all__ = ["InstructionDataModule", "load_instructions", "rank_slice"]
+__all__ = ["TextInstructionDataModule", "load_instructions", "rank_slice"]
 
 
 def load_instructions(
@@ -110,7 +110,7 @@ def _collate(items: list[tuple[dict[str, Any], float]]) -> dict[str, Any]:
     }
 
 
-class InstructionDataModule(L.LightningDataModule):
+class TextInstructionDataModule(L.LightningDataModule):
     """Predict batches of instruction texts: ``{"keys": [B], "texts": [B], "meta": [B] dicts with
     id/instruction/response/..., "sample_weight": [B]}`` (0 on padding copies).
 

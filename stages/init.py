@@ -515,7 +515,7 @@ def next_commands(
     for split in ("train", "val"):
         cmds.append(["lightning", "predict", "--config", c2, "--model.init_args.artifact", str(art / "stage2" / "current"),
                      "--model.init_args.lm", "null", "--model.init_args.greedy", "false",
-                     "--model.init_args.temperature", "0.8", "--data", "datamodules.text.InstructionDataModule",
+                     "--model.init_args.temperature", "0.8", "--data", "datamodules.text.TextInstructionDataModule",
                      "--data.init_args.path", str(out / "raw" / f"instructions_{split}.jsonl"), "--trainer.logger", "false",
                      "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
                      "--trainer.callbacks.output_dir", str(out / "synthetic" / split),
