@@ -27,18 +27,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from datamodules.pipeline import (
     SHARD_READ_ERRORS,
     BatchSpec,
-    EpochPlan,
     SampleError,
     SkipCounter,
-    assemble_planned,
     bucket_batches,
     collate_samples,
     decode_sample,
-    plan_exact_epoch,
     read_shard,
     seeded_rng,
     shuffle_buffer,
 )
+from datamodules.ranks import EpochPlan, assemble_planned, plan_exact_epoch, trainer_rank
 from datamodules.resume import fit_position, skip_batches
 from datamodules.shards import ShardIndex, ShardInfo
 from datamodules.sources import (
@@ -529,8 +527,7 @@ class SpeechDataModule(L.LightningDataModule):
         self._bind_distributed()
 
     def _bind_distributed(self) -> None:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = trainer_rank(self.trainer)
         for ds in self.datasets.values():
             ds.set_distributed(rank=rank, world_size=world, num_workers=self.num_workers)
 
