@@ -1,7 +1,7 @@
 """Generator stages over WebDataset shards: the one reader and decoder of every shard format.
 
 The stages follow WebDataset's (and WhisperSpeech's) style: small generators with explicit sample
-keys, composed by the dataset in ``datamodules/speech.py``::
+keys, composed by the dataset in ``datamodules/shard_dataset.py``::
 
     read_shard -> decode_sample -> shuffle_buffer -> bucket_batches -> collate_samples
 
@@ -216,7 +216,7 @@ def read_decoded(
     decoded by :func:`decode_sample` (as training reads them): ``(shard path, sample)``.
 
     For readers that hold a whole split in memory (stage 3's instructions, evaluation recordings);
-    :class:`datamodules.speech.ShardDataset` streams the same two stages through its epoch plan.
+    :class:`datamodules.shard_dataset.ShardDataset` streams the same two stages through its epoch plan.
 
     Raises:
         SampleError: a sample without json or with an undecodable member.

@@ -3,7 +3,7 @@
 Two kinds of data, one guarantee (each example used exactly once per epoch, equal batch counts per
 rank, so DDP's gradient all-reduce never waits on a rank that ran out):
 
-* streamed shards (``datamodules/speech.py``): :func:`plan_exact_epoch` deals shards (or strided parts
+* streamed shards (``datamodules/shard_dataset.py``): :func:`plan_exact_epoch` deals shards (or strided parts
   of them) to ``(rank, worker)`` slots by seconds, from the shard index alone, and pads the ranks
   with fewer batches; :func:`assemble_planned` routes the decoded samples into the planned batches.
 * in-memory examples: batches are dealt by stride (:func:`deal`), in :func:`split_for_ranks` (whole
