@@ -443,7 +443,7 @@ class Rehearsal:
                 raise RuntimeError("synthesize needs the stage-2 artifact of this run (run stage2 first)")
             cmd += ["--model.init_args.artifact", str(art2), "--model.init_args.stage1_artifact", str(self.stage1_artifact()),
                     "--model.init_args.lm", "null", "--model.init_args.gen_max_frames", str(a.gen_frames),
-                    "--data", "datamodules.text.InstructionDataModule", "--data.init_args.path", str(p["instructions"]),
+                    "--data", "datamodules.text.TextInstructionDataModule", "--data.init_args.path", str(p["instructions"]),
                     "--data.init_args.batch_size", str(a.synth_batch),
                     "--trainer.callbacks+=stages.writers.ShardPredictionWriter", "--trainer.callbacks.output_dir", str(p["synthetic"]),
                     "--trainer.callbacks.prefix", "synthetic", "--trainer.callbacks.jsonl_name", "synthetic.jsonl"]  # fmt: skip

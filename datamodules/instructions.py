@@ -15,7 +15,6 @@ so padding stays small.
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from collections.abc import Callable
@@ -23,16 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.pipeline import SampleError, read_decoded
+from datamodules.ranks import split_for_ranks, split_global_batches, trainer_rank
 from datamodules.resume import fit_position
-from datamodules.shards import iter_tar_samples, resolve_shards
 
 __all__ = [
-    "CLOSED_TASKS", "OPEN_TASKS", "InstructionDataModule", "InstructionDataset", "repeat",
-    "split_for_ranks", "split_global_batches",
+    "CLOSED_TASKS", "OPEN_TASKS", "InstructionDataModule", "InstructionDataset", "length_sorted_batches",
+    "read_token_shards", "repeat",
 ]
 
 def repeat(text: str) -> str:
@@ -54,7 +53,9 @@ def read_token_shards(
 ) -> list[dict[str, Any]]:
     """Token shards -> ``[{"key", "instruction", "response", "codes" [Q, T] long}]``.
 
-    The response is ``json[response_key]`` or ``CLOSED_TASKS[closed_task](json[instruction_key])``.
+    Read and decoded by the shared shard reader (:func:`datamodules.pipeline.read_decoded`, the
+    ``read_shard`` and ``decode_sample`` the speech datamodule streams token shards with). The
+    response is ``json[response_key]`` or ``CLOSED_TASKS[closed_task](json[instruction_key])``.
 
     Raises:
         ValueError: When a sample lacks the key, or neither/both of ``response_key``/``closed_task`` are set.
@@ -64,25 +65,22 @@ def read_token_shards(
     if closed_task is not None and closed_task not in CLOSED_TASKS:
         raise ValueError(f"closed_task must be one of {sorted(CLOSED_TASKS)}, got {closed_task!r}")
     out = []
-    for path in resolve_shards(spec).paths():
-        for raw in iter_tar_samples(path):
-            meta = json.loads(raw["json"])
-            if "codes.npy" not in raw or instruction_key not in meta:
-                raise ValueError(f"{path}:{raw['__key__']} lacks codes.npy or json[{instruction_key!r}]")
+    try:
+        for path, sample in read_decoded(spec, fields="tokens"):
+            key, meta = sample["__key__"], sample["meta"]
+            if instruction_key not in meta:
+                raise ValueError(f"{path}:{key} lacks json[{instruction_key!r}]")
             if response_key is not None and response_key not in meta:
-                raise ValueError(f"{path}:{raw['__key__']} lacks json[{response_key!r}]")
-            codes = np.load(io.BytesIO(raw["codes.npy"]), allow_pickle=False)
-            if codes.ndim != 2 or codes.shape[-1] == 0:
-                raise ValueError(f"{path}:{raw['__key__']} has codes of shape {codes.shape}; need [Q, T] with T >= 1")
-            response = (
-                meta[response_key] if response_key else CLOSED_TASKS[closed_task](meta[instruction_key])
-            )
+                raise ValueError(f"{path}:{key} lacks json[{response_key!r}]")
+            response = meta[response_key] if response_key else CLOSED_TASKS[closed_task](meta[instruction_key])
             out.append({
-                "key": raw["__key__"],
+                "key": key,
                 "instruction": meta[instruction_key],
                 "response": response,
-                "codes": torch.as_tensor(codes, dtype=torch.long),
+                "codes": torch.from_numpy(sample["codes"]),  # int64 [Q, T]
             })  # fmt: skip
+    except SampleError as err:  # the shared reader's reason: missing_json, missing_codes, bad_codes, ...
+        raise ValueError(f"{spec}: a token shard sample cannot be read ({err})") from err
     return out
 
 
@@ -129,8 +127,12 @@ class InstructionDataset(Dataset):
         return example
 
 
-def bucket_batches(lengths: list[int], *, batch_size: int, seed: int, window: int = 16) -> list[list[int]]:
+def length_sorted_batches(lengths: list[int], *, batch_size: int, seed: int, window: int = 16) -> list[list[int]]:
     """Shuffle, then sort each window of ``window x batch_size`` by length and cut it into batches.
+
+    Not :func:`datamodules.pipeline.bucket_batches` (a stream cut by padded seconds within fixed
+    length buckets): stage 3's examples are in memory with known token counts, so batches have a fixed
+    size and their order is shuffled as a whole.
 
     Returns:
         Batches of indices; every index appears exactly once.
@@ -145,40 +147,6 @@ def bucket_batches(lengths: list[int], *, batch_size: int, seed: int, window: in
         batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-def split_for_ranks(batches: list[list[int]], world_size: int) -> list[list[list[int]]]:
-    """Deal batches to ranks so every example is used exactly once and every rank runs as many batches.
-
-    When the batch count does not divide by ``world_size``, the largest batches are halved until it
-    does (nothing is dropped or repeated). The rank passed in comes from the trainer, not the
-    environment.
-    """
-    batches = [list(b) for b in batches]
-    if sum(len(b) for b in batches) < world_size:
-        raise ValueError(f"{sum(len(b) for b in batches)} examples cannot feed {world_size} ranks")
-    while len(batches) % world_size:
-        i = max(range(len(batches)), key=lambda j: len(batches[j]))
-        big = batches.pop(i)
-        batches[i:i] = [big[: len(big) // 2], big[len(big) // 2 :]]
-    return [batches[r::world_size] for r in range(world_size)]
-
-
-def split_global_batches(batches: list[list[int]], world_size: int) -> list[list[list[int]]]:
-    """Split every global batch over the ranks: step k of rank r holds ``batches[k][r::world_size]``.
-
-    A batch smaller than ``world_size`` is merged into the one before it, so no rank gets an empty
-    batch and every example is used exactly once.
-    """
-    merged: list[list[int]] = []
-    for batch in batches:
-        if merged and len(batch) < world_size:
-            merged[-1] = merged[-1] + list(batch)
-        else:
-            merged.append(list(batch))
-    if any(len(b) < world_size for b in merged):
-        raise ValueError(f"{sum(len(b) for b in batches)} examples cannot feed {world_size} ranks")
-    return [[b[r::world_size] for b in merged] for r in range(world_size)]
 
 
 class _ResumedBatches:
@@ -319,10 +287,9 @@ class InstructionDataModule(L.LightningDataModule):
         # the loader only collates (workers would tokenize every example a second time).
         examples = [dataset[i] for i in range(len(dataset))]
         lengths = [len(e["input_ids"]) for e in examples]
-        trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = trainer_rank(getattr(self, "trainer", None))
         size = self.global_batch_size or self.batch_size
-        batches = bucket_batches(lengths, batch_size=size, seed=seed, window=self.bucket_window)
+        batches = length_sorted_batches(lengths, batch_size=size, seed=seed, window=self.bucket_window)
         if self.global_batch_size:
             batches = split_global_batches(batches, world)[rank]
         else:

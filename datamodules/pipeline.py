@@ -1,23 +1,27 @@
-"""Generator stages over WebDataset shards, and the planner that makes DDP epochs exact.
+"""Generator stages over WebDataset shards: the one reader and decoder of every shard format.
 
 The stages follow WebDataset's (and WhisperSpeech's) style: small generators with explicit sample
-keys, composed by the dataset in ``datamodules/speech.py``::
+keys, composed by the dataset in ``datamodules/shard_dataset.py``::
 
     read_shard -> decode_sample -> shuffle_buffer -> bucket_batches -> collate_samples
 
 Two epoch modes share them:
 
-* ``exact``: :func:`plan_exact_epoch` turns the shard index alone (per-sample ``durations``, see
+* ``exact``: :func:`datamodules.ranks.plan_exact_epoch` turns the shard index alone (per-sample ``durations``, see
   ``datamodules/shards.py``) into the same plan on every rank and worker: which shard positions each
   ``(rank, worker)`` slot reads, how they are batched, and how many padding batches each slot adds so
   that every rank yields the same number of batches (DDP's gradient all-reduce never waits on a rank
-  that ran out). :func:`assemble_planned` then routes the decoded samples into the planned batches.
+  that ran out). :func:`datamodules.ranks.assemble_planned` then routes the decoded samples into the planned batches.
 * ``resampled``: an endless, seeded stream of shards drawn with replacement, cut to a fixed batch
   count per rank (the caller does the cutting).
 
 Batches are sized by padded audio seconds (``len(batch) * longest``) in length buckets, the way
 speech toolkits (ESPnet's ``numel`` batches, Lhotse's ``DynamicBucketingSampler``) keep GPU memory
 flat across short and long utterances.
+
+Readers that hold a split in memory (stage 3's instructions, evaluation recordings) go through the
+same :func:`read_shard` and :func:`decode_sample` (:func:`read_decoded`), so each shard format has one
+reader.
 """
 
 from __future__ import annotations
@@ -25,13 +29,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import random
 import tarfile
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,15 +46,12 @@ from datamodules.shards import iter_tar_samples, resolve_shards
 __all__ = [
     "SHARD_READ_ERRORS",
     "BatchSpec",
-    "EpochPlan",
     "SampleError",
     "SkipCounter",
-    "SlotPlan",
-    "assemble_planned",
     "bucket_batches",
     "collate_samples",
     "decode_sample",
-    "plan_exact_epoch",
+    "read_decoded",
     "read_recordings",
     "read_shard",
     "seeded_rng",
@@ -59,8 +59,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Position = tuple[int, int]  # (shard index in the index, sample position inside that shard)
 
 # Errors after which a tar cannot be read further (truncated, not a tar, gone).
 SHARD_READ_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, EOFError)
@@ -211,6 +209,23 @@ def decode_sample(raw: dict[str, Any], *, fields: str, sample_rate: int, frame_r
     return out
 
 
+def read_decoded(
+    spec: str, *, fields: str, sample_rate: int = 16_000, frame_rate: float = 25.0
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every sample of the shards ``spec`` names, in index order, read by :func:`read_shard` and
+    decoded by :func:`decode_sample` (as training reads them): ``(shard path, sample)``.
+
+    For readers that hold a whole split in memory (stage 3's instructions, evaluation recordings);
+    :class:`datamodules.shard_dataset.ShardDataset` streams the same two stages through its epoch plan.
+
+    Raises:
+        SampleError: a sample without json or with an undecodable member.
+    """
+    for path in resolve_shards(spec).paths():
+        for _, raw in read_shard(path):
+            yield path, decode_sample(raw, fields=fields, sample_rate=sample_rate, frame_rate=frame_rate)
+
+
 # ----------------------------------------------------------------------------- shuffling and batching
 
 
@@ -330,153 +345,7 @@ def collate_samples(samples: Sequence[dict[str, Any]], *, pad_id: int = -1) -> d
     return batch
 
 
-# ----------------------------------------------------------------------------- the exact-epoch planner
-
-
-@dataclass
-class SlotPlan:
-    """What one ``(rank, worker)`` slot does in an exact epoch.
-
-    Attributes:
-        reads: shards to read in order, as ``(shard index, owned positions)``; ``None`` owns all.
-        batches: planned batches as lists of ``(shard index, position)``.
-        pad_batches: padding batches appended so every rank yields the same count.
-    """
-
-    reads: list[tuple[int, tuple[int, ...] | None]] = field(default_factory=list)
-    batches: list[list[Position]] = field(default_factory=list)
-    pad_batches: int = 0
-
-    @property
-    def num_batches(self) -> int:
-        return len(self.batches) + self.pad_batches
-
-
-@dataclass
-class EpochPlan:
-    """The exact plan of one epoch: ``slots[rank][worker]``; every rank yields ``batches_per_rank``."""
-
-    slots: list[list[SlotPlan]]
-    batches_per_rank: int
-
-
-def plan_exact_epoch(
-    durations: Sequence[Sequence[float]],
-    *,
-    world_size: int,
-    num_workers: int,
-    spec: BatchSpec,
-    seed: int = 0,
-    epoch: int = 0,
-    shuffle: bool = True,
-    buffer: int = 0,
-) -> EpochPlan:
-    """Plan an epoch in which every sample is seen once and all ranks yield equally many batches.
-
-    Computed from the index alone, so every rank and worker gets the same plan. Shards, longest
-    first, go to the rank, then the worker, with the fewest seconds so far (each slot then reads its
-    shards in an order shuffled by ``(seed, epoch)``);
-    with fewer shards than ``world_size * num_workers`` slots each shard is split by stride
-    (``k``-th samples) so no slot is left without data. Each slot's position stream goes through
-    the same seeded :func:`shuffle_buffer` and :func:`bucket_batches` the data would, and ranks
-    with fewer batches get padding batches, spread over their workers.
-
-    Args:
-        durations: ``durations[shard][position]`` in seconds.
-        world_size: number of ranks.
-        num_workers: DataLoader workers per rank (0 counts as 1).
-        spec: batching limits.
-        seed, epoch: shuffle seed; the epoch changes the order every epoch.
-        shuffle: shuffle shard order and positions (``False`` for evaluation).
-        buffer: in-stream shuffle buffer size (only with ``shuffle``).
-
-    Returns:
-        The :class:`EpochPlan`.
-    """
-    workers = max(1, num_workers)
-    slots = [[SlotPlan() for _ in range(workers)] for _ in range(world_size)]
-    order = list(range(len(durations)))
-    if shuffle:
-        seeded_rng(seed, epoch, "shards").shuffle(order)
-    # Longest first balances ranks best (LPT); the shuffle above only breaks ties between equal shards
-    # (each slot's reading order is shuffled below).
-    order.sort(key=lambda s: -sum(durations[s]))
-    split = math.ceil(world_size * workers / len(order)) if 0 < len(order) < world_size * workers else 1
-    rank_load = [0.0] * world_size
-    slot_load = [[0.0] * workers for _ in range(world_size)]
-    owned: list[list[dict[int, list[int]]]] = [[{} for _ in range(workers)] for _ in range(world_size)]
-    for shard in order:
-        for offset in range(split):
-            positions = list(range(offset, len(durations[shard]), split))
-            if split > 1 and not positions:
-                continue
-            r = min(range(world_size), key=lambda i: (rank_load[i], i))
-            w = min(range(workers), key=lambda i: (slot_load[r][i], i))
-            seconds = sum(durations[shard][p] for p in positions)
-            rank_load[r] += seconds
-            slot_load[r][w] += seconds
-            owned[r][w].setdefault(shard, []).extend(positions)
-    for r in range(world_size):
-        for w in range(workers):
-            slot = slots[r][w]
-            reads = [(s, None if split == 1 else tuple(sorted(p))) for s, p in owned[r][w].items()]
-            if shuffle:
-                seeded_rng(seed, epoch, r, w, "reads").shuffle(reads)
-            slot.reads = reads
-            stream = [
-                (s, p) for s, ps in slot.reads for p in (ps if ps is not None else range(len(durations[s])))
-            ]
-            if shuffle:
-                stream = list(shuffle_buffer(stream, buffer, seeded_rng(seed, epoch, r, w, "buffer")))
-            slot.batches = list(bucket_batches(stream, lambda sp: durations[sp[0]][sp[1]], spec))
-    total = max(sum(len(s.batches) for s in rank) for rank in slots) if slots else 0
-    for rank in slots:
-        for _ in range(total - sum(len(s.batches) for s in rank)):
-            min(rank, key=lambda s: s.num_batches).pad_batches += 1
-    return EpochPlan(slots=slots, batches_per_rank=total)
-
-
-def assemble_planned(
-    slot: SlotPlan,
-    samples: Iterable[tuple[Position, dict[str, Any] | None]],
-) -> Iterator[list[dict[str, Any]]]:
-    """Route decoded samples into the slot's planned batches; yield each batch once it is complete.
-
-    Args:
-        slot: the slot's plan.
-        samples: ``((shard, position), sample)`` for every owned position, in read order; ``None``
-            marks a position that was skipped (corrupt or missing), which only shrinks its batch.
-
-    Yields:
-        Each planned batch's good samples (possibly an empty list: the caller pads it), then
-        ``slot.pad_batches`` empty lists. Exactly ``slot.num_batches`` lists in all.
-
-    Raises:
-        ValueError: a position that is not in the plan, or planned positions that never arrived.
-    """
-    where: dict[Position, int] = {}
-    for i, batch in enumerate(slot.batches):
-        for pos in batch:
-            where[pos] = i
-    waiting = [len(b) for b in slot.batches]
-    filled: list[list[dict[str, Any]]] = [[] for _ in slot.batches]
-    for pos, sample in samples:
-        i = where.pop(pos, None)
-        if i is None:
-            raise ValueError(f"sample at {pos} is not in this slot's plan (or arrived twice)")
-        if sample is not None:
-            filled[i].append(sample)
-        waiting[i] -= 1
-        if waiting[i] == 0:
-            yield filled[i]
-            filled[i] = []
-    if where:
-        raise ValueError(f"{len(where)} planned samples never arrived, e.g. {next(iter(where))}")
-    for _ in range(slot.pad_batches):
-        yield []
-
-
-# Fields preparation adds to the samples of a recording it cut into pieces (datamodules/prepare.py);
+# Fields preparation adds to the samples of a recording it cut into pieces (datamodules/processing.py);
 # not the whole recording's.
 PIECE_FIELDS = ("parent", "segment", "offset", "parent_text", "parent_duration", "text_scope")
 
@@ -501,20 +370,18 @@ def read_recordings(spec: str, *, sample_rate: int = 16_000) -> list[dict[str, A
     """
     items: list[dict[str, Any]] = []
     groups: dict[str, dict[str, Any]] = {}
-    for path in resolve_shards(spec).paths():
-        for raw in iter_tar_samples(path):
-            sample = decode_sample(raw, fields="audio", sample_rate=sample_rate, frame_rate=25.0)
-            meta, wave = sample["meta"], sample["audio"]
-            parent = meta.get("parent") if "segment" in meta else None
-            if parent is None:
-                items.append({"id": sample["__key__"], "wave": wave, "meta": meta, "pieces": 1, "complete": True})
-                continue
-            if parent not in groups:
-                whole = {k: v for k, v in meta.items() if k not in PIECE_FIELDS}
-                whole.update(text=meta.get("parent_text") or "", duration=meta.get("parent_duration"))
-                groups[parent] = {"id": str(parent), "meta": whole, "parts": {}, "expect": meta.get("parent_duration")}
-                items.append(groups[parent])
-            groups[parent]["parts"][int(meta.get("segment", 0))] = wave
+    for _, sample in read_decoded(spec, fields="audio", sample_rate=sample_rate):
+        meta, wave = sample["meta"], sample["audio"]
+        parent = meta.get("parent") if "segment" in meta else None
+        if parent is None:
+            items.append({"id": sample["__key__"], "wave": wave, "meta": meta, "pieces": 1, "complete": True})
+            continue
+        if parent not in groups:
+            whole = {k: v for k, v in meta.items() if k not in PIECE_FIELDS}
+            whole.update(text=meta.get("parent_text") or "", duration=meta.get("parent_duration"))
+            groups[parent] = {"id": str(parent), "meta": whole, "parts": {}, "expect": meta.get("parent_duration")}
+            items.append(groups[parent])
+        groups[parent]["parts"][int(meta.get("segment", 0))] = wave
     for group in groups.values():
         parts = group.pop("parts")
         expect = group.pop("expect")

@@ -17,7 +17,7 @@ its number of samples.
   corpus's expected share of the samples is the one it has in an exact epoch.
 
 Every copy is a "view" of a shard (the shard and the positions it contributes), and the exact-epoch
-planner (``datamodules.pipeline.plan_exact_epoch``) plans over views as it plans over shards, so the
+planner (``datamodules.ranks.plan_exact_epoch``) plans over views as it plans over shards, so the
 per-epoch shuffle, the rank and worker split and the padding batches work unchanged. With every
 weight 1 the views are the shards themselves and the plan is the single-source plan.
 """

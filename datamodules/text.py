@@ -13,7 +13,6 @@ ranks run the same number of batches (the writers skip weight-0 samples).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-__all__ = ["InstructionDataModule", "load_instructions", "rank_slice"]
+from datamodules.ranks import rank_slice, trainer_rank
+
+__all__ = ["TextInstructionDataModule", "load_instructions"]
 
 
 def load_instructions(
@@ -73,19 +74,6 @@ def load_instructions(
     return records
 
 
-def rank_slice(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
-    """Indices of rank ``rank``'s contiguous block and the padded per-rank count.
-
-    Returns:
-        ``(indices, per_rank)``: every index in ``range(n)`` lands on exactly one rank; ``per_rank =
-        ceil(n / world_size)`` is the length every rank pads to.
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world size {world_size}")
-    per_rank = math.ceil(n / world_size) if n else 0
-    return list(range(min(rank * per_rank, n), min((rank + 1) * per_rank, n))), per_rank
-
-
 class _Items(IterableDataset):
     """This rank's items in order. Iterable, so that Lightning never wraps it in a DistributedSampler
     (``use_distributed_sampler`` is on by default): the datamodule has split the records over the
@@ -110,7 +98,7 @@ def _collate(items: list[tuple[dict[str, Any], float]]) -> dict[str, Any]:
     }
 
 
-class InstructionDataModule(L.LightningDataModule):
+class TextInstructionDataModule(L.LightningDataModule):
     """Predict batches of instruction texts: ``{"keys": [B], "texts": [B], "meta": [B] dicts with
     id/instruction/response/..., "sample_weight": [B]}`` (0 on padding copies).
 
@@ -141,11 +129,11 @@ class InstructionDataModule(L.LightningDataModule):
         self.records = load_instructions(self.path, split=self.split, **self.fields)
         if self.limit is not None:
             self.records = self.records[: self.limit]
-        trainer = getattr(self, "trainer", None)
+        rank, world_size = trainer_rank(getattr(self, "trainer", None))
         if self.rank is None:
-            self.rank = trainer.global_rank if trainer is not None else 0
+            self.rank = rank
         if self.world_size is None:
-            self.world_size = trainer.world_size if trainer is not None else 1
+            self.world_size = world_size
 
     def predict_dataloader(self) -> DataLoader:
         if not self.records:

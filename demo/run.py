@@ -317,7 +317,7 @@ def run_track(track: Track, args: argparse.Namespace, devices: list[str], bin_di
                 "predict", "--config", config2,
                 "--model.init_args.artifact", f"{track.artifacts}/stage2/current",
                 "--model.init_args.greedy", "false", "--model.init_args.temperature", "0.8",
-                "--data", "datamodules.text.InstructionDataModule",
+                "--data", "datamodules.text.TextInstructionDataModule",
                 "--data.init_args.path", f"data/{track.corpus}/raw/instructions_{split}.jsonl",
                 "--trainer.logger", "false",
                 "--trainer.callbacks+=stages.writers.ShardPredictionWriter",

@@ -17,7 +17,7 @@ English: "prof" -> "professor"), its basic normaliser (case, punctuation, symbol
 language, an unknown one included.
 
 Inputs: ``--audio`` files (no reference), a ``--manifest`` in the formats ``speechless-prepare`` reads
-(TSV with a header row, or JSONL; read by :func:`datamodules.prepare.read_manifest`: ``audio`` relative
+(TSV with a header row, or JSONL; read by :func:`datamodules.manifests.read_manifest`: ``audio`` relative
 to the manifest, optional ``text``, ``reference`` / ``response``, ``language``, ``id``), or ``--shards``
 (audio shards; ``json.text`` is the transcript). Recordings that preparation cut into pieces (their
 json names the recording as ``parent`` and the piece as ``segment``, with the transcript in
@@ -61,7 +61,7 @@ _MANIFEST_COLUMNS = {f: f for f in ("audio", "text", "speaker", "language", "id"
 
 def _read_manifest(manifest: str) -> list[dict[str, Any]]:
     """A TSV or JSONL manifest (``speechless-prepare``'s reader) -> input items; a bad row is an error."""
-    from datamodules.prepare import PrepareError, read_manifest
+    from datamodules.manifests import PrepareError, read_manifest
 
     try:
         rows = read_manifest(manifest, columns=_MANIFEST_COLUMNS, defaults={"split": "test", "language": "und",

@@ -59,7 +59,9 @@ from typing import Any
 
 import yaml
 
-from datamodules.prepare import EXIT_USAGE, PrepareError, build_parser, prepare, print_summary, read_manifest
+from datamodules.manifests import PrepareError, read_manifest
+from datamodules.prepare import build_parser, prepare
+from datamodules.report import EXIT_USAGE, print_summary
 from datamodules.shards import atomic_write_text, iter_tar_samples, read_index
 
 __all__ = ["Corpus", "assign_splits", "chance_wer", "derive", "main", "stage_configs", "tiny_models"]
@@ -140,7 +142,7 @@ def assign_splits(
 def split_manifest(args: argparse.Namespace, out: Path) -> tuple[Path, dict[str, Any]]:
     """The user's manifest with a train/val/test split per row, as ``<out>/raw/manifest.jsonl``.
 
-    Read with :func:`datamodules.prepare.read_manifest` (the same reader, columns and defaults as
+    Read with :func:`datamodules.manifests.read_manifest` (the same reader, columns and defaults as
     ``speechless-prepare``); audio paths are written absolute. Rows the reader marks bad are left out
     and reported (they have no usable audio path or field).
 
@@ -513,7 +515,7 @@ def next_commands(
     for split in ("train", "val"):
         cmds.append(["lightning", "predict", "--config", c2, "--model.init_args.artifact", str(art / "stage2" / "current"),
                      "--model.init_args.lm", "null", "--model.init_args.greedy", "false",
-                     "--model.init_args.temperature", "0.8", "--data", "datamodules.text.InstructionDataModule",
+                     "--model.init_args.temperature", "0.8", "--data", "datamodules.text.TextInstructionDataModule",
                      "--data.init_args.path", str(out / "raw" / f"instructions_{split}.jsonl"), "--trainer.logger", "false",
                      "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
                      "--trainer.callbacks.output_dir", str(out / "synthetic" / split),

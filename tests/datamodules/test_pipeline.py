@@ -15,9 +15,11 @@ import soundfile
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.pipeline import BatchSpec, bucket_batches, plan_exact_epoch
+from datamodules.pipeline import BatchSpec, bucket_batches
+from datamodules.ranks import plan_exact_epoch
+from datamodules.shard_dataset import ShardDataset
 from datamodules.shards import ShardWriter
-from datamodules.speech import ShardDataset, SpeechDataModule
+from datamodules.speech import SpeechDataModule
 
 SR = 16000
 

@@ -11,16 +11,9 @@ import pytest
 import soundfile as sf
 
 from datamodules.audio import decode_flac, resample, split_at_silence
-from datamodules.prepare import (
-    EXIT_OK,
-    EXIT_SKIPPED,
-    EXIT_USAGE,
-    PrepareError,
-    main,
-    min_piece_default,
-    parse_size,
-    prepare,
-)
+from datamodules.manifests import PrepareError
+from datamodules.prepare import main, min_piece_default, parse_size, prepare
+from datamodules.report import EXIT_OK, EXIT_SKIPPED, EXIT_USAGE
 from datamodules.shards import iter_tar_samples, read_index
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -309,12 +302,12 @@ def test_shared_english_clips_and_fsdd_subset(tmp_path):
 
 
 def test_interrupted_run_leaves_no_loadable_half_state(corpus, tmp_path, monkeypatch):
-    import datamodules.prepare as prep
+    import datamodules.processing as prep
 
     manifest, _ = corpus
     out = tmp_path / "shards"
     prepare(manifest=manifest, out=out, workers=1, progress=False)
-    real, calls = prep._process, []
+    real, calls = prep.process_item, []
 
     def interrupted(item, opts):
         calls.append(item.key)
@@ -322,7 +315,7 @@ def test_interrupted_run_leaves_no_loadable_half_state(corpus, tmp_path, monkeyp
             raise KeyboardInterrupt
         return real(item, opts)
 
-    monkeypatch.setattr(prep, "_process", interrupted)
+    monkeypatch.setattr(prep, "process_item", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare(manifest=manifest, out=out, workers=1, progress=False)
     assert not list(out.rglob("*.tmp"))  # the open shard was removed, not renamed

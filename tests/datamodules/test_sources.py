@@ -25,9 +25,10 @@ import yaml
 from torch.utils.data import DataLoader
 
 from datamodules.pipeline import BatchSpec
+from datamodules.shard_dataset import ShardDataset
 from datamodules.shards import ShardWriter, iter_tar_samples, resolve_shards
 from datamodules.sources import epoch_views, parse_sources, repeat_count
-from datamodules.speech import ShardDataset, SpeechDataModule
+from datamodules.speech import SpeechDataModule
 
 HERE = Path(__file__).resolve().parent
 SR = 16000

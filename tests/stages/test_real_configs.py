@@ -172,7 +172,7 @@ class Chain:
                 lightning(
                     self.root, "predict", "--config", config, *self.device,
                     "--model.init_args.artifact", "artifacts/stage2/current", "--model.init_args.lm", "null",
-                    "--data", "datamodules.text.InstructionDataModule",
+                    "--data", "datamodules.text.TextInstructionDataModule",
                     "--data.init_args.path", "data/raw/instructions.jsonl",
                     "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
                     "--trainer.callbacks.output_dir", f"data/synthetic/{split}",

@@ -13,7 +13,7 @@ from lightning.pytorch import Trainer
 
 from datamodules.shards import ShardWriter
 from datamodules.speech import SpeechDataModule
-from datamodules.text import InstructionDataModule
+from datamodules.text import TextInstructionDataModule
 from demo.tiny import save_gemma3_lm_debug
 from models.rvq import ResidualVQ
 from models.speech_lm import SpeechLM
@@ -244,7 +244,7 @@ def test_instruction_ranks_cover_each_once(world):
     root, _ = world
     seen, batches = [], []
     for rank in range(2):
-        dm = InstructionDataModule(path=str(root / "instructions.jsonl"), batch_size=2, rank=rank, world_size=2)
+        dm = TextInstructionDataModule(path=str(root / "instructions.jsonl"), batch_size=2, rank=rank, world_size=2)
         dm.setup("predict")
         loader = list(dm.predict_dataloader())
         batches.append(len(loader))
@@ -281,7 +281,7 @@ def test_fit_promote_reload_and_synthesize(world, tmp_path):
                             stage1_artifact=str(root / "artifacts/stage1/current"), gen_max_frames=8)
     out = tmp_path / "synthetic"
     for rank in range(2):
-        dm = InstructionDataModule(path=str(root / "instructions.jsonl"), batch_size=2, rank=rank, world_size=2)
+        dm = TextInstructionDataModule(path=str(root / "instructions.jsonl"), batch_size=2, rank=rank, world_size=2)
         writer = ShardPredictionWriter(output_dir=str(out / f"r{rank}"), kind="tokens", prefix="synthetic",
                                        jsonl_name="synthetic.jsonl")
         Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False).predict(

@@ -175,9 +175,10 @@ def test_infer_scores_exact_match_and_normalised_wer():
 
 
 def test_batches_split_over_ranks_exactly_once():
-    from datamodules.instructions import bucket_batches, split_for_ranks
+    from datamodules.instructions import length_sorted_batches
+    from datamodules.ranks import split_for_ranks
 
-    batches = bucket_batches(list(range(37)), batch_size=4, seed=0)  # 10 batches, 37 examples
+    batches = length_sorted_batches(list(range(37)), batch_size=4, seed=0)  # 10 batches, 37 examples
     for world in (1, 2, 3, 4):
         per_rank = split_for_ranks(batches, world)
         assert len({len(r) for r in per_rank}) == 1
@@ -186,9 +187,10 @@ def test_batches_split_over_ranks_exactly_once():
 
 
 def test_global_batches_take_the_same_steps_on_any_number_of_ranks():
-    from datamodules.instructions import bucket_batches, split_global_batches
+    from datamodules.instructions import length_sorted_batches
+    from datamodules.ranks import split_global_batches
 
-    batches = bucket_batches(list(range(37)), batch_size=8, seed=0)  # 5 global batches, the last of 5
+    batches = length_sorted_batches(list(range(37)), batch_size=8, seed=0)  # 5 global batches, the last of 5
     batches.append([99])  # a batch smaller than the world: merged into the one before it
     for world in (1, 2, 3):
         per_rank = split_global_batches(batches, world)

@@ -1,0 +1,239 @@
+"""How data is split over DDP ranks, in one place: every rank runs the same number of batches.
+
+Two kinds of data, one guarantee (each example used exactly once per epoch, equal batch counts per
+rank, so DDP's gradient all-reduce never waits on a rank that ran out):
+
+* streamed shards (``datamodules/shard_dataset.py``): :func:`plan_exact_epoch` deals shards (or strided parts
+  of them) to ``(rank, worker)`` slots by seconds, from the shard index alone, and pads the ranks
+  with fewer batches; :func:`assemble_planned` routes the decoded samples into the planned batches.
+* in-memory examples: batches are dealt by stride (:func:`deal`), in :func:`split_for_ranks` (whole
+  batches, stage 3's ``batch_size``) and :func:`split_global_batches` (each global batch split over
+  the ranks, stage 3's ``global_batch_size``); stage 2's synthesis keeps instructions in order
+  (:func:`rank_slice`: a contiguous block per rank, padded with weight-0 copies).
+
+The rank and world size always come from the trainer (:func:`trainer_rank`), never the environment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from datamodules.pipeline import BatchSpec, bucket_batches, seeded_rng, shuffle_buffer
+
+__all__ = [
+    "EpochPlan",
+    "SlotPlan",
+    "assemble_planned",
+    "deal",
+    "plan_exact_epoch",
+    "rank_slice",
+    "split_for_ranks",
+    "split_global_batches",
+    "trainer_rank",
+]
+
+T = TypeVar("T")
+Position = tuple[int, int]  # (shard index in the index, sample position inside that shard)
+
+
+def trainer_rank(trainer: Any) -> tuple[int, int]:
+    """``(global_rank, world_size)`` of the trainer a datamodule is attached to; ``(0, 1)`` without one."""
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
+def deal(items: Sequence[T], rank: int, world_size: int) -> list[T]:
+    """Rank ``rank``'s share of ``items`` dealt by stride: ``items[rank::world_size]``."""
+    return list(items[rank::world_size])
+
+
+def split_for_ranks(batches: list[list[int]], world_size: int) -> list[list[list[int]]]:
+    """Deal batches to ranks so every example is used exactly once and every rank runs as many batches.
+
+    When the batch count does not divide by ``world_size``, the largest batches are halved until it
+    does (nothing is dropped or repeated). The rank passed in comes from the trainer, not the
+    environment.
+    """
+    batches = [list(b) for b in batches]
+    if sum(len(b) for b in batches) < world_size:
+        raise ValueError(f"{sum(len(b) for b in batches)} examples cannot feed {world_size} ranks")
+    while len(batches) % world_size:
+        i = max(range(len(batches)), key=lambda j: len(batches[j]))
+        big = batches.pop(i)
+        batches[i:i] = [big[: len(big) // 2], big[len(big) // 2 :]]
+    return [deal(batches, r, world_size) for r in range(world_size)]
+
+
+def split_global_batches(batches: list[list[int]], world_size: int) -> list[list[list[int]]]:
+    """Split every global batch over the ranks: step k of rank r holds ``batches[k][r::world_size]``.
+
+    A batch smaller than ``world_size`` is merged into the one before it, so no rank gets an empty
+    batch and every example is used exactly once.
+    """
+    merged: list[list[int]] = []
+    for batch in batches:
+        if merged and len(batch) < world_size:
+            merged[-1] = merged[-1] + list(batch)
+        else:
+            merged.append(list(batch))
+    if any(len(b) < world_size for b in merged):
+        raise ValueError(f"{sum(len(b) for b in batches)} examples cannot feed {world_size} ranks")
+    return [[deal(b, r, world_size) for b in merged] for r in range(world_size)]
+
+
+def rank_slice(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
+    """Indices of rank ``rank``'s contiguous block and the padded per-rank count.
+
+    Returns:
+        ``(indices, per_rank)``: every index in ``range(n)`` lands on exactly one rank; ``per_rank =
+        ceil(n / world_size)`` is the length every rank pads to.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    per_rank = math.ceil(n / world_size) if n else 0
+    return list(range(min(rank * per_rank, n), min((rank + 1) * per_rank, n))), per_rank
+
+
+@dataclass
+class SlotPlan:
+    """What one ``(rank, worker)`` slot does in an exact epoch.
+
+    Attributes:
+        reads: shards to read in order, as ``(shard index, owned positions)``; ``None`` owns all.
+        batches: planned batches as lists of ``(shard index, position)``.
+        pad_batches: padding batches appended so every rank yields the same count.
+    """
+
+    reads: list[tuple[int, tuple[int, ...] | None]] = field(default_factory=list)
+    batches: list[list[Position]] = field(default_factory=list)
+    pad_batches: int = 0
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batches) + self.pad_batches
+
+
+@dataclass
+class EpochPlan:
+    """The exact plan of one epoch: ``slots[rank][worker]``; every rank yields ``batches_per_rank``."""
+
+    slots: list[list[SlotPlan]]
+    batches_per_rank: int
+
+
+def plan_exact_epoch(
+    durations: Sequence[Sequence[float]],
+    *,
+    world_size: int,
+    num_workers: int,
+    spec: BatchSpec,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    buffer: int = 0,
+) -> EpochPlan:
+    """Plan an epoch in which every sample is seen once and all ranks yield equally many batches.
+
+    Computed from the index alone, so every rank and worker gets the same plan. Shards, longest
+    first, go to the rank, then the worker, with the fewest seconds so far (each slot then reads its
+    shards in an order shuffled by ``(seed, epoch)``);
+    with fewer shards than ``world_size * num_workers`` slots each shard is split by stride
+    (``k``-th samples) so no slot is left without data. Each slot's position stream goes through
+    the same seeded :func:`shuffle_buffer` and :func:`bucket_batches` the data would, and ranks
+    with fewer batches get padding batches, spread over their workers.
+
+    Args:
+        durations: ``durations[shard][position]`` in seconds.
+        world_size: number of ranks.
+        num_workers: DataLoader workers per rank (0 counts as 1).
+        spec: batching limits.
+        seed, epoch: shuffle seed; the epoch changes the order every epoch.
+        shuffle: shuffle shard order and positions (``False`` for evaluation).
+        buffer: in-stream shuffle buffer size (only with ``shuffle``).
+
+    Returns:
+        The :class:`EpochPlan`.
+    """
+    workers = max(1, num_workers)
+    slots = [[SlotPlan() for _ in range(workers)] for _ in range(world_size)]
+    order = list(range(len(durations)))
+    if shuffle:
+        seeded_rng(seed, epoch, "shards").shuffle(order)
+    # Longest first balances ranks best (LPT); the shuffle above only breaks ties between equal shards
+    # (each slot's reading order is shuffled below).
+    order.sort(key=lambda s: -sum(durations[s]))
+    split = math.ceil(world_size * workers / len(order)) if 0 < len(order) < world_size * workers else 1
+    rank_load = [0.0] * world_size
+    slot_load = [[0.0] * workers for _ in range(world_size)]
+    owned: list[list[dict[int, list[int]]]] = [[{} for _ in range(workers)] for _ in range(world_size)]
+    for shard in order:
+        for offset in range(split):
+            positions = list(range(offset, len(durations[shard]), split))
+            if split > 1 and not positions:
+                continue
+            r = min(range(world_size), key=lambda i: (rank_load[i], i))
+            w = min(range(workers), key=lambda i: (slot_load[r][i], i))
+            seconds = sum(durations[shard][p] for p in positions)
+            rank_load[r] += seconds
+            slot_load[r][w] += seconds
+            owned[r][w].setdefault(shard, []).extend(positions)
+    for r in range(world_size):
+        for w in range(workers):
+            slot = slots[r][w]
+            reads = [(s, None if split == 1 else tuple(sorted(p))) for s, p in owned[r][w].items()]
+            if shuffle:
+                seeded_rng(seed, epoch, r, w, "reads").shuffle(reads)
+            slot.reads = reads
+            stream = [
+                (s, p) for s, ps in slot.reads for p in (ps if ps is not None else range(len(durations[s])))
+            ]
+            if shuffle:
+                stream = list(shuffle_buffer(stream, buffer, seeded_rng(seed, epoch, r, w, "buffer")))
+            slot.batches = list(bucket_batches(stream, lambda sp: durations[sp[0]][sp[1]], spec))
+    total = max(sum(len(s.batches) for s in rank) for rank in slots) if slots else 0
+    for rank in slots:
+        for _ in range(total - sum(len(s.batches) for s in rank)):
+            min(rank, key=lambda s: s.num_batches).pad_batches += 1
+    return EpochPlan(slots=slots, batches_per_rank=total)
+
+
+def assemble_planned(
+    slot: SlotPlan,
+    samples: Iterable[tuple[Position, dict[str, Any] | None]],
+) -> Iterator[list[dict[str, Any]]]:
+    """Route decoded samples into the slot's planned batches; yield each batch once it is complete.
+
+    Args:
+        slot: the slot's plan.
+        samples: ``((shard, position), sample)`` for every owned position, in read order; ``None``
+            marks a position that was skipped (corrupt or missing), which only shrinks its batch.
+
+    Yields:
+        Each planned batch's good samples (possibly an empty list: the caller pads it), then
+        ``slot.pad_batches`` empty lists. Exactly ``slot.num_batches`` lists in all.
+
+    Raises:
+        ValueError: a position that is not in the plan, or planned positions that never arrived.
+    """
+    where: dict[Position, int] = {}
+    for i, batch in enumerate(slot.batches):
+        for pos in batch:
+            where[pos] = i
+    waiting = [len(b) for b in slot.batches]
+    filled: list[list[dict[str, Any]]] = [[] for _ in slot.batches]
+    for pos, sample in samples:
+        i = where.pop(pos, None)
+        if i is None:
+            raise ValueError(f"sample at {pos} is not in this slot's plan (or arrived twice)")
+        if sample is not None:
+            filled[i].append(sample)
+        waiting[i] -= 1
+        if waiting[i] == 0:
+            yield filled[i]
+            filled[i] = []
+    if where:
+        raise ValueError(f"{len(where)} planned samples never arrived, e.g. {next(iter(where))}")
+    for _ in range(slot.pad_batches):
+        yield []
