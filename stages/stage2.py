@@ -249,7 +249,7 @@ class SpeechlessStage(LightningModule):
 
     # ---- inputs -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        # Speech/token shards only (predict reads an InstructionDataModule): no empty-prompt examples.
+        # Speech/token shards only (predict reads a TextInstructionDataModule): no empty-prompt examples.
         datamodule = getattr(self.trainer, "datamodule", None)
         if isinstance(datamodule, SpeechDataModule):
             datamodule.bind(transform=own_text, collate=datamodule.collate)
