@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sentence_corpus import VOICES, news_sentences  # noqa: E402
 from torchmetrics.text import CharErrorRate, WordErrorRate  # noqa: E402

@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from demo.tiny import GEMMA4_CHAT_TEMPLATE as GEMMA4_CHAT_TEMPLATE  # noqa: E402
 from demo.tiny import GEMMA_CHAT_TEMPLATE  # noqa: E402

@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from demo.tiny import GEMMA4_CHAT_TEMPLATE as CHAT_TEMPLATE
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from real_models import (  # noqa: E402
-    CONFIGS,
-    GEMMA4_NAMED,
-    GEMMA4_SPECIAL,
-    padded_tokenizer,
-    shrink_gemma4_text,
-)
 
-from demo.tiny import GEMMA4_CHAT_TEMPLATE as CHAT_TEMPLATE  # noqa: E402
+def _benchmark_module(name: str):
+    """A benchmark script's module, loaded from its file (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_real_models = _benchmark_module("real_models")
+CONFIGS, GEMMA4_NAMED, GEMMA4_SPECIAL = _real_models.CONFIGS, _real_models.GEMMA4_NAMED, _real_models.GEMMA4_SPECIAL
+padded_tokenizer, shrink_gemma4_text = _real_models.padded_tokenizer, _real_models.shrink_gemma4_text
 
 # Published sizes (parameters with embeddings): 268M, 1.0B, 5.1B, 8B.
 SIZES = {"gemma-3-270m": 0.268e9, "gemma-3-1b-it": 1.0e9, "gemma-4-E2B-it": 5.10e9, "gemma-4-E4B-it": 7.94e9}
