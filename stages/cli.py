@@ -217,8 +217,26 @@ def main(args: list[str] | None = None) -> int:
         from stages.init import main as init_main
 
         return init_main(argv[1:])
+    quiet_known_notices()
     SpeechlessCLI(args=args)
     return 0
+
+
+# Notices Lightning prints on every run that say nothing to act on here: its own internal use of a
+# deprecated torch pytree API, and that frozen modules (the stage-1 encoder, the frozen LLM base)
+# are in eval mode at the start of training, which is what this project intends.
+KNOWN_NOTICES = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+)
+
+
+def quiet_known_notices() -> None:
+    """Hide :data:`KNOWN_NOTICES` (only those: every other warning still shows)."""
+    import warnings
+
+    for message in KNOWN_NOTICES:
+        warnings.filterwarnings("ignore", message=message)
 
 
 # Keys a subcommand adds to the config it saves (``fit`` saves ``ckpt_path`` and ``weights_only``);

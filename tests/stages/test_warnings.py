@@ -123,3 +123,15 @@ def test_the_package_metadata_uses_an_spdx_licence():
     assert re.search(r'^license = "Apache-2\.0"$', text, re.M)
     # PEP 639 license expressions need setuptools 77; an older one would refuse the string.
     assert re.search(r'^requires = \["setuptools>=(7[7-9]|[89]\d)', text, re.M)
+
+
+def test_the_cli_hides_lightnings_known_notices_and_nothing_else():
+    from stages.cli import quiet_known_notices
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_notices()
+        warnings.warn("Found 3 module(s) in eval mode at the start of training. This may lead to ...", UserWarning)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning)
+        warnings.warn("a warning of ours", UserWarning)
+    assert [str(w.message) for w in caught] == ["a warning of ours"]
