@@ -131,7 +131,7 @@ def test_the_cli_hides_lightnings_known_notices_and_nothing_else():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_known_notices()
-        warnings.warn("Found 3 module(s) in eval mode at the start of training. This may lead to ...", UserWarning)
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning)
-        warnings.warn("a warning of ours", UserWarning)
+        warnings.warn("Found 3 module(s) in eval mode at the start of training. This may lead to ...", UserWarning, stacklevel=1)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning, stacklevel=1)
+        warnings.warn("a warning of ours", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["a warning of ours"]
