@@ -26,10 +26,9 @@ from torch import nn
 
 from models import distributed as dist_utils
 from models import vq_math
+from models.quantizer import PAD_CODE, SemanticQuantizer
 
 __all__ = ["RVQOutput", "ResidualVQ"]
-
-PAD_CODE = -1
 
 
 @dataclass
@@ -63,7 +62,7 @@ class RVQOutput:
         return self.commit_loss + self.codebook_loss
 
 
-class ResidualVQ(nn.Module):
+class ResidualVQ(SemanticQuantizer):
     """``Q`` levels of ``K``-code Euclidean codebooks, each quantizing the residual of the previous.
 
     Commitment weight: 0.25, VQ-VAE's value (van den Oord et al., 2017), which SoundStream and

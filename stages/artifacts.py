@@ -416,7 +416,7 @@ def remove_stale_tmp(stage_dir: Path) -> list[str]:
 #: What each artifact module may be built as, by module name, when ``load_artifact`` is given no
 #: ``expect``: stage 1 ``quantizer`` and ``encoder``, stage 2 ``lm``, stage 3 ``llm`` (and ``projector``).
 ARTIFACT_KINDS: dict[str, str] = {
-    "quantizer": "models.rvq.ResidualVQ",
+    "quantizer": "models.quantizer.SemanticQuantizer",
     "encoder": "models.encoders.base.FrozenEncoder",
     "lm": "models.speech_lm.SpeechLM",
     "llm": "models.spoken_llm.SpokenLLM",

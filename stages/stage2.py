@@ -20,7 +20,7 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 from datamodules.pipeline import SampleError
 from datamodules.speech import SpeechDataModule
 from models import distributed as dist_utils
-from models.rvq import ResidualVQ
+from models.quantizer import SemanticQuantizer
 from models.speech_lm import SpeechLM
 from stages.artifacts import ArtifactModule, load_artifact, parent_record
 from stages.metrics import WordMatchItems, aligned_cosine, normalize_transcript, word_match
@@ -180,7 +180,7 @@ class SpeechlessStage(LightningModule):
             lm = loaded["modules"]["lm"]
         if lm is None:
             raise ValueError("stage 2 needs model.init_args.lm or model.init_args.artifact")
-        s1 = load_artifact(stage1_artifact, names=["quantizer"], expect={"quantizer": ResidualVQ})
+        s1 = load_artifact(stage1_artifact, names=["quantizer"], expect={"quantizer": SemanticQuantizer})
         quantizer = s1["modules"]["quantizer"]
         info = s1["config"].get("info", {})
         levels = info.get("num_quantizers", quantizer.num_quantizers)

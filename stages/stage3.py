@@ -44,7 +44,7 @@ from datamodules.audio import split_at_silence
 from datamodules.pipeline import read_recordings
 from models.chat_format import IGNORE_INDEX, collate_padded
 from models.encoders import FrozenEncoder
-from models.rvq import ResidualVQ
+from models.quantizer import SemanticQuantizer
 from models.spoken_llm import SpokenLLM
 from stages.artifacts import ArtifactModule, load_artifact, parent_record
 from stages.optim import WarmupCosine, configure, default_optimizer
@@ -78,7 +78,7 @@ def attach_stage1(llm: SpokenLLM, path: str, *, encoder: bool = False) -> dict[s
         ValueError: On levels/codebook/dim mismatches or an encoder that cannot be rebuilt.
     """
     loaded = load_artifact(path, names=["quantizer", "encoder"] if encoder else ["quantizer"],
-                           expect={"quantizer": ResidualVQ, "encoder": FrozenEncoder})  # fmt: skip
+                           expect={"quantizer": SemanticQuantizer, "encoder": FrozenEncoder})  # fmt: skip
     rvq = loaded["modules"]["quantizer"]
     got, want = (rvq.num_quantizers, rvq.codebook_size), (llm.num_levels, llm.codebook_size)
     if got != want:

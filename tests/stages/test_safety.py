@@ -177,13 +177,13 @@ def test_what_a_class_path_may_name(tmp_path, class_path, message):
 def test_each_module_must_be_the_kind_its_name_expects(tmp_path):
     logmel = {"class_path": "models.encoders.LogMelEncoder", "init_args": {}}
     assert isinstance(load_artifact(_artifact(tmp_path / "a", {"encoder": logmel}))["modules"]["encoder"], LogMelEncoder)
-    with pytest.raises(UnsafeArtifactError, match="not a models.rvq.ResidualVQ"):  # the default table
+    with pytest.raises(UnsafeArtifactError, match="not a models.quantizer.SemanticQuantizer"):  # the default table
         load_artifact(_artifact(tmp_path / "b", {"quantizer": logmel}))
     with pytest.raises(UnsafeArtifactError, match="no expected kind"):
         load_artifact(_artifact(tmp_path / "c", {"head": logmel}))
     # The stage-2 classmethod names a project class; it must still be the kind expected.
     lm = {"class_path": "models.speech_lm.SpeechLM.load", "init_args": {"directory": "@artifact/lm"}}
-    with pytest.raises(UnsafeArtifactError, match="is a SpeechLM, not a models.rvq.ResidualVQ"):
+    with pytest.raises(UnsafeArtifactError, match="is a SpeechLM, not a models.quantizer.SemanticQuantizer"):
         load_artifact(_artifact(tmp_path / "d", {"quantizer": lm}))
 
 
