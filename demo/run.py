@@ -68,18 +68,21 @@ def lightning(*args: str) -> int:
     return run([sys.executable, "-m", "stages", *args])
 
 
-def fsdd_manifest(out: Path, *, test_speaker: str = "yweweler", val_takes: int = 5) -> Path:
+def fsdd_manifest(out: Path, *, test_speaker: str = "yweweler", val_takes: int = 5, takes: int = 50) -> Path:
     """A manifest over ``../shared/data/fsdd``: five speakers train, the sixth is held out for test.
 
-    Validation (checkpoint choice) uses the last ``val_takes`` takes of each training speaker, so the
-    held-out speaker is never seen before the final test.
+    Only the first ``takes`` of the 50 takes of each digit and speaker are used (all by default).
+    Validation (checkpoint choice) uses the last ``val_takes`` of them for each training speaker, so
+    the held-out speaker is never seen before the final test.
     """
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with open(FSDD / "manifest.tsv") as f:
         for row in csv.DictReader(f, delimiter="\t"):
             take = int(Path(row["audio"]).stem.rsplit("_", 1)[1])
-            split = "test" if row["speaker"] == test_speaker else "val" if take >= 50 - val_takes else "train"
+            if take >= takes:
+                continue
+            split = "test" if row["speaker"] == test_speaker else "val" if take >= takes - val_takes else "train"
             rows.append({**row, "audio": str(FSDD / row["audio"]), "split": split})
     path = out / "manifest.tsv"
     with open(path, "w", newline="") as f:
@@ -188,6 +191,9 @@ class Track:
     runs: str
     artifacts: str
     configs: tuple[str, str, str]
+    # Command-line overrides of each stage's config (``demo.compare`` sizes stages 2 and 3 to a
+    # one-level tokenizer this way), appended to every command of that stage.
+    overrides: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] = ((), (), ())
 
     @property
     def shards(self) -> str:
@@ -230,7 +236,7 @@ def stage3_run(track: Track, source: str, devices: list[str], bin_dir: Path) -> 
             "--data.init_args.instruction_key", "text",
             "--data.init_args.response_key", ANSWER_FIELD,
         ]
-    lightning("fit", "--config", config, *devices, *extra)
+    lightning("fit", "--config", config, *devices, *track.overrides[2], *extra)
     report(f"stage 3 on {source} speech (promoted checkpoint, real speech of validation speakers)",
            WORK / track.runs / run_name, "best", ("val/loss", "val/spoken_accuracy"))
     answers = f"{track.runs}/{run_name}_test_answers.jsonl"
@@ -276,13 +282,14 @@ def run_track(track: Track, args: argparse.Namespace, devices: list[str], bin_di
     """Stages 1-3 of the demo for one encoder; returns the figures of the summary table."""
     data = WORK / "data" / track.corpus
     config1, config2, _ = track.configs
+    over1, over2 = track.overrides[0], track.overrides[1]
     figures: dict[str, float] = {}
     print(f"\n######## encoder: {track.encoder} ########", flush=True)
     if "1" in args.stages:
-        lightning("fit", "--config", config1, *devices)
+        lightning("fit", "--config", config1, *devices, *over1)
         for split in ("train", "val", "test"):
             lightning(
-                "predict", "--config", config1,
+                "predict", "--config", config1, *over1,
                 "--model.init_args.artifact", f"{track.artifacts}/stage1/current",
                 "--data.init_args.predict_shards", f"{track.shards}/{split}",
                 "--trainer.logger", "false",
@@ -301,9 +308,9 @@ def run_track(track: Track, args: argparse.Namespace, devices: list[str], bin_di
         lm_dir = data / "models" / "stage2_lm"
         if not (lm_dir / "config.json").exists():
             save_gemma3_lm_debug(lm_dir, task_texts(data), hidden_size=128, num_layers=4)
-        lightning("fit", "--config", config2, *devices)
+        lightning("fit", "--config", config2, *devices, *over2)
         chosen = json.loads((WORK / track.artifacts / "stage2" / "current" / "provenance.json").read_text())["checkpoint"]
-        lightning("test", "--config", config2, "--ckpt_path", chosen,
+        lightning("test", "--config", config2, *over2, "--ckpt_path", chosen,
                   "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
                   "--trainer.logger.init_args.save_dir", track.runs, "--trainer.logger.init_args.name", "stage2_test")
         test = csv_metrics(WORK / track.runs / "stage2_test")
@@ -314,7 +321,7 @@ def run_track(track: Track, args: argparse.Namespace, devices: list[str], bin_di
                 figures["wer_chance"] = chance_wer([json.loads(line)["instruction"] for line in f if line.strip()])
         for split in ("train", "val"):
             lightning(
-                "predict", "--config", config2,
+                "predict", "--config", config2, *over2,
                 "--model.init_args.artifact", f"{track.artifacts}/stage2/current",
                 "--model.init_args.greedy", "false", "--model.init_args.temperature", "0.8",
                 "--data", "datamodules.text.TextInstructionDataModule",
