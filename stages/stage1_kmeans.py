@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric, Metric
 from models.encoders import FrozenEncoder
 from models.kmeans import KMeansUnits
 from models.units import check_unit_count, units_to_pua
-from stages.artifacts import ArtifactModule, load_artifact, parent_record
+from stages.artifacts import load_artifact, parent_record
 from stages.metrics import CodebookUsage
 from stages.stage1 import RVQStage, check_encoder_matches
 
@@ -124,19 +124,7 @@ class KMeansStage(LightningModule):
             check_encoder_matches(info["encoder"], encoder.describe(), where=path)
         return built
 
-    # ---- promotion: what the artifact holds and says ------------------------------------------
-    def artifact_modules(self, config: dict[str, Any]) -> dict[str, ArtifactModule]:
-        """The centroids with weights, the encoder by reference (no weights)."""
-        model_args = config.get("model", {}).get("init_args", {})
-        q_spec = model_args.get("quantizer") or (self._artifact_config or {}).get("modules", {}).get("quantizer")
-        if not q_spec:
-            raise ValueError("cannot tell how to rebuild the quantizer: no class_path in the config")
-        modules = {"quantizer": ArtifactModule(q_spec["class_path"], q_spec.get("init_args", {}), self.quantizer.state_dict())}
-        e_spec = model_args.get("encoder")
-        if e_spec:
-            modules["encoder"] = ArtifactModule(e_spec["class_path"], e_spec.get("init_args", {}))
-        return modules
-
+    # ---- promotion: what the artifact holds and says (RVQStage's own, for the same attributes) --
     def artifact_info(self) -> dict[str, Any]:
         """Facts later stages check at start-up (one level of ``K`` units)."""
         return {
@@ -147,11 +135,12 @@ class KMeansStage(LightningModule):
             "encoder": self.encoder.describe() if self.encoder is not None else None,
         }
 
-    def parent_artifacts(self) -> list[dict[str, Any]]:
-        return [] if self._artifact_config is None else [self._parent]
+    # The quantizer by class path and weights, the encoder by reference; the artifact started from.
+    artifact_modules = RVQStage.artifact_modules
+    parent_artifacts = RVQStage.parent_artifacts
 
     # ---- inputs: audio through the frozen encoder, or cached states (RVQStage's own reader) ----
-    states = RVQStage.states
+    states = RVQStage.states  # -> ``(x [B, T, D], mask [B, T])``, padding samples masked out
 
     # ---- fitting ------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -187,17 +176,9 @@ class KMeansStage(LightningModule):
         for name in ("qerr", "cos", "var", "usage"):
             getattr(self, f"{prefix}_{name}").reset()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+    # Lightning's hooks call the two above with "val" / "test", as RVQStage's do.
+    validation_step, on_validation_epoch_end = RVQStage.validation_step, RVQStage.on_validation_epoch_end
+    test_step, on_test_epoch_end = RVQStage.test_step, RVQStage.on_test_epoch_end
 
     # ---- tokenization -------------------------------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int) -> dict:

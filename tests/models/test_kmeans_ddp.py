@@ -12,12 +12,10 @@ of size ~10, about 1e-6 each, the only possible difference once the assignments 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from models.kmeans import KMeansUnits
 
@@ -29,14 +27,18 @@ def _make() -> KMeansUnits:
     return KMeansUnits(dim=DIM, codebook_size=UNITS, init_frames=200, reassign_every=150, seed=3)
 
 
+CENTERS = torch.randn(8, DIM, generator=torch.Generator().manual_seed(42)) * 3
+
+
 def _shard(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank ``rank``'s batch at ``step``: ``x [2, 40, D]`` with rank-dependent padding (filled with 1e4)."""
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    centers = torch.randn(8, DIM, generator=torch.Generator().manual_seed(42)) * 3
-    x = centers[torch.randint(8, (2, 40), generator=g)] + 0.1 * torch.randn(2, 40, DIM, generator=g)
-    mask = torch.ones(2, 40, dtype=torch.bool)
-    mask[rank, 40 - 10 * (rank + 1) :] = False
-    return torch.where(mask[..., None], x, torch.full_like(x, 1e4)), mask
+    """Rank ``rank``'s batch at ``step``: 2 utterances of 40 frames around 8 centres; rank 0 pads its
+    first one by 10 frames, rank 1 its second by 20 (padding filled with 1e4, which must never count)."""
+    g = torch.Generator(device="cpu").manual_seed(7919 * (rank + 1) + step)
+    labels = torch.randint(len(CENTERS), (2, 40), generator=g)
+    frames = CENTERS[labels] + 0.1 * torch.randn(2, 40, DIM, generator=g)
+    lengths = torch.tensor([30, 40]) if rank == 0 else torch.tensor([40, 20])
+    mask = torch.arange(40)[None, :] < lengths[:, None]
+    return frames.masked_fill(~mask[..., None], 1e4), mask
 
 
 def _counting_reassignments(km: KMeansUnits) -> list[int]:
@@ -70,13 +72,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_ddp_matches_single_process_on_concatenated_data(tmp_path, monkeypatch, free_port):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    # Spawned ranks unpickle _worker by this module's import name; spawn hands sys.path to them.
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
-    mp.spawn(_worker, args=(free_port, str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+def test_ddp_matches_single_process_on_concatenated_data(spawn_gloo):
+    out = spawn_gloo(_worker, WORLD)
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
     for name, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][name]), name

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -175,23 +172,10 @@ def test_artifact_sizes_must_agree_and_too_many_units_are_refused(fitted):
 # The shipped configs through the CLI (subprocesses under a timeout, like test_real_configs.py).
 
 
-def _run(cmd: list[str], cwd: Path) -> str:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"timed out after {TIMEOUT} s: {' '.join(cmd)}\n{stderr[-3000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-5000:]}")
-    return stdout
-
-
-def _lightning(cwd: Path, *args: str) -> str:
-    return _run([sys.executable, "-m", "stages", *args], cwd)
+@pytest.fixture
+def lightning(run_command):
+    """``lightning(cwd, *args)``: ``python -m stages *args`` (the ``lightning`` command) under the timeout."""
+    return lambda cwd, *args: run_command([sys.executable, "-m", "stages", *args], cwd, timeout=TIMEOUT)
 
 
 TWI = ("fin", "bible", "news", "radio", "stories")
@@ -222,11 +206,11 @@ REAL_TINY = ["--model.init_args.encoder.init_args.source", "models/hubert",
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_real_config_fit_validate_promote_predict_then_stage2(real_root):
+def test_real_config_fit_validate_promote_predict_then_stage2(real_root, lightning, run_command):
     root, world = real_root
     config = str(REPO / "configs" / "stage1_kmeans.yaml")
     device = ["--trainer.accelerator", "cpu", "--trainer.devices", str(world)]
-    _lightning(root, "fit", "--config", config, *device, "--trainer.max_epochs", "2", *REAL_TINY)
+    lightning(root, "fit", "--config", config, *device, "--trainer.max_epochs", "2", *REAL_TINY)
     artifact = root / "artifacts" / "stage1_kmeans" / "current"
     info = json.loads((artifact / "config.json").read_text())["info"]
     assert info["encoder"]["layer"] == 22 and info["encoder"]["source"] == "models/hubert"
@@ -238,15 +222,15 @@ def test_real_config_fit_validate_promote_predict_then_stage2(real_root):
 
     run_dir = sorted((root / "runs" / "stage1_kmeans").glob("version_*"))[0]
     final = run_dir / "checkpoints" / "final.ckpt"
-    out = _lightning(root, "validate", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(final),
+    out = lightning(root, "validate", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(final),
                      "--trainer.logger", "false")
     assert "val/quant_error_ratio" in out
-    promoted = json.loads(_run([str(BIN / "speechless-promote"), "--config", str(run_dir / "config.yaml"),
-                                "--ckpt_path", str(final), "--force"], root).strip().splitlines()[-1])
+    promoted = json.loads(run_command([str(BIN / "speechless-promote"), "--config", str(run_dir / "config.yaml"),
+                                       "--ckpt_path", str(final), "--force"], root, timeout=TIMEOUT).strip().splitlines()[-1])
     assert promoted["current"]
 
     for split, shards in (("train", TRAIN_LIST), ("val", "data/twi/shards/val")):
-        _lightning(root, "predict", "--config", config, *device, "--model.init_args.artifact", "artifacts/stage1_kmeans/current",
+        lightning(root, "predict", "--config", config, *device, "--model.init_args.artifact", "artifacts/stage1_kmeans/current",
                    *REAL_TINY, "--data.init_args.predict_shards", shards,
                    "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
                    "--trainer.callbacks.output_dir", f"data/twi/tokens/{split}")
@@ -259,7 +243,7 @@ def test_real_config_fit_validate_promote_predict_then_stage2(real_root):
     from demo.tiny import save_gemma3_lm_debug
 
     lm = save_gemma3_lm_debug(root / "models" / "stage2_lm", [f"word{i}" for i in range(5)] * 4, hidden_size=64)
-    _lightning(root, "fit", "--config", str(REPO / "configs" / "stage2_speechless.yaml"), *device,
+    lightning(root, "fit", "--config", str(REPO / "configs" / "stage2_speechless.yaml"), *device,
                "--trainer.max_epochs", "3", "--model.init_args.stage1_artifact", "artifacts/stage1_kmeans/current",
                "--model.init_args.lm.init_args.lm", str(lm), "--model.init_args.lm.init_args.tokenizer", str(lm),
                "--model.init_args.lm.init_args.num_levels", "1", "--model.init_args.lm.init_args.codebook_size", str(UNITS),
@@ -278,7 +262,7 @@ def test_real_config_fit_validate_promote_predict_then_stage2(real_root):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_demo_config_on_pretrained_whisper_tiny_en(tmp_path, speech_shard_writer):
+def test_demo_config_on_pretrained_whisper_tiny_en(tmp_path, speech_shard_writer, lightning):
     import warnings
 
     from models.pretrained_whisper import pretrained_whisper
@@ -293,11 +277,11 @@ def test_demo_config_on_pretrained_whisper_tiny_en(tmp_path, speech_shard_writer
     for split, n, seed in (("train", 60, 0), ("val", 30, 1)):
         speech_shard_writer(tmp_path / "data" / "demo" / "shards" / split, n=n, seed=seed, per_shard=20)
     config = str(REPO / "configs" / "demo" / "whisper_stage1_kmeans.yaml")
-    _lightning(tmp_path, "fit", "--config", config, "--trainer.max_epochs", "2")
+    lightning(tmp_path, "fit", "--config", config, "--trainer.max_epochs", "2")
     artifact = tmp_path / "artifacts" / "whisper" / "stage1_kmeans" / "current"
     info = json.loads((artifact / "config.json").read_text())["info"]
     assert info["encoder"]["kind"] == "whisper" and info["codebook_size"] == 128
-    _lightning(tmp_path, "predict", "--config", config, "--model.init_args.artifact", "artifacts/whisper/stage1_kmeans/current",
+    lightning(tmp_path, "predict", "--config", config, "--model.init_args.artifact", "artifacts/whisper/stage1_kmeans/current",
                "--data.init_args.predict_shards", "data/demo/shards/val",
                "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
                "--trainer.callbacks.output_dir", "data/demo/whisper/units/val")
