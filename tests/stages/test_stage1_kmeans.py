@@ -291,3 +291,43 @@ def test_demo_config_on_pretrained_whisper_tiny_en(tmp_path, speech_shard_writer
         assert s["json"]["n_frames"] == pytest.approx(25 * s["json"]["duration"], abs=1.5)
     metrics = json.loads((artifact / "metrics.json").read_text())
     assert metrics["val/utilisation"] >= 0.3 and metrics["val/quant_error_ratio"] <= 0.8  # the file's gates
+
+
+def test_a_checkpoint_taken_before_kmeans_plusplus_resumes_exactly():
+    """The init buffer and the generator ride in the checkpoint: stop, restore, go on == never stopped."""
+    from models.kmeans import KMeansUnits
+    from stages.stage1_kmeans import KMeansStage
+
+    def stage() -> KMeansStage:
+        return KMeansStage(quantizer=KMeansUnits(dim=8, codebook_size=6, init_frames=60, reassign_every=30, seed=5)).train()
+
+    def batch(step: int) -> dict:
+        g = torch.Generator().manual_seed(step)
+        return {"states": torch.randn(2, 15, 8, generator=g), "state_lengths": torch.tensor([15, 11])}
+
+    full = stage()
+    def step_(module: KMeansStage, step: int) -> None:  # a training step's work, without a Trainer to log to
+        module.quantizer(*module.states(batch(step)))
+
+    for step in range(6):
+        step_(full, step)
+    first = stage()
+    for step in range(2):  # 26 frames a step: the 60-frame buffer fills at the third
+        step_(first, step)
+    assert not bool(first.quantizer.initialized)
+    checkpoint = {"state_dict": {k: v.clone() for k, v in first.state_dict().items()}}
+    first.on_save_checkpoint(checkpoint)
+    checkpoint = torch.load(io.BytesIO(_saved(checkpoint)), weights_only=True)  # what a .ckpt holds
+    resumed = stage()
+    resumed.load_state_dict(checkpoint["state_dict"])
+    resumed.on_load_checkpoint(checkpoint)
+    for step in range(2, 6):
+        step_(resumed, step)
+    for name, value in full.quantizer.state_dict().items():
+        assert torch.equal(value, resumed.quantizer.state_dict()[name]), name
+
+
+def _saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
