@@ -56,6 +56,8 @@ def tokenizer_track(tokenizer: str, corpus: str, overrides=((), (), ())) -> Trac
     replace = {
         "data/demo/whisper/": f"data/{sub}/", "artifacts/whisper": f"artifacts/{sub}",
         "runs/demo/whisper": f"runs/{sub}", "data/demo/": f"data/{corpus}/",
+        # Each tokenizer has its own folders here, so its stage 1 logs and promotes as plain "stage1".
+        f"name: stage1_{tokenizer}": "name: stage1", f"stage: stage1_{tokenizer}": "stage: stage1",
     }  # fmt: skip
     configs = tuple(
         str(corpus_config(demo_run.ROOT / c, corpus, demo_run.WORK / "runs" / sub / Path(c).name, replace).relative_to(demo_run.WORK))
