@@ -57,7 +57,14 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from datamodules.shards import ShardIndex, ShardInfo, atomic_write_text, encode_member, file_sha256, write_index
+from datamodules.shards import (
+    ShardIndex,
+    ShardInfo,
+    atomic_write_text,
+    encode_member,
+    file_sha256,
+    write_index,
+)
 from models.codec import codes_to_string, levels_to_string
 
 __all__ = ["ShardPredictionWriter", "jsonl_records", "prediction_fingerprint", "weights_digest"]

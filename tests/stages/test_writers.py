@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch.utils.data import DataLoader
 
 from datamodules.shards import read_index
 from datamodules.text import TextInstructionDataModule, load_instructions, row_id
@@ -205,3 +204,31 @@ def test_ids_without_an_id_field_are_content_hashes(tmp_path):
     a.write_text(json.dumps({"id": "x.1", "instruction": "one"}) + "\n")
     with pytest.raises(ValueError, match="shard key"):
         load_instructions(a)
+
+
+def test_stage1_tokenization_resumes_through_the_same_writer(tiny_corpus, tmp_path):
+    """Stage 1's SpeechDataModule has no exclude_keys: the rerun tokenizes all again, writes the rest once."""
+    from datamodules.speech import SpeechDataModule
+    from models.encoders import Gemma4AudioEncoder
+    from models.rvq import ResidualVQ
+    from stages.stage1 import RVQStage
+
+    def run(out: Path, stop_after: int | None = None) -> ShardPredictionWriter:
+        torch.manual_seed(0)
+        stage = RVQStage(encoder=Gemma4AudioEncoder(source=str(tiny_corpus["encoder"])),
+                         quantizer=ResidualVQ(dim=64, num_quantizers=2, codebook_size=16, kmeans_init=False))
+        dm = SpeechDataModule(predict_shards=str(tiny_corpus["train"]), max_batch_seconds=4.0, max_batch_size=4,
+                              num_workers=0)
+        writer = ShardPredictionWriter(output_dir=str(out), max_samples=3)
+        trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, callbacks=[writer] + ([StopAfter(stop_after)] if stop_after else []))
+        trainer.predict(stage, datamodule=dm)
+        return writer
+
+    run(tmp_path / "ref")
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(tmp_path / "out", stop_after=2)
+    writer = run(tmp_path / "out")
+    assert writer.already > 0 and writer.written + writer.already == 30
+    ref, got = (jsonl_records(tmp_path / d / "semantic_tokens.jsonl") for d in ("ref", "out"))
+    assert len({r["id"] for r in got}) == len(got) == 30 and got == ref
