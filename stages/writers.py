@@ -81,7 +81,7 @@ def weights_digest(module: torch.nn.Module) -> str:
         if isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
         else:
             h.update(repr(value).encode())
     return h.hexdigest()
@@ -234,8 +234,8 @@ class ShardPredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             try:
                 state = self._scan(prediction_fingerprint(pl_module, kind=self.kind, compress=self.compress))
-            except ValueError as exc:  # every rank must learn of it, or the others wait in the broadcast
-                state = {"error": str(exc)}
+            except Exception as exc:  # every rank must learn of it, or the others wait in the broadcast
+                state = {"error": str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"}
         state = trainer.strategy.broadcast(state, src=0)
         if "error" in state:
             raise ValueError(state["error"])
@@ -278,8 +278,10 @@ class ShardPredictionWriter(BasePredictionWriter):
             stem = path.name.removesuffix(MANIFEST).removesuffix(".tar").removesuffix(".jsonl")
             if stem not in finished:
                 path.unlink()  # half-written: a tar or JSONL part without its manifest
-        for path in self.output_dir.glob(f".{self.prefix}-r*"):
-            path.unlink()  # temporary files of a killed run
+        merge_tmp = [f".{name}.*tmp*" for name in ("index.json", self.jsonl_name) if name]
+        for pattern in [f".{self.prefix}-r*", *merge_tmp]:
+            for path in self.output_dir.glob(pattern):
+                path.unlink()  # temporary files of a killed run (or of a merge it was killed in)
         ids = [i for m in manifests for i in m["ids"]]
         if len(ids) != len(set(ids)):
             raise ValueError(f"{self.output_dir}: the manifests list an id twice; the folder was edited by hand")

@@ -108,6 +108,8 @@ def test_a_stopped_run_resumes_and_writes_each_id_once(tmp_path, source, referen
     # Debris of a kill at other moments: a tar renamed but its manifest not yet written, a JSONL part.
     (out / "synthetic-r000-000077.tar").write_bytes(b"half")
     (out / "synthetic-r000-000078.jsonl").write_text('{"id": "q00"}\n')
+    (out / ".synthetic.jsonl.tmp").write_text("killed in the merge")
+    (out / ".index.json.tmp-1").write_text("killed in the merge")
     model = _predict(out, source)
     assert sorted(model.asked) == sorted({f"q{i:02d}" for i in range(N)} - done)  # nothing predicted twice
     assert _ids(out) == sorted(f"q{i:02d}" for i in range(N))
