@@ -288,12 +288,14 @@ class ShardPredictionWriter(BasePredictionWriter):
         return {"ids": ids, "next_seq": max((m["seq"] for m in manifests), default=-1) + 1, "fingerprint": fingerprint}
 
     def _manifests(self) -> list[dict[str, Any]]:
-        """The finished shards' manifests in name order; one whose tar is missing or cut short is dropped."""
+        """The finished shards' manifests in name order; one whose tar is missing or cut short, or whose
+        JSONL part is missing, is dropped (its shard is predicted again)."""
         manifests = []
         for path in sorted(self.output_dir.glob(f"{self.prefix}-r*{MANIFEST}")):
             m = json.loads(path.read_text())
             tar = self.output_dir / m["shard"]["url"]
-            if not tar.exists() or tar.stat().st_size != m["shard"]["bytes"]:
+            jsonl_lost = m["jsonl"] is not None and not (self.output_dir / m["jsonl"]).exists()
+            if not tar.exists() or tar.stat().st_size != m["shard"]["bytes"] or jsonl_lost:
                 path.unlink()
                 continue
             manifests.append(m)

@@ -109,6 +109,11 @@ def test_a_stopped_run_resumes_and_writes_each_id_once(tmp_path, source, referen
     (out / "synthetic-r000-000077.tar").write_bytes(b"half")
     (out / "synthetic-r000-000078.jsonl").write_text('{"id": "q00"}\n')
     (out / ".synthetic.jsonl.tmp").write_text("killed in the merge")
+    # A finished shard cut short afterwards (a disk error) is not finished any more: predicted again.
+    first = json.loads((out / "synthetic-r000-000000.manifest.json").read_text())
+    tar = out / first["shard"]["url"]
+    tar.write_bytes(tar.read_bytes()[:100])
+    done -= set(first["ids"])
     (out / ".index.json.tmp-1").write_text("killed in the merge")
     model = _predict(out, source)
     assert sorted(model.asked) == sorted({f"q{i:02d}" for i in range(N)} - done)  # nothing predicted twice
