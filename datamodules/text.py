@@ -5,14 +5,24 @@ instructions of an instruction data set into semantic tokens, which stage 3 trai
 recorded speech. Input is a JSONL file (one object per line) or a Hugging Face dataset saved on
 disk (``datasets.save_to_disk``); field names are configurable.
 
+Each instruction's id (its sample key in the synthetic shards) is the record's own ``id`` field when
+present, else ``id-<16 hex>``: the first 64 bits of the sha256 of the row as canonical JSON (sorted
+keys), so an id-less set keeps its ids when lines are reordered or added. Duplicate ids (two
+identical id-less rows, too) are an error.
+
 The predict loader splits the instructions across ranks by contiguous blocks, so every instruction
 is predicted exactly once; the shorter ranks are padded with ``sample_weight == 0`` copies so all
-ranks run the same number of batches (the writers skip weight-0 samples).
+ranks run the same number of batches (the writers skip weight-0 samples). A resumed synthesis
+(:class:`stages.writers.ShardPredictionWriter` over a folder holding finished shards) calls
+:meth:`TextInstructionDataModule.exclude_keys` first: the ids already written are dropped before the
+split, and every rank, given the same ids, splits the same remainder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +32,13 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.ranks import rank_slice, trainer_rank
 
-__all__ = ["TextInstructionDataModule", "load_instructions"]
+__all__ = ["TextInstructionDataModule", "load_instructions", "row_id"]
+
+
+def row_id(row: dict[str, Any]) -> str:
+    """The stable id of a row without one: ``id-`` + 16 hex digits of the sha256 of its canonical JSON."""
+    canonical = json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return "id-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
 def load_instructions(
@@ -33,12 +49,13 @@ def load_instructions(
 
     Args:
         path: a ``.jsonl`` file, or a folder written by ``datasets`` ``save_to_disk``.
-        instruction_field, response_field, id_field: source field names (``id`` falls back to
-            ``"<line or row number>"`` when the field is absent).
+        instruction_field, response_field, id_field: source field names (a row without
+            ``id_field`` gets :func:`row_id`, a hash of its content).
         split: the split of a saved ``DatasetDict``.
 
     Raises:
-        ValueError: a record without an instruction, a duplicate id, or an unreadable line.
+        ValueError: a record without an instruction, a duplicate id (two identical id-less rows
+            included), an id with ``.`` or ``/`` (shard keys cannot hold them), or an unreadable line.
     """
     path = Path(path)
     if path.is_dir():
@@ -65,9 +82,12 @@ def load_instructions(
         text = row.get(instruction_field)
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{path}: record {n} has no {instruction_field!r} text")
-        key = str(row.get(id_field, n))
+        key = str(row[id_field]) if row.get(id_field) is not None else row_id(row)
         if key in seen:
-            raise ValueError(f"{path}: duplicate id {key!r}")
+            why = "" if row.get(id_field) is not None else f" (rows without {id_field!r} are identical)"
+            raise ValueError(f"{path}: record {n}: duplicate id {key!r}{why}; ids must be unique")
+        if not key or "." in key or "/" in key:
+            raise ValueError(f"{path}: record {n}: id {key!r} cannot be a shard key (empty, or holds '.' or '/')")
         seen.add(key)
         extra = {k: v for k, v in row.items() if k not in (instruction_field, response_field, id_field)}
         records.append({**extra, "id": key, "instruction": text, "response": row.get(response_field, "")})
@@ -124,6 +144,7 @@ class TextInstructionDataModule(L.LightningDataModule):
         self.fields = dict(instruction_field=instruction_field, response_field=response_field, id_field=id_field)
         self.rank, self.world_size = rank, world_size
         self.records: list[dict[str, Any]] = []
+        self.excluded: frozenset[str] = frozenset()
 
     def setup(self, stage: str | None = None) -> None:
         self.records = load_instructions(self.path, split=self.split, **self.fields)
@@ -135,12 +156,38 @@ class TextInstructionDataModule(L.LightningDataModule):
         if self.world_size is None:
             self.world_size = world_size
 
+    def exclude_keys(self, keys: Collection[str]) -> int:
+        """Leave out the instructions whose ids are in ``keys`` (written by an earlier run).
+
+        Every rank must pass the same ``keys`` (the writer broadcasts them from rank 0): the ranks
+        then split the same remainder and run the same number of batches.
+
+        Returns:
+            How many instructions are left to predict, over all ranks.
+
+        Raises:
+            ValueError: ``keys`` holds ids this input does not have (the output was written from
+                another instruction set).
+        """
+        if not self.records:
+            self.setup("predict")
+        ids = {r["id"] for r in self.records}
+        unknown = [k for k in keys if k not in ids]
+        if unknown:
+            raise ValueError(
+                f"the output folder holds {len(unknown)} ids that {self.path} does not (e.g. {sorted(unknown)[:3]}): "
+                "it was written from another instruction set; use another output folder"
+            )
+        self.excluded = frozenset(keys)
+        return len(ids) - len(self.excluded)
+
     def predict_dataloader(self) -> DataLoader:
         if not self.records:
             self.setup("predict")
-        indices, per_rank = rank_slice(len(self.records), self.rank, self.world_size)
-        items = [(self.records[i], 1.0) for i in indices]
+        todo = [r for r in self.records if r["id"] not in self.excluded]
+        indices, per_rank = rank_slice(len(todo), self.rank, self.world_size)
+        items = [(todo[i], 1.0) for i in indices]
         # Padding copies (weight 0) keep the batch count equal on every rank.
-        filler = self.records[indices[0] if indices else 0] if self.records else None
+        filler = todo[indices[0] if indices else 0] if todo else None
         items += [(filler, 0.0)] * (per_rank - len(indices)) if filler is not None else []
         return DataLoader(_Items(items), batch_size=self.batch_size, shuffle=False, collate_fn=_collate)

@@ -426,6 +426,12 @@ class SpeechlessStage(LightningModule):
         meta = [{**m, "text": t} for m, t in zip(batch["meta"], batch["texts"], strict=True)]
         return {"keys": batch["keys"], "meta": meta, "codes": codes, "weights": weights}
 
+    def prediction_settings(self) -> dict[str, Any]:
+        """The decoding options that decide what ``predict`` writes; with the weights, the fingerprint by
+        which :class:`stages.writers.ShardPredictionWriter` resumes only a run of the same synthesis."""
+        return {"gen_max_frames": self.gen_max_frames, "greedy": self.greedy, "temperature": self.temperature,
+                "top_k": self.top_k, "eos_rule": self.eos_rule, "cfg_scale": self.cfg_scale}
+
     # ---- promotion ----------------------------------------------------------------------------
     def artifact_modules(self, config: dict[str, Any]) -> dict[str, ArtifactModule]:
         """The SpeechLM in its own pickle-free folder (``lm/``), rebuilt by ``SpeechLM.load``."""
