@@ -52,6 +52,7 @@ def gemma4_audio_debug_config(**overrides: Any) -> Gemma4AudioConfig:
     Returns:
         The config; ``hidden_size`` is the encoder dim the stage-1 quantizer sees.
     """
+    # A config literal, written out on purpose: alike only in shape to the other builders' literals.
     kwargs: dict[str, Any] = dict(
         hidden_size=64,
         num_hidden_layers=2,
@@ -81,6 +82,7 @@ def whisper_debug_config(**overrides: Any) -> WhisperConfig:
     Returns:
         The config (``num_mel_bins=80``, ``d_model=32``).
     """
+    # A config literal, written out on purpose: alike only in shape to the other builders' literals.
     kwargs: dict[str, Any] = dict(
         vocab_size=64,
         num_mel_bins=80,
@@ -114,6 +116,7 @@ def hubert_debug_config(**overrides: Any) -> HubertConfig:
     Returns:
         The config (``hidden_size=32``).
     """
+    # A config literal, written out on purpose: alike only in shape to the other builders' literals.
     kwargs: dict[str, Any] = dict(
         hidden_size=32,
         num_hidden_layers=3,

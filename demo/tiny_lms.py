@@ -51,6 +51,7 @@ def gemma4_text_debug_config(**overrides: Any) -> Gemma4TextConfig:
     Returns:
         The text config.
     """
+    # A config literal, written out on purpose: alike only in shape to the other builders' literals.
     kwargs: dict[str, Any] = dict(
         vocab_size=512,
         hidden_size=32,
@@ -112,6 +113,7 @@ def gemma4_llm_debug_config(*, vocab_size: int, hidden_size: int = 64, num_layer
         A ``Gemma4Config`` whose special-token ids match ``gemma4_tokenizer_debug``.
     """
     ids = {tok: i for i, tok in enumerate(GEMMA4_SPECIAL_TOKENS)}
+    # A config literal, written out on purpose: alike only in shape to the other builders' literals.
     text_config = {
         "vocab_size": vocab_size,
         "vocab_size_per_layer_input": vocab_size,
@@ -198,6 +200,7 @@ def gemma3_lm_debug_config(vocab_size: int, *, hidden_size: int = 64, num_layers
     layer_types = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["full_attention"] * (
         num_layers % 2
     )
+    # A config literal, written out on purpose: alike only in shape to the other builders' literals.
     kw: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

@@ -9,6 +9,7 @@ Part of :mod:`demo.tiny`, which re-exports every name.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
 from tokenizers import models as bpe_models
@@ -73,6 +74,15 @@ _DEFAULT_TEXTS = [
 ]
 
 
+def _gemma_fast(tok: Tokenizer, **special: Any) -> PreTrainedTokenizerFast:
+    """``tok`` as a fast tokenizer with Gemma's ``<bos>``/``<eos>``/``<pad>``/``<unk>`` and ``special``."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left",  # decoder-only generation pads prompts on the left
+        **special,
+    )  # fmt: skip
+
+
 def gemma4_tokenizer_debug(
     *, texts: Iterable[str] | None = None, vocab_size: int = 384, extra_tokens: Iterable[str] = ()
 ) -> PreTrainedTokenizerFast:
@@ -97,16 +107,7 @@ def gemma4_tokenizer_debug(
     )
     tok.train_from_iterator(texts, trainer=trainer)
     extra = [t for t in extra_tokens if t not in GEMMA4_SPECIAL_TOKENS]
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-        extra_special_tokens=dict(_GEMMA4_NAMED_TOKENS),
-        padding_side="left",
-    )
+    tokenizer = _gemma_fast(tok, mask_token="<mask>", extra_special_tokens=dict(_GEMMA4_NAMED_TOKENS))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|video|>", *extra]})
     tokenizer.chat_template = GEMMA4_CHAT_TEMPLATE
     for name, token in _GEMMA4_NAMED_TOKENS.items():
@@ -178,15 +179,7 @@ def train_tokenizer(
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)]
     )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-        padding_side="left",  # decoder-only generation pads prompts on the left
-    )
+    fast = _gemma_fast(tok, additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
     if extra:
         fast.add_tokens(extra, special_tokens=True)
     if chat_template is not None:
