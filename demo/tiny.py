@@ -18,6 +18,9 @@ real runs share one code path (``../shared/DESIGN.md``: no hub at test time). No
   ``python -m demo.tiny --out DIR --encoder gemma4-tiny --texts FILE`` (what ``speechless-init --tiny``
   prints first).
 
+The builders live in three files by kind, :mod:`demo.tiny_encoders`, :mod:`demo.tiny_tokenizers` and
+:mod:`demo.tiny_lms`; this module re-exports every one of them and holds the demo's model set.
+
 Reference figures for the real Gemma 4 audio encoder (the default ``Gemma4AudioConfig``, shipped in
 ``google/gemma-4-E2B-it`` and ``google/gemma-4-E4B-it``; the 26B-A4B and 31B checkpoints have no
 audio tower): a 12-layer USM-style Conformer with ``hidden_size=1024``; 128-bin log-mel at 100 frames/s
