@@ -1,17 +1,27 @@
 """How data is split over DDP ranks, in one place: every rank runs the same number of batches.
 
-Two kinds of data, one guarantee (each example used exactly once per epoch, equal batch counts per
-rank, so DDP's gradient all-reduce never waits on a rank that ran out):
+One guarantee for every kind of data: each example is used exactly once per epoch (padding, where
+there is any, is marked as such) and every rank runs as many batches, so DDP's gradient all-reduce
+never waits on a rank that ran out. The rank and world size always come from the trainer
+(:func:`trainer_rank`), never the environment.
 
-* streamed shards (``datamodules/shard_dataset.py``): :func:`plan_exact_epoch` deals shards (or strided parts
-  of them) to ``(rank, worker)`` slots by seconds, from the shard index alone, and pads the ranks
-  with fewer batches; :func:`assemble_planned` routes the decoded samples into the planned batches.
-* in-memory examples: batches are dealt by stride (:func:`deal`), in :func:`split_for_ranks` (whole
-  batches, stage 3's ``batch_size``) and :func:`split_global_batches` (each global batch split over
-  the ranks, stage 3's ``global_batch_size``); stage 2's synthesis keeps instructions in order
-  (:func:`rank_slice`: a contiguous block per rank, padded with weight-0 copies).
+Two schemes, because the data is held two ways:
 
-The rank and world size always come from the trainer (:func:`trainer_rank`), never the environment.
+* streamed shards (``datamodules/shard_dataset.py``): no rank holds the data, so the split is
+  planned from the shard index alone. :func:`plan_exact_epoch` deals shards (or strided parts of
+  them) to ``(rank, worker)`` slots by seconds and pads the ranks with fewer batches;
+  :func:`assemble_planned` routes the decoded samples into the planned batches.
+* in-memory items: dealt by stride, :func:`deal` (``items[rank::world_size]``), whatever the unit.
+  What is dealt, and how the counts are made equal, is each caller's training contract:
+
+  - :func:`split_for_ranks` deals whole *batches* (stage 3's per-rank ``batch_size``): a count that
+    does not divide is fixed by halving the largest batches, as training must not repeat an example;
+  - :func:`split_global_batches` deals the *examples of each global batch* (stage 3's
+    ``global_batch_size``): step k on all ranks together is the one-process batch k, so a batch
+    smaller than the world is merged into the one before it;
+  - :func:`rank_slice` deals *examples* for prediction (stage 2's synthesis): the counts are made
+    equal with padding copies the caller marks (weight 0), since the writer drops them and no
+    example's output may be lost or merged.
 """
 
 from __future__ import annotations
@@ -84,16 +94,16 @@ def split_global_batches(batches: list[list[int]], world_size: int) -> list[list
 
 
 def rank_slice(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
-    """Indices of rank ``rank``'s contiguous block and the padded per-rank count.
+    """Indices of rank ``rank``'s share of ``range(n)``, dealt by stride (:func:`deal`), and the padded count.
 
     Returns:
         ``(indices, per_rank)``: every index in ``range(n)`` lands on exactly one rank; ``per_rank =
-        ceil(n / world_size)`` is the length every rank pads to.
+        ceil(n / world_size)`` is the length every rank pads to (at most one padding item a rank).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     per_rank = math.ceil(n / world_size) if n else 0
-    return list(range(min(rank * per_rank, n), min((rank + 1) * per_rank, n))), per_rank
+    return deal(range(n), rank, world_size), per_rank
 
 
 @dataclass

@@ -10,7 +10,7 @@ present, else ``id-<16 hex>``: the first 64 bits of the sha256 of the row as can
 keys), so an id-less set keeps its ids when lines are reordered or added. Duplicate ids (two
 identical id-less rows, too) are an error.
 
-The predict loader splits the instructions across ranks by contiguous blocks, so every instruction
+The predict loader splits the instructions across ranks by stride (`datamodules.ranks.rank_slice`), so every instruction
 is predicted exactly once; the shorter ranks are padded with ``sample_weight == 0`` copies so all
 ranks run the same number of batches (the writers skip weight-0 samples). A resumed synthesis
 (:class:`stages.writers.ShardPredictionWriter` over a folder holding finished shards) calls

@@ -40,7 +40,7 @@ import yaml
 
 from demo.tasks import ANSWER_FIELD, CLOSED_TASK, next_digit
 from demo.tiny import save_gemma3_lm_debug, save_gemma4_audio_debug, save_gemma4_stage3_debug
-from stages.init import chance_wer
+from stages.metrics import chance_wer
 
 __all__ = ["main"]
 

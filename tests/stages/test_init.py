@@ -8,7 +8,6 @@ speech of the held-out test speaker (about 1.5 min on 2 CPU cores).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -27,13 +26,6 @@ SWAHILI = (
     "Tunakwenda sokoni kesho.", "Chakula kiko tayari.", "Mwalimu anafundisha darasa.", "Jua linawaka leo.",
     "Ninapenda kunywa chai.", "Ndege wanaimba asubuhi.", "Gari limefika mjini.", "Asante kwa msaada wako.",
 )  # fmt: skip
-ENV = dict(
-    os.environ,
-    HF_HUB_OFFLINE="1",
-    TRANSFORMERS_OFFLINE="1",
-    TOKENIZERS_PARALLELISM="false",
-    OMP_NUM_THREADS="1",
-)
 
 
 def tone_corpus(root: Path, *, seconds: float, speakers: int = 3, per_speaker: int = 4, **extra: str) -> Path:
@@ -301,15 +293,15 @@ def test_speechless_init_is_the_same_command(tmp_path, capsys):
 # ---- the whole chain ---------------------------------------------------------------------------
 
 
-def _run(cmd: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], cwd: Path, *, timeout: int, env: dict[str, str]) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, (
         f"{shlex.join(cmd)}\n--- stdout\n{out.stdout[-3000:]}\n--- stderr\n{out.stderr[-5000:]}"
     )
     return out
 
 
-def test_tiny_chain_on_a_swahili_corpus(tmp_path):
+def test_tiny_chain_on_a_swahili_corpus(tmp_path, offline_env):
     from demo.tts import synthesize
 
     raw = tmp_path / "my_corpus"
@@ -326,7 +318,7 @@ def test_tiny_chain_on_a_swahili_corpus(tmp_path):
     (raw / "manifest.tsv").write_text("\n".join(lines) + "\n")
 
     setup = _run([sys.executable, "-m", "stages.init", "--manifest", "my_corpus/manifest.tsv", "--language", "sw",
-                  "--out", "runs/sw", "--tiny", "--epochs", "2", "--no-progress"], tmp_path, timeout=300)  # fmt: skip
+                  "--out", "runs/sw", "--tiny", "--epochs", "2", "--no-progress"], tmp_path, timeout=300, env=offline_env())  # fmt: skip
     block = setup.stdout.split("run these commands in order", 1)[1].split("\n\n", 2)[1]
     commands = [line.strip() for line in block.splitlines() if line.strip()]
     assert commands == json.loads((tmp_path / "runs/sw/init.json").read_text())["commands"]
@@ -342,11 +334,11 @@ def test_tiny_chain_on_a_swahili_corpus(tmp_path):
     for command in json.loads((tmp_path / "runs/sw/init.json").read_text())["setup_commands"]:
         assert f"  {command}\n" in setup.stdout
         program, *rest = shlex.split(command)
-        _run(entry[program] + rest, tmp_path, timeout=300)
+        _run(entry[program] + rest, tmp_path, timeout=300, env=offline_env())
     results = []
     for command in commands:
         program, *rest = shlex.split(command)
-        results.append(_run(entry[program] + rest, tmp_path, timeout=600))
+        results.append(_run(entry[program] + rest, tmp_path, timeout=600, env=offline_env()))
     for stage in ("stage1", "stage2", "stage3"):
         current = tmp_path / "runs/sw/artifacts" / stage / "current"
         assert (current / "config.json").is_file() and (current / "provenance.json").is_file(), stage

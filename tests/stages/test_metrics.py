@@ -6,6 +6,7 @@ import math
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -67,3 +68,23 @@ def test_ddp_metrics_equal_single_process():
         assert torch.allclose(torch.tensor(util), expected["utilisation"])
         assert torch.allclose(torch.tensor(ppl), expected["perplexity"], atol=1e-5)
         assert math.isclose(mean, float(single_mean.compute()), rel_tol=1e-6)
+
+
+# ---- the one transcript normaliser -------------------------------------------------------------
+
+
+def test_one_normaliser_for_every_wer():
+    from stages.metrics import chance_wer, normalize_transcript
+    from stages.tasks import normalizer
+
+    for code in ("en", "en-US", "en_GB", "eng", "English"):
+        assert normalize_transcript("Colour, ten dollars!", code) == "color $10", code  # English: spellings, numbers
+    assert normalize_transcript("  Ɛyɛ   dɛ!  ", "tw") == "ɛyɛ dɛ"  # basic: Twi letters kept, spaces collapsed
+    # A text without a language: basic by default, English where the caller says so (stage 3, infer).
+    assert normalize_transcript("Colour", None) == "colour"
+    assert normalize_transcript("Colour", None, unknown="en") == "color"
+    assert normalizer(None)("Colour") == "color" and normalizer("tw")("Colour") == "colour"
+    with pytest.raises(ValueError, match="unknown"):
+        normalize_transcript("x", None, unknown="fr")
+    digits = "zero one two three four five six seven eight nine".split()
+    assert chance_wer(digits) == pytest.approx(0.9)  # one word in ten is right by chance

@@ -45,15 +45,9 @@ WORDS = [f"word{i}" for i in range(5)]  # the texts of write_speech_shards
 TRAIN_LIST = "[" + ",".join(f"data/twi/{c}/train" for c in TWI_CORPORA) + "]"  # the header's tokenize command
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    return env
-
-
-def run(cmd: list[str], cwd: Path, *, ok: tuple[int, ...] = (0,)) -> str:
+def run(cmd: list[str], cwd: Path, env: dict[str, str], *, ok: tuple[int, ...] = (0,)) -> str:
     # A session of its own, so that a timeout kills every rank and DataLoader worker, not just rank 0.
-    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=STEP_TIMEOUT)
@@ -73,15 +67,15 @@ def _tail(text: str, n: int = 60) -> str:
     return "\n".join(lines[-n:])
 
 
-def lightning(cwd: Path, *args: str) -> str:
-    return run([sys.executable, "-m", "stages", *args], cwd)
+def lightning(cwd: Path, env: dict[str, str], *args: str) -> str:
+    return run([sys.executable, "-m", "stages", *args], cwd, env)
 
 
 class Chain:
     """The real-config chain in one working folder, each step run once and cached."""
 
-    def __init__(self, root: Path, world: int, write_shards) -> None:
-        self.root, self.world = root, world
+    def __init__(self, root: Path, world: int, write_shards, env: dict[str, str]) -> None:
+        self.root, self.world, self.env = root, world, env
         self.device = ["--trainer.accelerator", "cpu", "--trainer.devices", str(world)]
         self.done: dict[str, object] = {}
         self._write_shards = write_shards
@@ -137,14 +131,14 @@ class Chain:
                 "--model.init_args.quantizer.init_args.codebook_size", str(CODES),
                 "--model.init_args.quantizer.init_args.kmeans_buffer_frames", "256",
             ]
-            lightning(self.root, "fit", "--config", config, *self.device, "--trainer.max_epochs", "3", *tiny,
+            lightning(self.root, self.env, "fit", "--config", config, *self.device, "--trainer.max_epochs", "3", *tiny,
                       "--data.init_args.num_workers", "1")
             artifact = self.root / "artifacts" / "stage1" / "current"
             assert (artifact / "config.json").exists(), "stage 1 did not promote"
             # Tokenize as the config's header says, into the folders the stage-2 config reads.
             for split, shards in (("train", TRAIN_LIST), ("val", "data/twi/shards/val")):
                 lightning(
-                    self.root, "predict", "--config", config, *self.device,
+                    self.root, self.env, "predict", "--config", config, *self.device,
                     "--model.init_args.artifact", "artifacts/stage1/current", *tiny,
                     "--data.init_args.predict_shards", shards, "--data.init_args.num_workers", "1",
                     "--trainer.callbacks+=stages.writers.ShardPredictionWriter",
@@ -161,7 +155,7 @@ class Chain:
             config = str(CONFIGS / "stage2_speechless.yaml")
             lm = str(models["stage2_lm"])
             lightning(
-                self.root, "fit", "--config", config, *self.device, "--trainer.max_epochs", "4",
+                self.root, self.env, "fit", "--config", config, *self.device, "--trainer.max_epochs", "4",
                 "--model.init_args.lm.init_args.lm", lm, "--model.init_args.lm.init_args.tokenizer", lm,
                 "--model.init_args.lm.init_args.codebook_size", str(CODES),
                 "--model.init_args.gen_max_frames", "40", "--data.init_args.num_workers", "0",
@@ -170,7 +164,7 @@ class Chain:
             assert (artifact / "config.json").exists(), "stage 2 did not promote"
             for split in ("train", "val"):
                 lightning(
-                    self.root, "predict", "--config", config, *self.device,
+                    self.root, self.env, "predict", "--config", config, *self.device,
                     "--model.init_args.artifact", "artifacts/stage2/current", "--model.init_args.lm", "null",
                     "--data", "datamodules.text.TextInstructionDataModule",
                     "--data.init_args.path", "data/raw/instructions.jsonl",
@@ -187,7 +181,7 @@ class Chain:
         def build() -> Path:
             models, _ = self.models(), self.stage2()
             lightning(
-                self.root, "fit", "--config", str(CONFIGS / "stage3_llm.yaml"), *self.device,
+                self.root, self.env, "fit", "--config", str(CONFIGS / "stage3_llm.yaml"), *self.device,
                 "--trainer.max_epochs", "2",
                 "--model.init_args.llm.init_args.model", str(models["gemma4"]),
                 "--model.init_args.llm.init_args.codebook_size", str(CODES),
@@ -210,8 +204,8 @@ class Chain:
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
-def chain(request, tmp_path_factory, speech_shard_writer):
-    return Chain(tmp_path_factory.mktemp(f"real{request.param}"), request.param, speech_shard_writer)
+def chain(request, tmp_path_factory, speech_shard_writer, offline_env):
+    return Chain(tmp_path_factory.mktemp(f"real{request.param}"), request.param, speech_shard_writer, offline_env())
 
 
 def _checkpoint_metrics(root: Path, stage: str) -> dict:
@@ -245,11 +239,11 @@ def test_stage1_validate_and_promote_commands(chain):
     chain.stage1()
     run_dir = sorted((chain.root / "runs" / "stage1").glob("version_*"))[0]
     averaged = run_dir / "checkpoints" / "averaged.ckpt"
-    out = lightning(chain.root, "validate", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(averaged),
+    out = lightning(chain.root, chain.env, "validate", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(averaged),
                     "--trainer.logger", "false")
     assert "val/cosine" in out
     out = run([str(BIN / "speechless-promote"), "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(averaged),
-               "--force"], chain.root)
+               "--force"], chain.root, chain.env)
     promoted = json.loads(out.strip().splitlines()[-1])
     assert promoted["current"] and (chain.root / promoted["artifact"]).is_dir()  # relative to the run's folder
 
@@ -268,7 +262,7 @@ def test_stage3_real_config_answers_real_speech(chain):
     info = json.loads((artifact / "config.json").read_text())["info"]
     assert info["input_mode"] == "embeddings" and info["num_levels"] == LEVELS
     out = run([str(BIN / "speechless-infer"), "--artifact", str(artifact), "--stage1", "artifacts/stage1/current",
-               "--audio", str(chain.wav()), "--max-new-tokens", "3"], chain.root)
+               "--audio", str(chain.wav()), "--max-new-tokens", "3"], chain.root, chain.env)
     answers = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(answers) == 1 and "answer" in answers[0]
 

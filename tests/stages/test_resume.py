@@ -33,10 +33,8 @@ HELPERS = Path(__file__).resolve().parent / "helpers"
 TIMEOUT = 300
 
 
-def _fit(cwd: Path, config: Path, *extra: str, kill_at: int = -1, ok=(0,)) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(HELPERS), str(REPO), env.get("PYTHONPATH", "")])
+def _fit(cwd: Path, config: Path, *extra: str, env: dict[str, str], kill_at: int = -1, ok=(0,)) -> subprocess.CompletedProcess:
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(HELPERS), str(REPO), env.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "stages", "fit", "--config", str(config), *extra,
            "--trainer.callbacks+=kill_at_step.KillAtStep", "--trainer.callbacks.step", str(kill_at),
            "--trainer.callbacks.record", str(cwd / "batches.jsonl")]  # fmt: skip
@@ -45,16 +43,16 @@ def _fit(cwd: Path, config: Path, *extra: str, kill_at: int = -1, ok=(0,)) -> su
     return proc
 
 
-def _three_runs(root: Path, config_for, kill_at: int) -> dict[str, Path]:
+def _three_runs(root: Path, config_for, kill_at: int, env: dict[str, str]) -> dict[str, Path]:
     """Uninterrupted run in ``root/a``; killed then resumed run in ``root/b``."""
     runs = {}
     for name in ("a", "b"):
         cwd = root / name
         cwd.mkdir(parents=True)
         runs[name] = cwd
-    _fit(runs["a"], config_for(runs["a"]))
+    _fit(runs["a"], config_for(runs["a"]), env=env)
     config_b = config_for(runs["b"])
-    _fit(runs["b"], config_b, kill_at=kill_at, ok=(-9, 137))
+    _fit(runs["b"], config_b, env=env, kill_at=kill_at, ok=(-9, 137))
     killed = [json.loads(line) for line in (runs["b"] / "batches.jsonl").read_text().splitlines()]
     assert killed[-1]["step"] == kill_at, "the run was not killed where asked"
     ckpts = runs["b"] / "runs" / "stage" / "version_0" / "checkpoints"
@@ -62,7 +60,7 @@ def _three_runs(root: Path, config_for, kill_at: int) -> dict[str, Path]:
     (runs["b"] / "batches.jsonl").rename(runs["b"] / "killed.jsonl")
     resumed_from = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
     assert 0 < resumed_from < kill_at
-    _fit(runs["b"], config_b, "--ckpt_path", str(ckpts / "last.ckpt"))
+    _fit(runs["b"], config_b, "--ckpt_path", str(ckpts / "last.ckpt"), env=env)
     runs["resumed_from"] = resumed_from
     return runs
 
@@ -122,29 +120,29 @@ def _batches_per_epoch(cwd: Path) -> int:
     return sum(1 for r in rows if r["epoch"] == 0)
 
 
-def test_stage1_killed_at_an_epoch_boundary_resumes_exactly(make_stage1_config, tiny_corpus, tmp_path):
+def test_stage1_killed_at_an_epoch_boundary_resumes_exactly(make_stage1_config, tiny_corpus, tmp_path, offline_env):
     make = _stage1_config(make_stage1_config, tiny_corpus, every_n_steps=None)
     probe = tmp_path / "probe"
     probe.mkdir()
-    _fit(probe, make(probe), "--trainer.max_epochs", "1")
+    _fit(probe, make(probe), "--trainer.max_epochs", "1", env=offline_env())
     n = _batches_per_epoch(probe)
     assert n >= 3
-    runs = _three_runs(tmp_path, make, kill_at=2 * n + 1)  # last.ckpt: the end of epoch 2 (step 2n)
+    runs = _three_runs(tmp_path, make, kill_at=2 * n + 1, env=offline_env())  # last.ckpt: the end of epoch 2 (step 2n)
     assert runs["resumed_from"] == 2 * n
     _assert_same_run(runs)
     averaged = runs["b"] / "runs" / "stage" / "version_0" / "checkpoints" / "averaging"
     assert len(list(averaged.glob("*.safetensors"))) >= 2  # the buffer's weights are on disk
 
 
-def test_stage1_killed_inside_an_epoch_resumes_exactly(make_stage1_config, tiny_corpus, tmp_path):
+def test_stage1_killed_inside_an_epoch_resumes_exactly(make_stage1_config, tiny_corpus, tmp_path, offline_env):
     make = _stage1_config(make_stage1_config, tiny_corpus, every_n_steps=2)
     probe = tmp_path / "probe"
     probe.mkdir()
-    _fit(probe, make(probe), "--trainer.max_epochs", "1")
+    _fit(probe, make(probe), "--trainer.max_epochs", "1", env=offline_env())
     n = _batches_per_epoch(probe)
     # A step checkpoint inside epoch 1 (step c), and the kill one step after it.
     c = next(s for s in range(n + 1, 3 * n) if s % 2 == 0 and s % n)
-    runs = _three_runs(tmp_path, make, kill_at=c + 1)
+    runs = _three_runs(tmp_path, make, kill_at=c + 1, env=offline_env())
     assert runs["resumed_from"] == c  # really a mid-epoch position
     _assert_same_run(runs)
 
@@ -231,9 +229,9 @@ def _stage3_config(setup, *, every_n_steps: int | None):
     return make
 
 
-def test_stage3_killed_at_an_epoch_boundary_resumes_exactly(stage3_setup, tmp_path):
+def test_stage3_killed_at_an_epoch_boundary_resumes_exactly(stage3_setup, tmp_path, offline_env):
     # 12 spoken + 6 text examples in batches of 3: 6 batches an epoch, validations after 3 and 6.
-    runs = _three_runs(tmp_path, _stage3_config(stage3_setup, every_n_steps=None), kill_at=7)
+    runs = _three_runs(tmp_path, _stage3_config(stage3_setup, every_n_steps=None), kill_at=7, env=offline_env())
     assert runs["resumed_from"] == 6
     _assert_same_run(runs)
 
@@ -243,9 +241,10 @@ def test_stage3_killed_at_an_epoch_boundary_resumes_exactly(stage3_setup, tmp_pa
     [(None, 10, 9), (5, 11, 10)],
     ids=["validation-inside-epoch", "every-n-steps"],
 )
-def test_stage3_killed_inside_an_epoch_resumes_exactly(stage3_setup, tmp_path, every_n_steps, kill_at, checkpoint):
+def test_stage3_killed_inside_an_epoch_resumes_exactly(stage3_setup, tmp_path, every_n_steps, kill_at, checkpoint, offline_env):
     # Epoch 1 is steps 7-12; its first validation (val_check_interval 0.5) writes last.ckpt at step 9,
     # a ModelCheckpoint(every_n_train_steps=5) at step 10: both inside the epoch.
-    runs = _three_runs(tmp_path, _stage3_config(stage3_setup, every_n_steps=every_n_steps), kill_at=kill_at)
+    runs = _three_runs(tmp_path, _stage3_config(stage3_setup, every_n_steps=every_n_steps), kill_at=kill_at,
+                      env=offline_env())
     assert runs["resumed_from"] == checkpoint
     _assert_same_run(runs)

@@ -251,15 +251,9 @@ def test_promote_command_reads_the_skips_from_the_checkpoint(corrupt_fit, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_two_ranks_sum_their_skips_and_both_stop_at_the_gate(corrupt_corpus, make_stage1_config, tmp_path):
+def test_two_ranks_sum_their_skips_and_both_stop_at_the_gate(corrupt_corpus, make_stage1_config, tmp_path, offline_env):
     config = make_stage1_config(corrupt_corpus, tmp_path, gates={"skipped/train/fraction": {"max": 0.01}})
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-    )
+    env = offline_env()
     cmd = [
         sys.executable,
         "-m",
