@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import demo.run as demo_run
-from demo.run import Track, corpus_config, fsdd_manifest, metrics_of, run, run_track, whisper_model, with_answers
+from demo.run import Track, corpus_config, fsdd_manifest, run, run_track, whisper_model, with_answers
 
 __all__ = ["TOKENIZERS", "main", "token_rates"]
 
@@ -160,10 +160,10 @@ def compare_one(tokenizer: str, corpus: str, bin_dir: Path, *, with_clips: bool)
     """Stages 1-3 of one tokenizer; its figures."""
     first = tokenizer_track(tokenizer, corpus)
     figures = run_track(first, argparse.Namespace(stages="1", stage3_on="synthetic"), [], bin_dir)
-    stage1 = json.loads((demo_run.WORK / first.artifacts / "stage1" / "current" / "config.json").read_text())
-    info = stage1.get("info") or {}
+    promoted = demo_run.WORK / first.artifacts / "stage1" / "current"
+    info = json.loads((promoted / "config.json").read_text()).get("info") or {}
     levels, size = int(info["num_quantizers"]), int(info["codebook_size"])
-    chosen = metrics_of(demo_run.WORK / first.runs / "stage1").get("metrics", {}).get("averaged", {})
+    chosen = json.loads((promoted / "metrics.json").read_text())  # the promoted checkpoint's validation
     figures.update({k: v for k, v in chosen.items() if k in ("val/utilisation", "val/wer")})
     frame_rate = float((info.get("encoder") or {}).get("frame_rate", 25.0))
     figures.update(token_rates(str(demo_run.WORK / first.data / "tokens" / "test"), frame_rate=frame_rate, codebook_size=size))
