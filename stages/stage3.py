@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
@@ -234,12 +235,13 @@ class SpokenInstructionStage(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.llm(batch)
         loss = out["loss"]
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is not None and (self.trainer.world_size > 1 or isinstance(self.trainer.strategy, DDPStrategy)):
             # DDP all-reduces every trainable weight's gradient each step, in buckets; a text-only
             # batch leaves the audio path (a trainable audio embedder, sound-token rows) out of the
             # graph on one rank while another rank's batch uses it, and the ranks wait on each other
             # forever. A zero-weighted touch keeps every trainable weight in every rank's graph
-            # (the LLaVA-style "dummy input" fix, cheaper than find_unused_parameters).
+            # (the LLaVA-style "dummy input" fix, cheaper than find_unused_parameters). A DDP strategy on
+            # one device checks for unused weights too.
             loss = loss + 0.0 * sum(p.sum() for p in self.llm.parameters() if p.requires_grad)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
