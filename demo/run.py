@@ -249,6 +249,21 @@ def stage3_run(track: Track, source: str, devices: list[str], bin_dir: Path) -> 
     return sum(exact_match(r["answer"], r["reference"]) for r in rows) / len(rows) if rows else float("nan")
 
 
+def real_token_share(run_dir: Path) -> float:
+    """Mean ``train/real_token_share`` (non-pad / all tokens of a batch) over the newest run's logged steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    versions = sorted(run_dir.glob("version_*"), key=lambda p: p.stat().st_mtime)
+    if not versions:
+        return float("nan")
+    events = EventAccumulator(str(versions[-1]), size_guidance={"scalars": 0})
+    events.Reload()
+    if "train/real_token_share" not in events.Tags()["scalars"]:
+        return float("nan")
+    values = [e.value for e in events.Scalars("train/real_token_share")]
+    return sum(values) / len(values)
+
+
 def csv_metrics(folder: Path) -> dict[str, float]:
     """The last value of every metric in the newest ``metrics.csv`` under ``folder`` (a CSVLogger's)."""
     files = sorted(folder.glob("**/metrics.csv"), key=lambda p: p.stat().st_mtime)
@@ -347,6 +362,9 @@ def run_track(track: Track, args: argparse.Namespace, devices: list[str], bin_di
                 save_gemma3_lm_debug(llm_dir, task_texts(data), hidden_size=64, num_layers=2)
         for source in (["synthetic", "real"] if args.stage3_on == "both" else [args.stage3_on]):
             figures[f"stage3_{source}"] = stage3_run(track, source, devices, bin_dir)
+        if "stage3_synthetic" in figures:
+            figures["stage3_real_tokens"] = real_token_share(WORK / track.runs / "stage3")
+            print(f"  real tokens of the training batches: {figures['stage3_real_tokens']:.3f} (non-pad / all)")
         if "stage3_synthetic" in figures and "stage3_real" in figures:
             real = figures["stage3_real"]
             figures["transfer"] = figures["stage3_synthetic"] / real if real else float("nan")
@@ -365,6 +383,7 @@ ROWS = (
     ("stage 2 WER: Whisper reads the generated codes, test", "test/gen_wer", "wer_chance"),
     ("stage 3 real test speech, trained on synthetic", "stage3_synthetic", 0.1),
     ("stage 3 real test speech, trained on real codes", "stage3_real", 0.1),
+    ("stage 3 real-token share of the training batches", "stage3_real_tokens", None),
     ("Speechless transfer ratio synthetic / real", "transfer", None),
 )
 

@@ -10,7 +10,8 @@ Packing follows transformers' packed-sequence format: examples are concatenated 
 ``position_ids`` restarting at 0 per example and *no* ``attention_mask``; transformers'
 ``masking_utils`` then builds a block-diagonal causal mask (sliding windows included) from the
 position restarts, so no example attends to another, for sdpa, eager and flash attention alike.
-Padding at the end of a row forms its own block and carries no loss.
+Padding at the end of a row forms its own block and carries no loss. ``collate_instructions`` makes
+stage 3's training batches either way, with the audio of each batch in the order its slots are filled.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "audio_token_count",
     "build_example",
     "build_prompt",
+    "collate_instructions",
     "collate_packed",
     "collate_padded",
     "end_of_turn_id",
@@ -193,12 +195,18 @@ def build_example(
     }
 
 
-def pack_examples(examples: Sequence[dict[str, torch.Tensor]], max_tokens: int) -> list[dict[str, Any]]:
+def pack_examples(
+    examples: Sequence[dict[str, torch.Tensor]], max_tokens: int, *, balance: bool = False
+) -> list[dict[str, Any]]:
     """Pack examples into rows of at most ``max_tokens`` (first-fit decreasing), keeping each whole.
 
     Args:
         examples: Outputs of ``build_example`` (``input_ids`` [L_i], ``labels`` [L_i], ``audio_positions`` [L_i]).
         max_tokens: Row capacity.
+        balance: Spread the examples over as few rows as first-fit decreasing needs, longest first to the
+            shortest row (LPT) and then evened out by swaps, so the rows end level: a batch is as wide as
+            its longest row, and first-fit rows are full but the last, which then pads the batch. Never
+            more tokens than one example a row.
 
     Returns:
         One dict per row: ``input_ids``/``labels``/``audio_positions``/``position_ids`` [L_row] (positions
@@ -215,17 +223,11 @@ def pack_examples(examples: Sequence[dict[str, torch.Tensor]], max_tokens: int) 
             f"{len(too_long)} example(s) exceed max_tokens={max_tokens} (first: #{too_long[0]}, "
             f"{lengths[too_long[0]]} tokens); filter or raise max_tokens"
         )
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(examples)), key=lambda j: -lengths[j]):
-        for r, space in enumerate(free):
-            if lengths[i] <= space:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            free.append(max_tokens - lengths[i])
+    rows = _first_fit(lengths, max_tokens)
+    if balance:
+        rows = _level_rows(lengths, max_tokens, len(rows))
+        if len(rows) * max(sum(lengths[i] for i in r) for r in rows) > len(lengths) * max(lengths):
+            rows = [[i] for i in sorted(range(len(lengths)), key=lambda j: -lengths[j])]  # never wider than padding
     packs = []
     for row in rows:
         packs.append({
@@ -237,6 +239,61 @@ def pack_examples(examples: Sequence[dict[str, torch.Tensor]], max_tokens: int) 
             "indices": row,
         })  # fmt: skip
     return packs
+
+
+def _first_fit(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """First-fit decreasing: each example, longest first, into the first row it fits."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r, space in enumerate(free):
+            if lengths[i] <= space:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(max_tokens - lengths[i])
+    return rows
+
+
+def _level_rows(lengths: Sequence[int], max_tokens: int, fewest: int) -> list[list[int]]:
+    """Longest first into the shortest of ``n`` rows, from ``n = ceil(total / max_tokens)`` up to ``fewest``
+    (first-fit's count) until no row is over capacity; first-fit's own rows when none is."""
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
+    for n in range(max(1, -(-sum(lengths) // max_tokens)), fewest + 1):
+        rows: list[list[int]] = [[] for _ in range(n)]
+        load = [0] * n
+        for i in order:
+            r = min(range(n), key=lambda k: (load[k], k))
+            rows[r].append(i)
+            load[r] += lengths[i]
+        if max(load) <= max_tokens:
+            return _even_out(rows, load, lengths)
+    return _first_fit(lengths, max_tokens)
+
+
+def _even_out(rows: list[list[int]], load: list[int], lengths: Sequence[int]) -> list[list[int]]:
+    """Swap (or move) examples between the longest and the shortest row while that shortens the longest."""
+    for _ in range(4 * len(lengths)):
+        hi = max(range(len(rows)), key=lambda k: load[k])
+        lo = min(range(len(rows)), key=lambda k: load[k])
+        gap, best = load[hi] - load[lo], None
+        for a in rows[hi]:
+            for b in [*rows[lo], None]:  # None: move ``a`` over
+                d = lengths[a] - (lengths[b] if b is not None else 0)
+                if 0 < d < gap and (best is None or abs(gap - 2 * d) < abs(gap - 2 * best[0])):
+                    best = (d, a, b)
+        if best is None:
+            break
+        d, a, b = best
+        rows[hi].remove(a)
+        rows[lo].append(a)
+        if b is not None:
+            rows[lo].remove(b)
+            rows[hi].append(b)
+        load[hi], load[lo] = load[hi] - d, load[lo] + d
+    return rows
 
 
 def collate_packed(packs: Sequence[dict[str, Any]], *, pad_id: int) -> dict[str, torch.Tensor]:
@@ -292,3 +349,57 @@ def collate_padded(
         for k, v in values.items():
             out[k].append(torch.cat([pads[k], v]) if side == "left" else torch.cat([v, pads[k]]))
     return {k: torch.stack(v) for k, v in out.items()}
+
+
+def collate_instructions(
+    examples: list[dict[str, Any]], *, pad_id: int, pack: bool = False, max_tokens_per_row: int = 512
+) -> dict[str, torch.Tensor]:
+    """``build_example`` outputs (+ ``codes`` [Q, T_i] for spoken ones) -> a batch, padded or packed.
+
+    Args:
+        examples: The batch's examples; a ``sample_weight`` of 0 (a padding batch of the streamed
+            datamodule, which keeps DDP ranks in step) takes its tokens out of the loss.
+        pad_id: Fill id of padded positions.
+        pack: Several examples per row (``models.chat_format.pack_examples``, rows levelled):
+            ``position_ids`` restart per example and there is no ``attention_mask``, so attention never
+            crosses an example. Without it one example per row, right-padded, with an ``attention_mask``.
+        max_tokens_per_row: Row capacity when packing (an example longer than it gets a row of its own).
+
+    Returns:
+        ``input_ids``/``labels``/``audio_positions`` [B, L] and ``attention_mask`` (padded) or
+        ``position_ids`` (packed) [B, L]; ``real_tokens`` (non-pad tokens, a scalar) and
+        ``sample_weight`` [n_examples]; with spoken rows also ``codes`` [N, Q, T] (padded with -1) and
+        ``code_lengths`` [N], N = spoken examples in row-major order (the order their audio slots
+        are filled in); with CTC targets ``ctc_targets`` [N, S] (padded with ``IGNORE_INDEX``).
+    """
+    examples = [_weighted(e) for e in examples]
+    if pack:
+        capacity = max(max_tokens_per_row, max(int(e["input_ids"].numel()) for e in examples))
+        packs = pack_examples(examples, capacity, balance=True)
+        batch = collate_packed(packs, pad_id=pad_id)
+        order = [i for p in packs for i in p["indices"]]
+    else:
+        batch = collate_padded(examples, pad_id=pad_id)
+        order = list(range(len(examples)))
+    ordered = [examples[i] for i in order]
+    batch["real_tokens"] = torch.tensor(sum(int(e["input_ids"].numel()) for e in examples))
+    batch["sample_weight"] = torch.tensor([float(e.get("sample_weight", 1.0)) for e in examples])
+    targets = [e["ctc_targets"] for e in ordered if "ctc_targets" in e]
+    if targets:
+        batch["ctc_targets"] = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=IGNORE_INDEX)
+    spoken = [e["codes"] for e in ordered if "codes" in e]
+    if spoken:
+        q, t = spoken[0].shape[0], max(c.shape[-1] for c in spoken)
+        codes = torch.full((len(spoken), q, t), -1, dtype=torch.long)
+        for i, c in enumerate(spoken):
+            codes[i, :, : c.shape[-1]] = c
+        batch["codes"] = codes
+        batch["code_lengths"] = torch.tensor([c.shape[-1] for c in spoken])
+    return batch
+
+
+def _weighted(example: dict[str, Any]) -> dict[str, Any]:
+    """``example`` with its labels ignored when its ``sample_weight`` is 0 (it then adds no loss)."""
+    if float(example.get("sample_weight", 1.0)) > 0:
+        return example
+    return {**example, "labels": torch.full_like(example["labels"], IGNORE_INDEX)}

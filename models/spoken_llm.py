@@ -35,24 +35,22 @@ audio slots (embeddings) or the sound tokens (tokens mode); the targets are the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoFeatureExtractor, AutoModelForCausalLM, AutoTokenizer
 
-from models.chat_format import IGNORE_INDEX, build_example, build_prompt, collate_padded, end_of_turn_id
+from models.chat_format import IGNORE_INDEX, end_of_turn_id
 from models.codec import frame_token_names
 from models.ctc import segment_ctc
-from models.encoders.base import center_frames, level_gain
-from models.peft_export import export_merged
 from models.projector import AudioProjector
-from models.sound_tokens import SoundTokens, speech_to_codes
+from models.sound_tokens import SoundTokens
+from models.spoken_llm_audio import AudioPaths
+from models.spoken_llm_prompts import PromptsAndGeneration
+from models.spoken_llm_state import DTYPES, TrainableState
 
 __all__ = ["AUDIO_PLACEHOLDERS", "DEFAULT_LORA_TARGETS", "SpokenLLM", "default_sound_tokens"]
 
@@ -62,7 +60,7 @@ DEFAULT_LORA_TARGETS = (
     r"\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 )
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPES = DTYPES
 
 #: The projector path's audio block in a text LLM's prompt: start, slot (replaced), end. Added to the
 #: vocabulary as special tokens when missing (so ``skip_special_tokens`` drops them from answers).
@@ -74,14 +72,7 @@ def default_sound_tokens(codebook_size: int, num_levels: int = 1) -> list[str]:
     return frame_token_names(codebook_size, num_levels=num_levels)
 
 
-def _frozen(module: nn.Module) -> tuple[nn.Module]:
-    """``module`` frozen, in eval mode, inside a tuple: hidden from ``parameters()`` and ``state_dict()``."""
-    module.requires_grad_(False)
-    module.eval()
-    return (module,)
-
-
-class SpokenLLM(nn.Module):
+class SpokenLLM(AudioPaths, PromptsAndGeneration, TrainableState, nn.Module):
     """A causal LM (Gemma 4 by default) with LoRA that reads spoken instructions.
 
     Args:
@@ -261,67 +252,6 @@ class SpokenLLM(nn.Module):
             return own, []  # type: ignore[return-value]
         return AUDIO_PLACEHOLDERS, self._add_tokens(base, AUDIO_PLACEHOLDERS, special=True)
 
-    def attach_rvq(self, rvq: nn.Module) -> None:
-        """Attach the frozen stage-1 RVQ (``decode(codes [B, Q, T]) -> [B, T, D]``); never trained or saved."""
-        self._check_audio_dim(getattr(rvq, "dim", None), "stage-1 RVQ")
-        self._rvq = _frozen(rvq)
-
-    @property
-    def rvq(self) -> nn.Module:
-        return self._held(self._rvq, "no RVQ attached: call attach_rvq(rvq) before feeding codes")
-
-    def attach_encoder(self, encoder: nn.Module) -> None:
-        """Tokens mode, projector: attach the frozen stage-1 encoder (``FrozenEncoder``) real speech goes through."""
-        self._check_audio_dim(getattr(encoder, "dim", None), "stage-1 encoder")
-        self._encoder = _frozen(encoder)
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self._held(self._encoder, f"{self.input_mode} mode ({self.audio_path or 'sound tokens'}) hears real "
-                                         "speech through the stage-1 encoder: call attach_encoder")  # fmt: skip
-
-    @property
-    def hears_through_encoder(self) -> bool:
-        """Whether real speech reaches the LLM through the attached stage-1 encoder (tokens mode, projector)."""
-        return self.input_mode == "tokens" or self.audio_path == "projector"
-
-    def _check_audio_dim(self, dim: int | None, what: str) -> None:
-        if self.projector is not None and dim is not None and int(dim) != self.projector.input_dim:
-            raise ValueError(f"the {what} gives {dim}-dim states but the projector reads {self.projector.input_dim}: "
-                             f"set llm.init_args.audio_dim: {dim}")  # fmt: skip
-
-    def load_projector(self, projector: AudioProjector) -> None:
-        """Copy a trained projector's weights (``AudioProjector.load`` of a saved adapter) into this one.
-
-        Raises:
-            ValueError: Without a projector here, or when the two were built with other sizes.
-        """
-        if self.projector is None:
-            raise ValueError(f"{self.model_name} in {self.input_mode} mode ({self.audio_path}) has no projector")
-        if projector.config() != self.projector.config():
-            raise ValueError(f"saved projector {projector.config()} != this model's {self.projector.config()}")
-        self.projector.load_state_dict(projector.state_dict())
-
-    def _held(self, held: tuple[nn.Module, ...], missing: str) -> nn.Module:
-        """An attached frozen module, moved to this model's device on first use there."""
-        if not held:
-            raise RuntimeError(missing)
-        module = held[0]
-        tensor = next(iter(module.parameters()), None)
-        tensor = next(iter(module.buffers()), None) if tensor is None else tensor
-        if tensor is not None and tensor.device != self.device:
-            module.to(self.device)
-        return module
-
-    def set_audio_normalization(self, *, level_db: float | None = None, center_states: bool = False) -> None:
-        """Apply the stage-1 encoder's per-utterance normalisation to real audio (see ``FrozenEncoder``).
-
-        The RVQ was fit on states made this way, so real speech must be made the same way before the
-        round trip. Audio cut into pieces (over 30 s) is normalised piece by piece.
-        """
-        self.level_db = None if level_db is None else float(level_db)
-        self.center_states = bool(center_states)
-
     @property
     def audio_token_id(self) -> int:
         """Id of the audio slot token (embeddings mode): Gemma 4's ``<|audio|>`` or the projector's placeholder."""
@@ -338,134 +268,6 @@ class SpokenLLM(nn.Module):
         if self._feature_extractor is None:
             self._feature_extractor = AutoFeatureExtractor.from_pretrained(self.model_name)
         return self._feature_extractor
-
-    # ------------------------------------------------------------------------------- audio → LLM space
-    def project_states(self, states: torch.Tensor) -> torch.Tensor:
-        """Encoder-space states [..., D] -> Gemma 4 ``output_proj`` -> ``embed_audio`` -> [..., H]."""
-        inner = self.base.model
-        proj = inner.audio_tower.output_proj
-        return inner.embed_audio(inputs_embeds=proj(states.to(proj.weight.dtype)))
-
-    def _embed_valid(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """States [N, T, D] with a validity mask [N, T] -> the audio slots' embeddings, by audio path.
-
-        Native: one slot per valid frame. Projector: ``ceil(T_i / k)`` slots per segment, its valid
-        frames (a prefix) stacked k by k.
-        """
-        valid = valid.to(states.device)
-        if self.projector is None:
-            return self.project_states(states)[valid]
-        lengths = valid.sum(1)
-        if not torch.equal(valid, torch.arange(valid.shape[1], device=valid.device)[None] < lengths[:, None]):
-            raise ValueError("the projector stacks consecutive frames: each segment's valid frames must be a prefix")
-        embeds, groups = self.projector(states.to(self.device), lengths.to(self.device))  # [N, T', H], [N]
-        return embeds[torch.arange(embeds.shape[1], device=self.device)[None] < groups[:, None]]
-
-    def embed_states(
-        self, states: torch.Tensor, lengths: torch.Tensor, *, rvq_round_trip: bool = False
-    ) -> torch.Tensor:
-        """Stage-1 encoder states -> (RVQ encode/decode, as in training) -> the audio slots' embeddings.
-
-        Args:
-            states: [N, T, D] states of the stage-1 encoder (``FrozenEncoder`` output), padded.
-            lengths: [N] valid frames per segment.
-            rvq_round_trip: Quantize and dequantize with the attached RVQ first.
-
-        Returns:
-            [n_slots, H] in segment order (one slot per frame natively, ``ceil(T_i / k)`` with the projector).
-        """
-        valid = torch.arange(states.shape[1], device=states.device)[None] < lengths.to(states.device)[:, None]
-        if self.projector is not None and states.shape[-1] != self.projector.input_dim:
-            self._check_audio_dim(states.shape[-1], "stage-1 encoder")
-        if rvq_round_trip:
-            states = self._round_trip(states.to(self.device), valid.to(self.device))
-        return self._embed_valid(states.to(self.device), valid)
-
-    def _round_trip(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        # Outside any caller's autocast: a bf16 nearest-code search would pick other codes than stage 1 did.
-        with torch.no_grad(), torch.autocast(device_type=states.device.type, enabled=False):
-            codes = self.rvq.encode(states.float(), valid)
-            codes = getattr(codes, "codes", codes)  # a result object or the codes tensor [N, Q, T]
-            return self.rvq.decode(codes.clamp_min(0))  # padded frames (-1) are dropped by the caller
-
-    def embed_codes(self, codes: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Codes -> audio embeddings of the valid frames, segment by segment.
-
-        Args:
-            codes: [N, Q, T] long; frames past ``lengths`` may hold the RVQ's pad code ``-1``.
-            lengths: [N] valid frames per segment; ``None`` means frames whose first level is ``>= 0``.
-
-        Returns:
-            [n_slots, H] in segment order: what fills the audio slots (one per valid frame natively,
-            ``ceil(T_i / k)`` per segment with the projector).
-        """
-        if codes.ndim != 3 or codes.shape[1] != self.num_levels:
-            raise ValueError(f"codes must be [N, {self.num_levels}, T], got {tuple(codes.shape)}")
-        n, _, t = codes.shape
-        if lengths is None:
-            valid = codes[:, 0] >= 0  # [N, T]
-        else:
-            valid = torch.arange(t, device=codes.device)[None] < lengths.to(codes.device)[:, None]
-        used = codes.transpose(1, 2)[valid]  # [n_valid, Q]
-        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= self.codebook_size):
-            raise ValueError(
-                f"valid codes outside [0, {self.codebook_size}): min {int(used.min())}, max {int(used.max())}"
-            )
-        with torch.no_grad():
-            states = self.rvq.decode(codes.clamp_min(0).to(self.device))  # [N, T, D]; pads dropped below
-        return self._embed_valid(states, valid)
-
-    def encoder_states(
-        self, input_features: torch.Tensor, input_features_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Real audio through the frozen Gemma 4 audio tower up to (not through) ``output_proj``.
-
-        Args:
-            input_features: Log-mel features [N, F, 128] from the feature extractor.
-            input_features_mask: [N, F], True/1 on real frames.
-
-        Returns:
-            Pre-projection states [N, T, D] (25 frames/s) and their validity mask [N, T] (bool).
-        """
-        tower = self.base.model.audio_tower
-        captured: list[torch.Tensor] = []
-        hook = tower.output_proj.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
-        try:
-            with torch.no_grad():
-                out = tower(
-                    input_features.to(self.device, self.torch_dtype),
-                    input_features_mask.to(self.device).bool(),
-                )
-        finally:
-            hook.remove()
-        valid = out.attention_mask.bool()
-        return (center_frames(captured[0], valid) if self.center_states else captured[0]), valid
-
-    def embed_features(
-        self, input_features: torch.Tensor, input_features_mask: torch.Tensor, *, rvq_round_trip: bool = False
-    ) -> torch.Tensor:
-        """Real audio -> audio tower -> (RVQ encode/decode, as in training) -> projection: [n_valid, H]."""
-        states, valid = self.encoder_states(input_features, input_features_mask)
-        if rvq_round_trip:
-            states = self._round_trip(states, valid)
-        return self.project_states(states)[valid]
-
-    def _audio_embeddings(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        if batch.get("codes") is not None:
-            return self.embed_codes(batch["codes"], batch.get("code_lengths"))
-        if batch.get("audio_states") is not None:
-            return self.embed_states(batch["audio_states"], batch["audio_lengths"],
-                                     rvq_round_trip=batch.get("rvq_round_trip", False))  # fmt: skip
-        if batch.get("input_features") is not None:
-            if self.projector is not None:
-                raise ValueError("the projector path hears stage-1 encoder states (audio_states, see "
-                                 "prompts_from_audio), not Gemma 4 audio features")  # fmt: skip
-            return self.embed_features(
-                batch["input_features"],
-                batch["input_features_mask"],
-                rvq_round_trip=batch.get("rvq_round_trip", False),
-            )
-        return None
 
     # --------------------------------------------------------------------------------- LLM inputs
     def _inputs(self, batch: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
@@ -547,260 +349,3 @@ class SpokenLLM(nn.Module):
     def _ctc(self, hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """CTC of each audio segment's final hidden states through the frozen ``lm_head`` (blank = pad)."""
         return segment_ctc(hidden, positions, targets, logits=self._logits, blank=self.pad_id)
-
-    # --------------------------------------------------------------------------------- examples
-    def example(
-        self, *, instruction_text: str | None, codes: torch.Tensor | None, response: str
-    ) -> dict[str, torch.Tensor]:
-        """One training example in this model's input mode (what ``InstructionDataModule.bind`` takes).
-
-        Args:
-            instruction_text: Text of the user turn (before the audio), or ``None``.
-            codes: ``[Q, T]`` codes of a spoken instruction, or ``None`` for a text-only one.
-            response: The answer.
-
-        Returns:
-            ``build_example``'s dict; in embeddings mode spoken examples also carry ``codes`` [Q, T]
-            (their audio slots), in tokens mode the codes are already sound tokens in ``input_ids``.
-        """
-        if codes is None:
-            return build_example(self.tokenizer, instruction_text=instruction_text, audio_frames=None, response=response)
-        if self.input_mode == "tokens":
-            text = self._with_sound(instruction_text, self.sound.text(codes))
-            return build_example(self.tokenizer, instruction_text=text, audio_frames=None, response=response)
-        if self.projector is not None:
-            n = self.projector.num_positions(int(codes.shape[-1]))
-            text = self._with_sound(instruction_text, self._audio_block(n))
-            ex = build_example(self.tokenizer, instruction_text=text, audio_frames=None, response=response)
-            return {**self._mark_audio(ex, n), "codes": codes}
-        ex = build_example(self.tokenizer, instruction_text=instruction_text, audio_frames=int(codes.shape[-1]), response=response)
-        return {**ex, "codes": codes}
-
-    def ctc_targets(self, text: str) -> torch.Tensor:
-        """The CTC target of a spoken instruction: its text in this LLM's tokens, ``[S]`` long."""
-        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-
-    @staticmethod
-    def _with_sound(instruction_text: str | None, sound: str) -> str:
-        return f"{instruction_text}\n{sound}" if instruction_text else sound
-
-    def _audio_block(self, n: int) -> str:
-        """The projector path's audio block of ``n`` slots, written into the user turn's text."""
-        start, slot, end = self._placeholders  # type: ignore[misc]
-        return start + slot * n + end
-
-    def _mark_audio(self, example: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
-        """``example`` with ``audio_positions`` at its ``n`` placeholder slots (checked: no merge, no loss)."""
-        positions = example["input_ids"] == self.audio_token_id
-        if int(positions.sum()) != n:
-            raise ValueError(f"placed {int(positions.sum())} audio slots, expected {n}")
-        return {**example, "audio_positions": positions}
-
-    # ------------------------------------------------------------------------------------ inference
-    def prompts_from_text(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Text (or sound-token) instructions -> a left-padded generation batch."""
-        rows = [build_prompt(self.tokenizer, instruction_text=p, audio_frames=None) for p in prompts]
-        return collate_padded(rows, pad_id=self.pad_id, side="left")
-
-    def prompts_from_audio(
-        self,
-        waveforms: Sequence[np.ndarray],
-        *,
-        instruction_text: str | None = None,
-        sampling_rate: int = 16_000,
-        pieces_per_item: Sequence[int] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """16 kHz mono waveforms -> a left-padded generation batch.
-
-        Embeddings mode: Gemma 4 audio features for the audio tower (native) or the attached stage-1
-        encoder's states (``audio_states`` [B, T, D], ``audio_lengths`` [B]; projector) for the projector,
-        ``ceil(T / k)`` slots each. Tokens mode: the attached stage-1 encoder -> RVQ codes -> sound tokens
-        in ``input_ids`` (text only, as in training). Set ``batch["rvq_round_trip"]`` for the RVQ round trip.
-
-        Args:
-            waveforms: ``[N_i]`` float arrays, each at most 30 s (the feature extractor's window).
-            instruction_text: text before the audio in the user turn.
-            sampling_rate: their rate (16 kHz).
-            pieces_per_item: for audio longer than 30 s cut into consecutive pieces: how many
-                consecutive waveforms form one prompt; their frames fill one audio block in order, so
-                the whole recording is heard, never truncated. Default: one waveform per prompt.
-        """
-        waves = [np.asarray(w, dtype=np.float32) for w in waveforms]
-        groups = list(pieces_per_item) if pieces_per_item is not None else [1] * len(waves)
-        if sum(groups) != len(waves):
-            raise ValueError(f"pieces_per_item sums to {sum(groups)} but {len(waves)} waveforms were given")
-        starts = np.cumsum([0, *groups])
-        if self.input_mode == "tokens":
-            # Stage-1 encoder (its own normalisation) -> RVQ -> sound tokens; pieces of one item in order.
-            codes = speech_to_codes(self.encoder, self.rvq, waves)
-            rows = [
-                build_prompt(self.tokenizer, audio_frames=None, instruction_text=self._with_sound(
-                    instruction_text, self.sound.text(torch.cat(codes[a:b], dim=-1))))
-                for a, b in zip(starts[:-1], starts[1:])
-            ]  # fmt: skip
-            return collate_padded(rows, pad_id=self.pad_id, side="left")
-        if self.projector is not None:
-            # Stage-1 encoder (its own normalisation) -> states; pieces of one item concatenated in order.
-            states, lengths = self._encode_items(waves, starts)
-            slots = [self.projector.num_positions(n) for n in lengths.tolist()]  # ceil(T / k) per item
-            rows = [
-                self._mark_audio(build_prompt(self.tokenizer, audio_frames=None, instruction_text=self._with_sound(
-                    instruction_text, self._audio_block(n))), n)
-                for n in slots
-            ]  # fmt: skip
-            batch = collate_padded(rows, pad_id=self.pad_id, side="left")
-            batch.update(audio_states=states, audio_lengths=lengths)
-            return batch
-        if self.level_db is not None:
-            waves = [w * float(level_gain(torch.from_numpy(w)[None], torch.tensor([len(w)]), self.level_db)) for w in waves]
-        feats = self.feature_extractor(
-            waves,
-            sampling_rate=sampling_rate,
-            return_tensors="pt",
-        )
-        _, valid = self.encoder_states(feats["input_features"], feats["input_features_mask"])
-        frames = valid.sum(1).tolist()
-        rows = [
-            build_prompt(self.tokenizer, instruction_text=instruction_text, audio_frames=int(sum(frames[a:b])))
-            for a, b in zip(starts[:-1], starts[1:])
-        ]
-        batch = collate_padded(rows, pad_id=self.pad_id, side="left")
-        batch.update(input_features=feats["input_features"], input_features_mask=feats["input_features_mask"])
-        return batch
-
-    @torch.no_grad()
-    def _encode_items(self, waves: list[np.ndarray], starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Waveforms -> the stage-1 encoder -> per item (consecutive pieces joined) states [B, T, D], lengths [B]."""
-        encoder = self.encoder
-        audio = nn.utils.rnn.pad_sequence([torch.from_numpy(w) for w in waves], batch_first=True)
-        with torch.autocast(device_type=encoder.device.type, enabled=False):  # the encoder's own dtype rules
-            out = encoder(audio.to(encoder.device), torch.tensor([len(w) for w in waves], device=encoder.device))
-        pieces = [out.states[i, :n] for i, n in enumerate(out.lengths.tolist())]
-        items = [torch.cat(pieces[a:b]) for a, b in zip(starts[:-1], starts[1:])]
-        return nn.utils.rnn.pad_sequence(items, batch_first=True), torch.tensor([len(x) for x in items])
-
-    @torch.no_grad()
-    def generate(
-        self,
-        batch_or_prompts: dict[str, Any] | Sequence[str],
-        max_new_tokens: int = 64,
-        greedy: bool = True,
-        **kwargs,
-    ) -> list[str]:
-        """Answer a left-padded prompt batch (see ``prompts_from_*``, ``build_prompt``) or a list of text prompts.
-
-        Returns:
-            One decoded answer per row, special tokens removed.
-        """
-        batch = (
-            self.prompts_from_text(batch_or_prompts)
-            if not isinstance(batch_or_prompts, dict)
-            else batch_or_prompts
-        )
-        if batch["input_ids"].shape[0] > 1 and batch.get("attention_mask") is None:
-            raise ValueError("batched generation needs a left-padded attention_mask")
-        input_ids = batch["input_ids"].to(self.device)
-        attention_mask = batch.get("attention_mask")
-        attention_mask = (
-            torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        )
-        positions, audio = None, None
-        if self.input_mode == "embeddings":
-            inputs, positions = self._inputs({k: v for k, v in batch.items() if k != "position_ids"})
-            audio = inputs["inputs_embeds"][positions]  # [n_audio, H]
-        was_training = self.training
-        self.eval()
-        try:
-            with self._inject_audio(positions, audio):
-                out = self.peft_model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=not greedy,
-                    eos_token_id=self.stop_ids,
-                    pad_token_id=self.pad_id,
-                    **kwargs,
-                )
-        finally:
-            self.train(was_training)
-        out = out[:, input_ids.shape[1] :]  # generate echoes the prompt
-        return self.tokenizer.batch_decode(out, skip_special_tokens=True)
-
-    @contextmanager
-    def _inject_audio(self, positions: torch.Tensor | None, audio: torch.Tensor | None):
-        """Write the audio embeddings into the prefill's token embeddings during ``generate``.
-
-        Gemma 4's ``prepare_inputs_for_generation`` does not forward ``inputs_embeds``, so ``generate`` gets
-        the ids (audio slots hold ``<|audio|>``, which ``Gemma4Model`` embeds as pad) and this one-shot hook
-        on the embedding layer replaces those slots, once, in the prefill call.
-        """
-        if positions is None or audio is None or not bool(positions.any()):
-            yield
-            return
-        done = [False]
-
-        def hook(_module, _args, output):
-            if done[0] or output.shape[:2] != positions.shape:
-                return output
-            done[0] = True
-            return output.masked_scatter(positions[..., None].expand_as(output), audio.to(output.dtype))
-
-        handle = self.base.get_input_embeddings().register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            handle.remove()
-        if not done[0]:
-            raise RuntimeError("generate never embedded the prompt: the audio was not injected")
-
-    # --------------------------------------------------------------------------------- checkpoints
-    def _trainable(self) -> dict[str, nn.Parameter]:
-        params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
-        if self.projector is not None:  # peft's names start with "base_model.": no clash
-            params.update({f"projector.{n}": p for n, p in self.projector.named_parameters()})
-        return params
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the trained weights (LoRA, new token rows, a trained embedder, ``projector.*``), detached.
-
-        Keys are the PEFT model's parameter names, and ``projector.<name>`` for the projector's.
-        """
-        return {n: p.detach().clone() for n, p in self._trainable().items()}
-
-    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load ``trainable_state_dict()`` output; the key sets must match exactly."""
-        params = self._trainable()
-        missing, unexpected = sorted(set(params) - set(state_dict)), sorted(set(state_dict) - set(params))
-        if missing or unexpected:
-            raise KeyError(f"trainable state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name, value in state_dict.items():
-                if params[name].shape != value.shape:
-                    raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(params[name].shape)}")
-                params[name].copy_(value)
-
-    def save_adapter(self, directory: str | Path) -> Path:
-        """Write the adapter in PEFT format (``adapter_model.safetensors`` + ``adapter_config.json``) and tokenizer.
-
-        With a projector also ``projector.json`` + ``projector.safetensors`` (``AudioProjector.load``
-        rebuilds it; ``load_projector`` puts it into a model built with the same arguments).
-        """
-        directory = Path(directory)
-        self.peft_model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
-        if self.projector is not None:
-            self.projector.save(directory)
-        return directory
-
-    def export_merged(
-        self, directory: str | Path, *, dtype: Literal["bf16", "fp16", "fp32"] | None = None
-    ) -> Path:
-        """Merge LoRA (and token rows) into a fresh copy of the base and save a Hugging Face folder.
-
-        The copy is reloaded from ``model`` so this module keeps training; the folder holds safetensors
-        weights, config, tokenizer and (when the source has one) processor / feature extractor, and loads
-        with ``AutoModelForCausalLM`` / ``Gemma4ForConditionalGeneration.from_pretrained`` or vLLM. A
-        projector is no part of the LLM: it stays with the adapter (``save_adapter``).
-        """
-        kwargs = {**self._load_kwargs, **({"dtype": _DTYPES[dtype]} if dtype else {})}
-        return export_merged(self.peft_model, source=self.model_name, tokenizer=self.tokenizer, directory=directory, **kwargs)

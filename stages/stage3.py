@@ -37,12 +37,13 @@ from typing import Any
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.text import CharErrorRate, WordErrorRate
 
 from datamodules.audio import split_at_silence
 from datamodules.pipeline import read_recordings
-from models.chat_format import IGNORE_INDEX, collate_padded
+from models.chat_format import collate_instructions
 from models.encoders import FrozenEncoder
 from models.quantizer import SemanticQuantizer
 from models.spoken_llm import SpokenLLM
@@ -116,29 +117,6 @@ def attach_stage1(llm: SpokenLLM, path: str, *, encoder: bool = False) -> dict[s
 
 
 
-def collate_instructions(examples: list[dict[str, Any]], *, pad_id: int) -> dict[str, torch.Tensor]:
-    """``build_example`` outputs (+ ``codes`` [Q, T_i] for spoken ones) -> a right-padded batch.
-
-    Returns:
-        ``input_ids``/``labels``/``attention_mask``/``audio_positions`` [B, L]; with spoken rows also
-        ``codes`` [N, Q, T] (padded with -1) and ``code_lengths`` [N], N = spoken rows in batch order;
-        with CTC targets ``ctc_targets`` [N, S] (padded with ``IGNORE_INDEX``).
-    """
-    batch = collate_padded(examples, pad_id=pad_id)
-    targets = [e["ctc_targets"] for e in examples if "ctc_targets" in e]
-    if targets:
-        batch["ctc_targets"] = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=IGNORE_INDEX)
-    spoken = [e["codes"] for e in examples if "codes" in e]
-    if spoken:
-        q, t = spoken[0].shape[0], max(c.shape[-1] for c in spoken)
-        codes = torch.full((len(spoken), q, t), -1, dtype=torch.long)
-        for i, c in enumerate(spoken):
-            codes[i, :, : c.shape[-1]] = c
-        batch["codes"] = codes
-        batch["code_lengths"] = torch.tensor([c.shape[-1] for c in spoken])
-    return batch
-
-
 class SpokenInstructionStage(LightningModule):
     """Gemma 4 + LoRA answering spoken instructions (Speechless stage 3).
 
@@ -178,6 +156,11 @@ class SpokenInstructionStage(LightningModule):
         rvq_round_trip: Embeddings mode (native or projector): pass real speech's encoder states through
             RVQ encode/decode before the LLM, as in training (tokens mode always goes through the RVQ:
             its tokens are codes). Recorded in the artifact; ``speechless-infer`` follows it.
+        pack: Train on packed rows: each batch's examples several to a row (rows levelled to the same
+            length), attention kept inside each example by positions that restart and no attention mask
+            (``collate_instructions``); the same loss as padded rows, with far fewer pad tokens.
+            ``train/real_token_share`` (non-pad / all tokens of a batch) is logged either way.
+        max_tokens_per_row: Row capacity when packing, in LLM positions (audio slots included).
     """
 
     def __init__(
@@ -199,9 +182,14 @@ class SpokenInstructionStage(LightningModule):
         eval_batch_size: int = 16,
         eval_max_new_tokens: int | None = None,
         rvq_round_trip: bool = True,
+        pack: bool = False,
+        max_tokens_per_row: int = 512,
     ) -> None:
         super().__init__()
+        if max_tokens_per_row < 1:
+            raise ValueError(f"max_tokens_per_row must be >= 1, got {max_tokens_per_row}")
         self.llm = llm
+        self.pack, self.max_tokens_per_row = pack, max_tokens_per_row
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.eval_audio_shards, self.eval_instruction_text = eval_audio_shards, eval_instruction_text
@@ -238,7 +226,8 @@ class SpokenInstructionStage(LightningModule):
         if datamodule is not None and hasattr(datamodule, "bind"):
             datamodule.bind(
                 build_example=self.llm.example,  # codes -> audio slots (embeddings) or sound tokens (tokens)
-                collate=partial(collate_instructions, pad_id=self.llm.pad_id),
+                collate=partial(collate_instructions, pad_id=self.llm.pad_id, pack=self.pack,
+                                max_tokens_per_row=self.max_tokens_per_row),
                 ctc_targets=self.llm.ctc_targets if self.llm.ctc_weight > 0 else None,
             )
 
@@ -246,22 +235,32 @@ class SpokenInstructionStage(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.llm(batch)
         loss = out["loss"]
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is not None and (self.trainer.world_size > 1 or isinstance(self.trainer.strategy, DDPStrategy)):
             # DDP all-reduces every trainable weight's gradient each step, in buckets; a text-only
             # batch leaves the audio path (a trainable audio embedder, sound-token rows) out of the
             # graph on one rank while another rank's batch uses it, and the ranks wait on each other
             # forever. A zero-weighted touch keeps every trainable weight in every rank's graph
-            # (the LLaVA-style "dummy input" fix, cheaper than find_unused_parameters).
+            # (the LLaVA-style "dummy input" fix, cheaper than find_unused_parameters). A DDP strategy on
+            # one device checks for unused weights too.
             loss = loss + 0.0 * sum(p.sum() for p in self.llm.parameters() if p.requires_grad)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log("train/ce", out["ce"], batch_size=bs)
-        if "ctc" in out:  # loss = ce + ctc_weight * ctc
-            self.log("train/ctc", out["ctc"], batch_size=bs)
+        if self.llm.ctc_weight > 0:  # loss = ce + ctc_weight * ctc (0 in a batch without audio)
+            self.log("train/ctc", out.get("ctc", torch.zeros(())), batch_size=bs)
         self.log("train/response_tokens", out["n_tokens"].float(), batch_size=bs)
-        if batch.get("attention_mask") is not None:  # share of pad tokens: length bucketing keeps it small
-            self.log("train/padding_fraction", 1 - batch["attention_mask"].float().mean(), batch_size=bs)
+        self._log_real_tokens(batch, bs)
         return loss
+
+    def _log_real_tokens(self, batch: dict, bs: int) -> None:
+        """``train/real_token_share``: non-pad tokens over all tokens of the batch (packed or padded)."""
+        real = batch.get("real_tokens")
+        if real is None and batch.get("attention_mask") is not None:
+            real = batch["attention_mask"].sum()
+        if real is not None:
+            share = real.float() / batch["input_ids"].numel()
+            self.log("train/real_token_share", share, batch_size=bs)
+            self.log("train/padding_fraction", 1 - share, batch_size=bs)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.llm(batch)

@@ -182,6 +182,42 @@ def test_packing_never_lets_one_example_attend_to_another(tiny_path):
     torch.testing.assert_close(changed, alone, atol=1e-4, rtol=1e-4)
 
 
+
+def test_packing_in_the_tokens_path_keeps_each_example_alone(tiny_path):
+    m = make(tiny_path, "tokens").eval()
+    tok = m.tokenizer
+    sound = lambda codes: m.sound.text(torch.tensor(codes))  # noqa: E731
+    a = m.example(instruction_text="Hi", codes=torch.tensor([[3, 11, 7, 7]] * Q), response="one two")
+    b = m.example(instruction_text=None, codes=torch.tensor([[5, 1, 2]] * Q), response="Accra")
+    a2 = build_example(tok, instruction_text="plain " + sound([[9, 9, 1]] * Q), audio_frames=None, response="x")
+    assert torch.isin(b["input_ids"], torch.tensor(m.new_token_ids)).any()  # b's sound tokens are in its ids
+    with torch.no_grad():
+        alone = m(collate_padded([b], pad_id=m.pad_id), return_logits=True)["logits"][0]
+        for first in (a, a2):
+            packs = pack_examples([first, b], max_tokens=400)
+            assert len(packs) == 1
+            batch = collate_packed(packs, pad_id=m.pad_id)
+            start = 0 if packs[0]["indices"][0] == 1 else first["input_ids"].numel()
+            assert "attention_mask" not in batch and batch["position_ids"][0, start] == 0
+            logits = m(batch, return_logits=True)["logits"][0]
+            torch.testing.assert_close(logits[start : start + b["input_ids"].numel()], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_levelled_packing_fills_as_few_rows_and_ends_them_level(tiny_path):
+    tok = make(tiny_path).tokenizer
+    exs = [build_example(tok, instruction_text="q " * (3 * i % 11 + 1), audio_frames=None, response="a") for i in range(23)]
+    lengths = [e["input_ids"].numel() for e in exs]
+    cap = 3 * max(lengths)
+    plain, level = pack_examples(exs, cap), pack_examples(exs, cap, balance=True)
+    for packs in (plain, level):
+        assert sorted(i for p in packs for i in p["indices"]) == list(range(23))
+        assert all(p["input_ids"].numel() <= cap for p in packs)
+    assert len(level) == len(plain)
+    rows = lambda packs: [p["input_ids"].numel() for p in packs]  # noqa: E731
+    assert max(rows(level)) - min(rows(level)) <= max(lengths)
+    real = lambda packs: sum(lengths) / (len(packs) * max(rows(packs)))  # noqa: E731
+    assert real(level) >= real(plain) and real(level) > 0.9
+
 # ------------------------------------------------------------------------------------- SpokenLLM paths
 def test_codes_path_equals_decode_output_proj_embedder(tiny_path):
     m = make(tiny_path).eval()

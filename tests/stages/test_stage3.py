@@ -94,6 +94,45 @@ def test_loss_is_on_the_response_only(setup_dir):
     assert not torch.allclose(loss, everything, atol=1e-3)  # the prompt really is out of the loss
 
 
+
+def test_packed_batches_give_the_padded_loss_with_audio_in_row_order(setup_dir):
+    stage = make_stage(setup_dir)
+    tok, pad = stage.llm.tokenizer, stage.llm.pad_id
+    gen = torch.Generator().manual_seed(0)
+    examples = [
+        {**build_example(tok, instruction_text=None, audio_frames=n, response=r), "codes": torch.randint(0, K, (Q, n), generator=gen)}
+        for n, r in ((6, "two"), (3, "four"), (9, "nine five"), (4, "one"))
+    ] + [build_example(tok, instruction_text="What comes after three?", audio_frames=None, response="four")]  # fmt: skip
+    padded = collate_instructions(examples, pad_id=pad)
+    packed = collate_instructions(examples, pad_id=pad, pack=True, max_tokens_per_row=96)
+    assert packed["input_ids"].shape[0] < len(examples) and "attention_mask" not in packed
+    assert int(packed["real_tokens"]) == int(padded["attention_mask"].sum()) == sum(e["input_ids"].numel() for e in examples)
+    assert int(packed["real_tokens"]) / packed["input_ids"].numel() > int(padded["real_tokens"]) / padded["input_ids"].numel()
+    with torch.no_grad():
+        want, got = stage.llm(padded), stage.llm(packed)
+        assert int(got["n_tokens"]) == int(want["n_tokens"])
+        torch.testing.assert_close(got["ce"], want["ce"], atol=1e-5, rtol=1e-5)
+        # The audio fills the slots in row order: the same codes in example order give another loss.
+        assert packed["code_lengths"].tolist() != padded["code_lengths"].tolist()
+        swapped = {**packed, "codes": padded["codes"], "code_lengths": padded["code_lengths"]}
+        assert not torch.allclose(stage.llm(swapped)["ce"], want["ce"], atol=1e-4)
+    # A padding batch's example (sample_weight 0) adds no loss.
+    muted = collate_instructions([{**examples[0], "sample_weight": 0.0}, *examples[1:]], pad_id=pad, pack=True)
+    assert muted["sample_weight"].tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
+    with torch.no_grad():
+        assert int(stage.llm(muted)["n_tokens"]) == int(want["n_tokens"]) - int((examples[0]["labels"] != IGNORE_INDEX).sum())
+
+
+def test_fit_with_packing_logs_the_real_token_share(setup_dir, tmp_path):
+    stage = make_stage(setup_dir, pack=True, max_tokens_per_row=128)
+    data = InstructionDataModule(train_shards=str(setup_dir["tokens"]), instruction_key="text", response_key="answer",
+                                 batch_size=8)  # fmt: skip
+    trainer = Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(stage, datamodule=data)
+    share = float(trainer.callback_metrics["train/real_token_share"])
+    assert 0.9 < share <= 1.0
+
 def test_fit_trains_lora_and_checkpoint_holds_only_the_adapter(setup_dir, tmp_path):
     stage = make_stage(setup_dir)
     frozen_before = stage.llm.base.model.language_model.layers[0].mlp.gate_proj.base_layer.weight.clone()
