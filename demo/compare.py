@@ -21,8 +21,10 @@ prints one row per figure and one column per tokenizer:
 - stage-3 accuracy on the real speech of the held-out speaker, trained on synthetic speech only.
 
 Stages 2 and 3 are the demo's Whisper configs, sized to a one-level tokenizer by command-line
-overrides (``SpeechLM`` one-level form with duration tokens; ``num_levels: 1`` and the tokenizer's
-``codebook_size`` in stage 3), printed with every command.
+overrides (``num_levels: 1`` and the tokenizer's ``codebook_size``), printed with every command.
+Stage 2 keeps the RVQ's output form (one position per frame) for every tokenizer, so only the
+tokenizer differs; ``--stage2-form one_level`` writes Ichigo's token strings with duration tokens
+instead.
 """
 
 from __future__ import annotations
@@ -66,10 +68,17 @@ def tokenizer_track(tokenizer: str, corpus: str, overrides=((), (), ())) -> Trac
     return Track("whisper-tiny", corpus, f"data/{sub}", f"runs/{sub}", f"artifacts/{sub}", configs, overrides)  # type: ignore[arg-type]
 
 
-def one_level_overrides(codebook_size: int) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """Stage 2 and 3 sized to a one-level tokenizer of ``codebook_size`` codes."""
+def one_level_overrides(
+    codebook_size: int, form: str = "all_levels"
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Stage 2 and 3 sized to a one-level tokenizer of ``codebook_size`` codes.
+
+    ``form``: stage 2's output form. ``all_levels`` (default) is the very LM the RVQ gets (one position
+    per frame), so the table compares tokenizers and nothing else; ``one_level`` is Ichigo's token
+    string with duration tokens.
+    """
     lm, llm = "--model.init_args.lm.init_args", "--model.init_args.llm.init_args"
-    stage2 = (f"{lm}.num_levels", "1", f"{lm}.codebook_size", str(codebook_size), f"{lm}.output_form", "one_level")
+    stage2 = (f"{lm}.num_levels", "1", f"{lm}.codebook_size", str(codebook_size), f"{lm}.output_form", form)
     stage3 = (f"{llm}.num_levels", "1", f"{llm}.codebook_size", str(codebook_size))
     return (), stage2, stage3
 
@@ -156,7 +165,7 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def compare_one(tokenizer: str, corpus: str, bin_dir: Path, *, with_clips: bool) -> dict[str, float]:
+def compare_one(tokenizer: str, corpus: str, bin_dir: Path, *, with_clips: bool, form: str = "all_levels") -> dict[str, float]:
     """Stages 1-3 of one tokenizer; its figures."""
     first = tokenizer_track(tokenizer, corpus)
     figures = run_track(first, argparse.Namespace(stages="1", stage3_on="synthetic"), [], bin_dir)
@@ -169,7 +178,7 @@ def compare_one(tokenizer: str, corpus: str, bin_dir: Path, *, with_clips: bool)
     figures.update(token_rates(str(demo_run.WORK / first.data / "tokens" / "test"), frame_rate=frame_rate, codebook_size=size))
     if with_clips:
         figures["clips_wer"] = clips_wer(demo_run.WORK / first.artifacts / "stage1" / "current")
-    overrides = ((), (), ()) if levels > 1 else one_level_overrides(size)
+    overrides = ((), (), ()) if levels > 1 else one_level_overrides(size, form)
     track = tokenizer_track(tokenizer, corpus, overrides)
     figures.update(run_track(track, argparse.Namespace(stages="23", stage3_on="synthetic"), [], bin_dir))
     return figures
@@ -179,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizers", default=",".join(TOKENIZERS), help="comma-separated, of: " + ", ".join(TOKENIZERS))
     parser.add_argument("--takes", type=int, default=12, help="takes per digit and speaker used of FSDD's 50 (default 12)")
+    parser.add_argument("--stage2-form", choices=["all_levels", "one_level"], default="all_levels",
+                        help="stage 2's output form for one-level tokenizers (default: the RVQ's, one position per frame)")
     parser.add_argument("--workdir", default=None, help="folder for data/, runs/ and artifacts/ (default: the repository)")
     args = parser.parse_args(argv)
     names = [t.strip() for t in args.tokenizers.split(",") if t.strip()]
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         print(f"\n######## tokenizer: {name} ########", flush=True)
-        results[name] = compare_one(name, corpus, bin_dir, with_clips=with_clips)
+        results[name] = compare_one(name, corpus, bin_dir, with_clips=with_clips, form=args.stage2_form)
         print(f"\n== so far ==\n{table(results)}", flush=True)
     print(f"\n== stage-1 tokenizers on Whisper tiny.en, FSDD ({args.takes} takes per digit and speaker) ==")
     print(table(results))

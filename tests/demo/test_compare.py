@@ -48,8 +48,9 @@ def test_tokenizer_tracks_write_apart_and_size_stages_2_and_3(tmp_path, monkeypa
         assert "data/demo/" not in text and "artifacts/whisper" not in text and "runs/demo" not in text
         assert f"artifacts_dir: artifacts/fsdd6/{name}" in text and f"data/fsdd6/{name}/tokens/train" in text
         assert "data/fsdd6/shards/val" in text  # the shared shards of the corpus
-    _, stage2, stage3 = one_level_overrides(2049)
+    _, stage2, stage3 = one_level_overrides(2049, "one_level")
     assert stage2[stage2.index("--model.init_args.lm.init_args.output_form") + 1] == "one_level"
+    assert stage2[stage2.index("--model.init_args.lm.init_args.num_levels") + 1] == "1"
     assert stage3[stage3.index("--model.init_args.llm.init_args.codebook_size") + 1] == "2049"
 
 
