@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
 from torchmetrics.text import WordErrorRate
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -138,6 +139,7 @@ class WhisperVQStage(LightningModule):
         self.lr, self.weight_decay = lr, weight_decay
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         for split in ("val", "test"):
+            setattr(self, f"{split}_loss", MeanMetric())  # per target token, over the epoch and all ranks
             setattr(self, f"{split}_usage", CodebookUsage(num_quantizers=1, codebook_size=quantizer.codebook_size))
             setattr(self, f"{split}_wer", WordErrorRate())
             setattr(self, f"{split}_teacher_wer", WordErrorRate())
@@ -281,7 +283,7 @@ class WhisperVQStage(LightningModule):
         inputs, labels = self.targets(batch, live)
         student = self.windows(out.states, out.lengths)
         losses = self.losses(student, None, inputs, labels, out.commit_loss)
-        self.log(f"{prefix}/loss", losses["ce"], batch_size=int(live.sum()), sync_dist=True)
+        getattr(self, f"{prefix}_loss").update(losses["ce"].detach(), weight=(labels != IGNORE).sum())
         getattr(self, f"{prefix}_usage").update(out.codes, mask)
         if self.wer_batches is not None and batch_idx >= self.wer_batches:
             return
@@ -300,9 +302,9 @@ class WhisperVQStage(LightningModule):
         stats = getattr(self, f"{prefix}_usage").compute()
         self.log(f"{prefix}/utilisation", stats["utilisation_overall"])
         self.log(f"{prefix}/perplexity", stats["perplexity_mean"])
-        for name in ("wer", "teacher_wer") if self.teacher_wer else ("wer",):
+        for name in ("loss", "wer", "teacher_wer") if self.teacher_wer else ("loss", "wer"):
             metric = getattr(self, f"{prefix}_{name}")
-            value = metric.compute()  # collective: every rank calls it
+            value = metric.compute()  # collective: every rank calls it, also one that saw no sample
             if bool(torch.isfinite(value)):
                 self.log(f"{prefix}/{name}", value)
             metric.reset()
