@@ -229,7 +229,8 @@ class SpeechlessStage(LightningModule):
         if source is not None:
             from models.whisper_asr import WhisperASR
 
-            pooling = int((info.get("encoder") or {}).get("pooling", 1))
+            # Frames the decoded states repeat per Whisper frame: a WhisperVQ decodes at 50 frames/s itself.
+            pooling = int((info.get("encoder") or {}).get("pooling", 1)) // int(getattr(quantizer, "decode_upsample", 1))
             self.asr = WhisperASR(source=source, pooling=pooling, padding=asr_padding, language=asr_language,
                                   max_new_tokens=asr_max_new_tokens, batch_size=asr_batch_size)
             if self.asr.dim != quantizer.dim:
