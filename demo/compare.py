@@ -126,7 +126,8 @@ def clips_wer(artifact: Path, clips: Path = CLIPS) -> float:
     loaded = load_artifact(artifact, names=["quantizer", "encoder"])
     quantizer, encoder = loaded["modules"]["quantizer"].eval(), loaded["modules"]["encoder"].eval()
     info = loaded["config"].get("info") or {}
-    pooling = int(info.get("decoded_pooling") or (info.get("encoder") or {}).get("pooling", 1))
+    # What stage 2 does: a tokenizer that decodes at a higher rate (WhisperVQ) undoes less pooling.
+    pooling = int((info.get("encoder") or {}).get("pooling", 1)) // int(getattr(quantizer, "decode_upsample", 1))
     asr = WhisperASR(source=str((info.get("encoder") or {})["source"]), pooling=pooling)
     with open(clips / "manifest.tsv") as f:
         rows = [r for r in csv.DictReader(f, delimiter="\t") if r["text"].strip()]
@@ -138,7 +139,7 @@ def clips_wer(artifact: Path, clips: Path = CLIPS) -> float:
             out = encoder(audio, torch.tensor([audio.shape[1]]))
             codes = quantizer.encode(out.states.float(), out.mask)
             states = quantizer.decode(codes)
-            lengths = torch.tensor([states.shape[1]]) if states.shape[1] != out.states.shape[1] else out.lengths
+            lengths = out.lengths * int(getattr(quantizer, "decode_upsample", 1))
             text = asr.transcribe_states(states.float(), lengths)[0]
             wer.update(normalize_transcript(text, "en"), normalize_transcript(row["text"], "en"))
     return float(wer.compute())

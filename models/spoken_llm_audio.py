@@ -38,6 +38,12 @@ class AudioPaths:
     def rvq(self) -> nn.Module:
         return self._held(self._rvq, "no RVQ attached: call attach_rvq(rvq) before feeding codes")
 
+    def decoded_frames(self, frames: int) -> int:
+        """States that ``frames`` code frames decode to: more for a tokenizer that decodes at a higher
+        rate than it encodes (WhisperVQ: ``decode_upsample`` 2, 25 -> 50 frames/s), else the same."""
+        held = getattr(self, "_rvq", ())
+        return int(frames) * int(getattr(held[0], "decode_upsample", 1) if held else 1)
+
     def attach_encoder(self, encoder: nn.Module) -> None:
         """Tokens mode, projector: attach the frozen stage-1 encoder (``FrozenEncoder``) real speech goes through."""
         self._check_audio_dim(getattr(encoder, "dim", None), "stage-1 encoder")
@@ -105,6 +111,8 @@ class AudioPaths:
         frames (a prefix) stacked k by k.
         """
         valid = valid.to(states.device)
+        if states.shape[1] != valid.shape[1] and states.shape[1] == self.decoded_frames(valid.shape[1]):
+            valid = valid.repeat_interleave(states.shape[1] // valid.shape[1], dim=1)  # decoded at a higher rate
         if self.projector is None:
             return self.project_states(states)[valid]
         lengths = valid.sum(1)
@@ -131,6 +139,9 @@ class AudioPaths:
             self._check_audio_dim(states.shape[-1], "stage-1 encoder")
         if rvq_round_trip:
             states = self._round_trip(states.to(self.device), valid.to(self.device))
+        elif self.decoded_frames(1) != 1:
+            raise ValueError("the stage-1 tokenizer decodes at another frame rate than its encoder's (WhisperVQ), "
+                             "which is what stage 3 was trained on: real speech needs rvq_round_trip")
         return self._embed_valid(states.to(self.device), valid)
 
     def _round_trip(self, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

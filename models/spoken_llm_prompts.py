@@ -46,11 +46,12 @@ class PromptsAndGeneration:
             text = self._with_sound(instruction_text, self.sound.text(codes))
             return build_example(self.tokenizer, instruction_text=text, audio_frames=None, response=response)
         if self.projector is not None:
-            n = self.projector.num_positions(int(codes.shape[-1]))
+            n = self.projector.num_positions(self.decoded_frames(int(codes.shape[-1])))
             text = self._with_sound(instruction_text, self._audio_block(n))
             ex = build_example(self.tokenizer, instruction_text=text, audio_frames=None, response=response)
             return {**self._mark_audio(ex, n), "codes": codes}
-        ex = build_example(self.tokenizer, instruction_text=instruction_text, audio_frames=int(codes.shape[-1]), response=response)
+        ex = build_example(self.tokenizer, instruction_text=instruction_text, audio_frames=self.decoded_frames(int(codes.shape[-1])),
+                           response=response)  # fmt: skip
         return {**ex, "codes": codes}
 
     def ctc_targets(self, text: str) -> torch.Tensor:
@@ -119,7 +120,8 @@ class PromptsAndGeneration:
         if self.projector is not None:
             # Stage-1 encoder (its own normalisation) -> states; pieces of one item concatenated in order.
             states, lengths = self._encode_items(waves, starts)
-            slots = [self.projector.num_positions(n) for n in lengths.tolist()]  # ceil(T / k) per item
+            # ceil(T / k) per item, T counted after the stage-1 round trip (which may decode at a higher rate)
+            slots = [self.projector.num_positions(self.decoded_frames(n)) for n in lengths.tolist()]
             rows = [
                 self._mark_audio(build_prompt(self.tokenizer, audio_frames=None, instruction_text=self._with_sound(
                     instruction_text, self._audio_block(n))), n)

@@ -497,6 +497,38 @@ def test_projector_example_and_prompt_place_ceil_t_over_k_slots(gemma3_path):
     torch.testing.assert_close(got, torch.cat([first[0], second[0]]))
 
 
+class UpsamplingRVQ(DimRVQ):
+    """A stand-in for WhisperVQ: one code frame decodes to two states (``decode_upsample`` 2)."""
+
+    decode_upsample = 2
+
+    def decode(self, codes):
+        return super().decode(codes).repeat_interleave(2, dim=1)
+
+    def encode(self, x, mask=None):
+        return torch.zeros(x.shape[0], Q, x.shape[1], dtype=torch.long)
+
+
+def test_a_tokenizer_that_decodes_at_twice_its_rate_fills_twice_the_slots(gemma3_path):
+    m = make_projected(gemma3_path)
+    m.attach_rvq(UpsamplingRVQ())
+    slot = m.tokenizer.convert_tokens_to_ids("<|audio|>")
+    ex = m.example(instruction_text=None, codes=torch.zeros(Q, 7, dtype=torch.long), response="x")
+    assert ex["input_ids"].tolist().count(slot) == -(-14 // KS)  # the 14 decoded states, not the 7 codes
+    codes = torch.randint(0, K, (2, Q, 7))
+    with torch.no_grad():
+        got = m.embed_codes(codes, torch.tensor([7, 5]))
+        states = m.rvq.decode(codes)
+        first, _ = m.projector(states[:1], torch.tensor([14]))
+        second, _ = m.projector(states[1:, :10], torch.tensor([10]))
+    torch.testing.assert_close(got, torch.cat([first[0], second[0]]))  # every decoded state is heard
+    # Real speech: the round trip decodes at the same rate; without it the rates would differ.
+    states, lengths = torch.randn(1, 7, WD), torch.tensor([7])
+    assert m.embed_states(states, lengths, rvq_round_trip=True).shape[0] == -(-14 // KS)
+    with pytest.raises(ValueError, match="rvq_round_trip"):
+        m.embed_states(states, lengths, rvq_round_trip=False)
+
+
 def test_projector_sizes_are_clear_errors(gemma3_path, tiny_path):
     from models.projector import AudioProjector
 
