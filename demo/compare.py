@@ -56,6 +56,8 @@ def tokenizer_track(tokenizer: str, corpus: str, overrides=((), (), ())) -> Trac
     """The demo's Whisper track with every path moved under ``<corpus>/<tokenizer>``."""
     sub = f"{corpus}/{tokenizer}"
     replace = {
+        # a stage-1 config's own folders first (the WhisperVQ demo's are whispervq/, not whisper/)
+        f"artifacts/{tokenizer}": f"artifacts/{sub}", f"runs/demo/{tokenizer}": f"runs/{sub}",
         "data/demo/whisper/": f"data/{sub}/", "artifacts/whisper": f"artifacts/{sub}",
         "runs/demo/whisper": f"runs/{sub}", "data/demo/": f"data/{corpus}/",
         # Each tokenizer has its own folders here, so its stage 1 logs and promotes as plain "stage1".
@@ -188,7 +190,7 @@ def compare_one(tokenizer: str, corpus: str, bin_dir: Path, *, with_clips: bool,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizers", default=",".join(TOKENIZERS), help="comma-separated, of: " + ", ".join(TOKENIZERS))
-    parser.add_argument("--takes", type=int, default=12, help="takes per digit and speaker used of FSDD's 50 (default 12)")
+    parser.add_argument("--takes", type=int, default=8, help="takes per digit and speaker used of FSDD's 50 (default 8)")
     parser.add_argument("--stage2-form", choices=["all_levels", "one_level"], default="all_levels",
                         help="stage 2's output form for one-level tokenizers (default: the RVQ's, one position per frame)")
     parser.add_argument("--workdir", default=None, help="folder for data/, runs/ and artifacts/ (default: the repository)")

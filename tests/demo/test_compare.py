@@ -9,7 +9,7 @@ import pytest
 
 import demo.run as demo_run
 from datamodules.shards import ShardWriter
-from demo.compare import one_level_overrides, table, token_rates, tokenizer_track
+from demo.compare import TOKENIZERS, one_level_overrides, table, token_rates, tokenizer_track
 
 
 def _token_shards(out, samples):
@@ -41,11 +41,13 @@ def test_token_rates_of_several_levels_collapse_whole_frames(tmp_path):
 
 def test_tokenizer_tracks_write_apart_and_size_stages_2_and_3(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_run, "WORK", tmp_path)
-    tracks = {t: tokenizer_track(t, "fsdd6") for t in ("rvq", "kmeans")}
-    assert tracks["rvq"].artifacts != tracks["kmeans"].artifacts and tracks["rvq"].data != tracks["kmeans"].data
+    tracks = {t: tokenizer_track(t, "fsdd6") for t in TOKENIZERS}
+    assert len({t.artifacts for t in tracks.values()}) == len({t.data for t in tracks.values()}) == len(TOKENIZERS)
     for name, track in tracks.items():
         text = "".join((tmp_path / c).read_text() for c in track.configs)
         assert "data/demo/" not in text and "artifacts/whisper" not in text and "runs/demo" not in text
+        assert f"fsdd6/{name}vq" not in text and "stage: stage1_" not in text  # each path moved once, whole
+        assert f"save_dir: runs/fsdd6/{name}, name: stage1}}" in text  # stage 1 logs where the demo reads it
         assert f"artifacts_dir: artifacts/fsdd6/{name}" in text and f"data/fsdd6/{name}/tokens/train" in text
         assert "data/fsdd6/shards/val" in text  # the shared shards of the corpus
     _, stage2, stage3 = one_level_overrides(2049, "one_level")
