@@ -222,8 +222,10 @@ def test_two_ranks_one_without_spoken_rows_do_not_hang(setup_dir, tmp_path):
     # the gradients all-reduce every step and both ranks end with the same LoRA weights.
     script = tmp_path / "ddp_teacher.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, torch, lightning as L
+        import sys, time, torch, lightning as L
+        from pathlib import Path
         from lightning.pytorch.strategies import DDPStrategy
+        from torch.utils.data import DataLoader
         from models.chat_format import collate_instructions
         from models.spoken_llm import SpokenLLM
         from stages.stage3 import SpokenInstructionStage
@@ -237,7 +239,8 @@ def test_two_ranks_one_without_spoken_rows_do_not_hang(setup_dir, tmp_path):
                     return {{**ex, "teacher": llm.example(instruction_text="what comes after one", codes=None, response="two")}}
                 text = lambda i: llm.example(instruction_text=f"What comes after {{i}}?", codes=None, response="four")
                 make = spoken if rank == 0 else text
-                return [collate_instructions([make(i), make(i + 1)], pad_id=llm.pad_id, pack=True) for i in range(3)]
+                batches = [collate_instructions([make(i), make(i + 1)], pad_id=llm.pad_id, pack=True) for i in range(3)]
+                return DataLoader(batches, batch_size=None)
 
         torch.manual_seed(0)
         llm = SpokenLLM(model={str(setup_dir["gemma4"])!r}, dtype="fp32", num_levels={Q}, codebook_size={K}, lora_r=4, lora_dropout=0.0)
@@ -247,13 +250,18 @@ def test_two_ranks_one_without_spoken_rows_do_not_hang(setup_dir, tmp_path):
                             use_distributed_sampler=False, limit_val_batches=0)
         trainer.fit(stage, datamodule=Batches())
         total = sum(float(v.double().abs().sum()) for v in llm.trainable_state_dict().values())
-        print(f"rank {{trainer.global_rank}} lora {{total:.8f}} kl {{float(trainer.callback_metrics['train/kl']):.6f}}", flush=True)
+        line = f"lora {{total:.8f}} kl {{float(trainer.callback_metrics['train/kl']):.6f}}"
+        (Path(sys.argv[1]) / f"rank{{trainer.global_rank}}.txt").write_text(line)
+        for _ in range(1200):  # rank 0 exiting first would end rank 1 (Lightning's launcher) before it writes
+            if (Path(sys.argv[1]) / "rank1.txt").exists():
+                break
+            time.sleep(0.1)
     """))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(ROOT)}  # fmt: skip
-    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env=env,
+                            timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line.split() for line in result.stdout.splitlines() if line.startswith("rank "))
-    assert [line[1] for line in lines] == ["0", "1"], result.stdout
-    assert lines[0][3] == lines[1][3]  # the same LoRA weights on both ranks: the steps all-reduced
-    assert float(lines[0][5]) > 0 and float(lines[1][5]) == 0.0  # rank 0 distilled, rank 1 had nothing to
+    ranks = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert ranks[0][1] == ranks[1][1]  # the same LoRA weights on both ranks: the steps all-reduced
+    assert float(ranks[0][3]) > 0 and float(ranks[1][3]) == 0.0  # rank 0 distilled, rank 1 had nothing to
