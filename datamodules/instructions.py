@@ -292,6 +292,7 @@ class InstructionDataModule(L.LightningDataModule):
         build_example: Callable[..., dict],
         collate: Callable[[list[dict]], dict],
         ctc_targets: Callable[[str], Any] | None = None,
+        text_teacher: bool = False,
     ) -> InstructionDataModule:
         """Late binding of the tokenizer.
 
@@ -302,8 +303,10 @@ class InstructionDataModule(L.LightningDataModule):
             collate: Examples -> batch (streamed, each example also carries ``sample_weight``: 0 in the
                 padding batches that keep ranks in step).
             ctc_targets: Instruction text -> target ids ``[S]`` (the LLM's tokens), for the CTC loss.
+            text_teacher: Give every spoken example a ``teacher``: the same instruction as text (its
+                ``instruction_key``, in place of the audio) with the same response (text rows have none).
         """
-        self._build = partial(_build_row, build_example, self.spoken_instruction_text)
+        self._build = partial(_build_row, build_example, self.spoken_instruction_text, text_teacher)
         self._collate, self._ctc_targets = collate, ctc_targets
         for stream in self._streams.values():
             self._bind_stream(stream)
@@ -425,8 +428,16 @@ class InstructionDataModule(L.LightningDataModule):
         return self._loader(self._rows["val"], seed=self.seed)
 
 
-def _build_row(build_example: Callable[..., dict], spoken_text: str | None, row: dict[str, Any]) -> dict:
-    """A row -> ``build_example``: a spoken row's text is ``spoken_text`` (its instruction was spoken)."""
-    if "codes" in row:
-        return build_example(instruction_text=spoken_text, codes=row["codes"], response=row["response"])
-    return build_example(instruction_text=row["instruction"], codes=None, response=row["response"])
+def _build_row(build_example: Callable[..., dict], spoken_text: str | None, teacher: bool, row: dict[str, Any]) -> dict:
+    """A row -> ``build_example``: a spoken row's text is ``spoken_text`` (its instruction was spoken).
+
+    With ``teacher``, a spoken example also carries ``teacher``: the prompt with the instruction's text
+    where the audio was (after ``spoken_text``, as Ultravox's text teacher reads the transcript), the same response.
+    """
+    if "codes" not in row:
+        return build_example(instruction_text=row["instruction"], codes=None, response=row["response"])
+    example = build_example(instruction_text=spoken_text, codes=row["codes"], response=row["response"])
+    if teacher:
+        text = f"{spoken_text}\n{row['instruction']}" if spoken_text else row["instruction"]
+        example["teacher"] = build_example(instruction_text=text, codes=None, response=row["response"])
+    return example

@@ -31,6 +31,7 @@ __all__ = [
     "collate_padded",
     "end_of_turn_id",
     "pack_examples",
+    "teacher_token_mask",
 ]
 
 IGNORE_INDEX = -100
@@ -370,7 +371,11 @@ def collate_instructions(
         ``position_ids`` (packed) [B, L]; ``real_tokens`` (non-pad tokens, a scalar) and
         ``sample_weight`` [n_examples]; with spoken rows also ``codes`` [N, Q, T] (padded with -1) and
         ``code_lengths`` [N], N = spoken examples in row-major order (the order their audio slots
-        are filled in); with CTC targets ``ctc_targets`` [N, S] (padded with ``IGNORE_INDEX``).
+        are filled in); with CTC targets ``ctc_targets`` [N, S] (padded with ``IGNORE_INDEX``); with
+        text teachers (examples carrying ``teacher``, a text-only ``build_example`` output of the same
+        response) ``teacher`` (their padded batch, in row-major order of the students) and
+        ``teacher_tokens`` [n_labelled] (bool: which of the batch's labelled tokens, row-major, belong
+        to an example with a teacher), see ``teacher_token_mask``.
     """
     examples = [_weighted(e) for e in examples]
     if pack:
@@ -395,11 +400,27 @@ def collate_instructions(
             codes[i, :, : c.shape[-1]] = c
         batch["codes"] = codes
         batch["code_lengths"] = torch.tensor([c.shape[-1] for c in spoken])
+    teachers = [e["teacher"] for e in ordered if "teacher" in e]
+    if teachers:
+        batch["teacher"] = collate_padded(teachers, pad_id=pad_id)  # padded even when the students are packed
+        batch["teacher_tokens"] = teacher_token_mask(ordered)
     return batch
+
+
+def teacher_token_mask(ordered: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """Which labelled tokens of a batch (its examples in row-major order) have a text teacher, ``[n]`` bool.
+
+    A row's labelled tokens are its examples' labelled tokens in order (packed or padded), so selecting
+    the student's labelled logits with this mask lines them up with the teacher batch's labelled logits,
+    one example after the other.
+    """
+    flags = [torch.full((int((e["labels"] != IGNORE_INDEX).sum()),), "teacher" in e, dtype=torch.bool) for e in ordered]
+    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
 
 
 def _weighted(example: dict[str, Any]) -> dict[str, Any]:
     """``example`` with its labels ignored when its ``sample_weight`` is 0 (it then adds no loss)."""
     if float(example.get("sample_weight", 1.0)) > 0:
         return example
-    return {**example, "labels": torch.full_like(example["labels"], IGNORE_INDEX)}
+    muted = {k: v for k, v in example.items() if k != "teacher"}  # nothing to distil either
+    return {**muted, "labels": torch.full_like(example["labels"], IGNORE_INDEX)}

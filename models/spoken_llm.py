@@ -51,6 +51,7 @@ from models.sound_tokens import SoundTokens
 from models.spoken_llm_audio import AudioPaths
 from models.spoken_llm_prompts import PromptsAndGeneration
 from models.spoken_llm_state import DTYPES, TrainableState
+from models.spoken_llm_teacher import TextTeacher
 
 __all__ = ["AUDIO_PLACEHOLDERS", "DEFAULT_LORA_TARGETS", "SpokenLLM", "default_sound_tokens"]
 
@@ -72,7 +73,7 @@ def default_sound_tokens(codebook_size: int, num_levels: int = 1) -> list[str]:
     return frame_token_names(codebook_size, num_levels=num_levels)
 
 
-class SpokenLLM(AudioPaths, PromptsAndGeneration, TrainableState, nn.Module):
+class SpokenLLM(AudioPaths, PromptsAndGeneration, TrainableState, TextTeacher, nn.Module):
     """A causal LM (Gemma 4 by default) with LoRA that reads spoken instructions.
 
     Args:
@@ -323,7 +324,8 @@ class SpokenLLM(AudioPaths, PromptsAndGeneration, TrainableState, nn.Module):
 
         Returns:
             ``loss`` (scalar: ``ce`` + ``ctc_weight`` x ``ctc``), ``ce``, ``n_tokens`` (labelled tokens),
-            ``ctc`` when enabled, ``logits`` [B, L, V] when asked.
+            ``ctc`` when enabled, ``logits`` [B, L, V] when asked; ``response_logits`` [n, V] and
+            ``response_targets`` [n] at the n labelled tokens, row-major (what a text teacher distils).
         """
         inputs, audio_positions = self._inputs(batch)
         hidden = self.base.model(**inputs, use_cache=False, return_dict=True).last_hidden_state  # [B, L, H]
@@ -333,7 +335,7 @@ class SpokenLLM(AudioPaths, PromptsAndGeneration, TrainableState, nn.Module):
         n_tokens = keep.sum()
         logits = self._logits(hidden[:, :-1][keep])  # only labelled positions: the vocabulary is large
         ce = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_tokens.clamp(min=1)
-        out = {"ce": ce, "n_tokens": n_tokens, "loss": ce}
+        out = {"ce": ce, "n_tokens": n_tokens, "loss": ce, "response_logits": logits, "response_targets": targets[keep]}
         if self.ctc_weight > 0 and audio_positions is not None and bool(audio_positions.any()):
             if batch.get("ctc_targets") is None:
                 raise ValueError(

@@ -32,7 +32,7 @@ import json
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
@@ -47,6 +47,7 @@ from models.chat_format import collate_instructions
 from models.encoders import FrozenEncoder
 from models.quantizer import SemanticQuantizer
 from models.spoken_llm import SpokenLLM
+from models.spoken_llm_teacher import TEACHERS
 from stages.artifacts import ArtifactModule, load_artifact, parent_record
 from stages.optim import WarmupCosine, configure, default_optimizer
 from stages.stage1 import check_encoder_matches
@@ -161,6 +162,12 @@ class SpokenInstructionStage(LightningModule):
             (``collate_instructions``); the same loss as padded rows, with far fewer pad tokens.
             ``train/real_token_share`` (non-pad / all tokens of a batch) is logged either way.
         max_tokens_per_row: Row capacity when packing, in LLM positions (audio slots included).
+        text_teacher: Text-teacher distillation (as Ultravox): every spoken example is also built with
+            its instruction as text (the transcript stage 2 spoke) and the same response, and the loss adds
+            ``text_teacher_weight x KL(teacher || student)`` over the response tokens, per token
+            (``train/kl``); the CE stays. ``"base"``: the frozen base LLM (adapters off) is the teacher,
+            ``"self"``: the model being trained (adapters on, no gradient); ``None``: off.
+        text_teacher_weight: Weight of the KL term.
     """
 
     def __init__(
@@ -184,10 +191,17 @@ class SpokenInstructionStage(LightningModule):
         rvq_round_trip: bool = True,
         pack: bool = False,
         max_tokens_per_row: int = 512,
+        text_teacher: Literal["base", "self"] | None = None,
+        text_teacher_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if max_tokens_per_row < 1:
             raise ValueError(f"max_tokens_per_row must be >= 1, got {max_tokens_per_row}")
+        if text_teacher not in (None, *TEACHERS):
+            raise ValueError(f"text_teacher must be null, 'base' or 'self', got {text_teacher!r}")
+        if text_teacher_weight < 0:
+            raise ValueError(f"text_teacher_weight must be >= 0, got {text_teacher_weight}")
+        self.text_teacher, self.text_teacher_weight = text_teacher, float(text_teacher_weight)
         self.llm = llm
         self.pack, self.max_tokens_per_row = pack, max_tokens_per_row
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
@@ -229,12 +243,20 @@ class SpokenInstructionStage(LightningModule):
                 collate=partial(collate_instructions, pad_id=self.llm.pad_id, pack=self.pack,
                                 max_tokens_per_row=self.max_tokens_per_row),
                 ctc_targets=self.llm.ctc_targets if self.llm.ctc_weight > 0 else None,
+                **({"text_teacher": True} if self.text_teacher else {}),
             )
 
     # ---- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.llm(batch)
         loss = out["loss"]
+        bs = batch["input_ids"].shape[0]
+        if self.text_teacher:
+            # No collective in the teacher's forward (a plain no-grad call, not through DDP): a rank whose
+            # batch has no spoken row skips it (KL 0) without the others waiting on it.
+            kl = self.llm.text_teacher_kl(batch, out, teacher=self.text_teacher)
+            loss = loss + self.text_teacher_weight * kl
+            self.log("train/kl", kl.detach(), batch_size=bs)
         if self._trainer is not None and (self.trainer.world_size > 1 or isinstance(self.trainer.strategy, DDPStrategy)):
             # DDP all-reduces every trainable weight's gradient each step, in buckets; a text-only
             # batch leaves the audio path (a trainable audio embedder, sound-token rows) out of the
@@ -243,8 +265,7 @@ class SpokenInstructionStage(LightningModule):
             # (the LLaVA-style "dummy input" fix, cheaper than find_unused_parameters). A DDP strategy on
             # one device checks for unused weights too.
             loss = loss + 0.0 * sum(p.sum() for p in self.llm.parameters() if p.requires_grad)
-        bs = batch["input_ids"].shape[0]
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         self.log("train/ce", out["ce"], batch_size=bs)
         if self.llm.ctc_weight > 0:  # loss = ce + ctc_weight * ctc (0 in a batch without audio)
             self.log("train/ctc", out.get("ctc", torch.zeros(())), batch_size=bs)

@@ -265,3 +265,17 @@ def test_shipped_projector_config_resolves_without_download(capsys):
     trainer = resolved["trainer"]
     assert trainer["precision"] == "bf16-mixed" and "DDPStrategy" in trainer["strategy"]["class_path"]
     assert not trainer["strategy"]["init_args"].get("static_graph") and trainer["accumulate_grad_batches"] > 1
+
+
+def test_fit_with_a_base_text_teacher_on_the_projector_path(setup_dir, tmp_path):
+    # The text teacher reads no audio: on the projector path it is the base LM with adapters (and the
+    # placeholder rows) off; the projector still trains from the CE and the KL of the spoken rows.
+    stage = make_stage(setup_dir, text_teacher="base", pack=True, max_tokens_per_row=256)
+    before = stage.llm.trainable_state_dict()
+    trainer = Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(stage, datamodule=datamodule(setup_dir))
+    kl = float(trainer.callback_metrics["train/kl"])
+    assert np.isfinite(kl) and kl > 0
+    after = stage.llm.trainable_state_dict()
+    assert all(not torch.equal(after[k], before[k]) for k in after if k.startswith("projector."))
