@@ -194,6 +194,7 @@ class Track:
     # Command-line overrides of each stage's config (``demo.compare`` sizes stages 2 and 3 to a
     # one-level tokenizer this way), appended to every command of that stage.
     overrides: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] = ((), (), ())
+    fit_args: tuple[str, ...] = ()  # appended to every ``lightning fit`` only (e.g. ``--promote.force_gates true``)
 
     @property
     def shards(self) -> str:
@@ -236,7 +237,7 @@ def stage3_run(track: Track, source: str, devices: list[str], bin_dir: Path) -> 
             "--data.init_args.instruction_key", "text",
             "--data.init_args.response_key", ANSWER_FIELD,
         ]
-    lightning("fit", "--config", config, *devices, *track.overrides[2], *extra)
+    lightning("fit", "--config", config, *devices, *track.overrides[2], *track.fit_args, *extra)
     report(f"stage 3 on {source} speech (promoted checkpoint, real speech of validation speakers)",
            WORK / track.runs / run_name, "best", ("val/loss", "val/spoken_accuracy"))
     answers = f"{track.runs}/{run_name}_test_answers.jsonl"
@@ -301,7 +302,7 @@ def run_track(track: Track, args: argparse.Namespace, devices: list[str], bin_di
     figures: dict[str, float] = {}
     print(f"\n######## encoder: {track.encoder} ########", flush=True)
     if "1" in args.stages:
-        lightning("fit", "--config", config1, *devices, *over1)
+        lightning("fit", "--config", config1, *devices, *over1, *track.fit_args)
         for split in ("train", "val", "test"):
             lightning(
                 "predict", "--config", config1, *over1,
@@ -323,7 +324,7 @@ def run_track(track: Track, args: argparse.Namespace, devices: list[str], bin_di
         lm_dir = data / "models" / "stage2_lm"
         if not (lm_dir / "config.json").exists():
             save_gemma3_lm_debug(lm_dir, task_texts(data), hidden_size=128, num_layers=4)
-        lightning("fit", "--config", config2, *devices, *over2)
+        lightning("fit", "--config", config2, *devices, *over2, *track.fit_args)
         chosen = json.loads((WORK / track.artifacts / "stage2" / "current" / "provenance.json").read_text())["checkpoint"]
         lightning("test", "--config", config2, *over2, "--ckpt_path", chosen,
                   "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
