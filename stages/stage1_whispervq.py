@@ -30,10 +30,10 @@ from models.encoders import WhisperEncoder
 from models.encoders.whisper import _pair_mean
 from models.whisper_asr import WhisperASR
 from models.whisper_vq import WhisperVQ
-from stages.artifacts import ArtifactModule, load_artifact, parent_record
+from stages.artifacts import load_artifact, parent_record
 from stages.metrics import CodebookUsage, normalize_transcript
 from stages.optim import configure, default_optimizer, fit_steps
-from stages.stage1 import check_encoder_matches
+from stages.stage1 import RVQStage, check_encoder_matches
 
 __all__ = ["WhisperVQStage"]
 
@@ -162,16 +162,9 @@ class WhisperVQStage(LightningModule):
         return built
 
     # ---- promotion ----------------------------------------------------------------------------
-    def artifact_modules(self, config: dict[str, Any]) -> dict[str, ArtifactModule]:
-        """The WhisperVQ with weights, the encoder by reference (no weights)."""
-        args = config.get("model", {}).get("init_args", {})
-        q_spec = args.get("quantizer") or (self._artifact_config or {}).get("modules", {}).get("quantizer")
-        if not q_spec:
-            raise ValueError("cannot tell how to rebuild the quantizer: no class_path in the config")
-        modules = {"quantizer": ArtifactModule(q_spec["class_path"], q_spec.get("init_args", {}), self.quantizer.state_dict())}
-        if args.get("encoder"):
-            modules["encoder"] = ArtifactModule(args["encoder"]["class_path"], args["encoder"].get("init_args", {}))
-        return modules
+    # The WhisperVQ with weights, the encoder by reference (no weights): RVQStage's own, for the same
+    # attributes (``quantizer``, ``_artifact_config``).
+    artifact_modules = RVQStage.artifact_modules
 
     def artifact_info(self) -> dict[str, Any]:
         """What later stages check: one level of ``codebook_size`` codes at 25 frames/s, decoded at 50."""
