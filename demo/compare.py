@@ -176,7 +176,7 @@ FORCE_GATES = ("--promote.force_gates", "true")
 def compare_one(tokenizer: str, corpus: str, bin_dir: Path, *, with_clips: bool, form: str = "all_levels") -> dict[str, float]:
     """Stages 1-3 of one tokenizer; its figures."""
     first = tokenizer_track(tokenizer, corpus, fit_args=FORCE_GATES)
-    figures = run_track(first, argparse.Namespace(stages="1", stage3_on="synthetic"), [], bin_dir)
+    figures = run_track(first, argparse.Namespace(stages="1", stage3_on="synthetic", text_teachers=[]), [], bin_dir)
     promoted = demo_run.WORK / first.artifacts / "stage1" / "current"
     info = json.loads((promoted / "config.json").read_text()).get("info") or {}
     levels, size = int(info["num_quantizers"]), int(info["codebook_size"])
@@ -188,7 +188,7 @@ def compare_one(tokenizer: str, corpus: str, bin_dir: Path, *, with_clips: bool,
         figures["clips_wer"] = clips_wer(demo_run.WORK / first.artifacts / "stage1" / "current")
     sized = ((), (), ()) if levels > 1 else one_level_overrides(size, form)
     track = tokenizer_track(tokenizer, corpus, sized, fit_args=FORCE_GATES)
-    figures.update(run_track(track, argparse.Namespace(stages="23", stage3_on="synthetic"), [], bin_dir))
+    figures.update(run_track(track, argparse.Namespace(stages="23", stage3_on="synthetic", text_teachers=[]), [], bin_dir))
     return figures
 
 

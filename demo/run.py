@@ -209,36 +209,42 @@ def make_track(encoder: str, corpus: str) -> Track:
     return Track(encoder, corpus, f"data/{corpus}{sub}", f"runs/{corpus}{sub}", f"{base}{sub}", configs)  # type: ignore[arg-type]
 
 
-def stage3_run(track: Track, source: str, devices: list[str], bin_dir: Path) -> float:
+def stage3_run(track: Track, source: str, devices: list[str], bin_dir: Path, teacher: str | None = None) -> float:
     """Fit stage 3 on ``source`` (``synthetic``: stage 2's spoken instructions; ``real``: the codes of the
     real training speech, with the answer each shard carries), then answer the real
     speech of the held-out test speakers; returns that accuracy.
 
     The real-speech run is the upper bound the method is measured against: it logs to
     ``<runs>/stage3_real`` and promotes to ``<artifacts>/real/stage3``, never replacing the
-    synthetic-trained ``current``.
+    synthetic-trained ``current``. ``teacher`` (``base`` | ``self``) adds the text teacher's KL
+    (``--model.init_args.text_teacher``) for the ablation: the run logs to ``..._teacher_<t>`` and
+    promotes under ``.../teacher_<t>/stage3``, so the config's own run stays the headline.
     """
     config = track.configs[2]
     extra: list[str] = []
-    run_name, arts = "stage3", track.artifacts
-    if source == "real":
-        run_name, arts = "stage3_real", f"{track.artifacts}/real"
-        out = WORK / track.runs / "stage3_real.yaml"
+    run_name, arts = ("stage3_real", f"{track.artifacts}/real") if source == "real" else ("stage3", track.artifacts)
+    if teacher:
+        run_name, arts = f"{run_name}_teacher_{teacher}", f"{arts}/teacher_{teacher}"
+        extra += ["--model.init_args.text_teacher", teacher]
+    if arts != track.artifacts:
+        out = WORK / track.runs / f"{run_name}.yaml"
         text = (WORK / config if not Path(config).is_absolute() else Path(config)).read_text()
         out.parent.mkdir(parents=True, exist_ok=True)
         if f"artifacts_dir: {track.artifacts}\n" not in text:
             raise SystemExit(f"{config} does not promote to {track.artifacts}")
         out.write_text(text.replace(f"artifacts_dir: {track.artifacts}\n", f"artifacts_dir: {arts}\n"))
         config = str(out.relative_to(WORK))
-        extra = [
-            "--trainer.logger.init_args.name", run_name,
+        extra += ["--trainer.logger.init_args.name", run_name]
+    if source == "real":
+        extra += [
             "--data.init_args.train_shards", f"{track.data}/tokens/train",
             "--data.init_args.val_shards", f"{track.data}/tokens/val",
             "--data.init_args.instruction_key", "text",
             "--data.init_args.response_key", ANSWER_FIELD,
         ]
     lightning("fit", "--config", config, *devices, *track.overrides[2], *track.fit_args, *extra)
-    report(f"stage 3 on {source} speech (promoted checkpoint, real speech of validation speakers)",
+    shown = f"{source} speech" + (f", text teacher {teacher}" if teacher else "")
+    report(f"stage 3 on {shown} (promoted checkpoint, real speech of validation speakers)",
            WORK / track.runs / run_name, "best", ("val/loss", "val/spoken_accuracy"))
     answers = f"{track.runs}/{run_name}_test_answers.jsonl"
     run([str(bin_dir / "speechless-infer"), "--artifact", f"{arts}/stage3/current",
@@ -248,6 +254,19 @@ def stage3_run(track: Track, source: str, devices: list[str], bin_dir: Path) -> 
 
     rows = [json.loads(line) for line in (WORK / answers).read_text().splitlines() if line.strip()]
     return sum(exact_match(r["answer"], r["reference"]) for r in rows) / len(rows) if rows else float("nan")
+
+
+def teacher_ablation(figures: dict[str, float], encoder: str, teachers: list[str]) -> None:
+    """Print the text-teacher ablation of stage 3: real held-out speech, per teacher and training source."""
+    sources = [s for s in ("synthetic", "real") if f"stage3_{s}" in figures]
+    print(f"\n== text-teacher ablation ({encoder}): exact match on real held-out test speech (chance 0.100) ==")
+    print(f"  {'text teacher':<14}" + "".join(f"{'trained on ' + s:>22}" for s in sources)
+          + (f"{'transfer ratio':>16}" if len(sources) == 2 else ""))
+    for teacher in ("none", *teachers):
+        suffix = "" if teacher == "none" else f"_teacher_{teacher}"
+        values = [figures.get(f"stage3_{s}{suffix}", float("nan")) for s in sources]
+        ratio = f"{values[0] / values[1]:>16.2f}" if len(values) == 2 and values[1] else ""
+        print(f"  {teacher:<14}" + "".join(f"{v:>22.3f}" for v in values) + ratio)
 
 
 def real_token_share(run_dir: Path) -> float:
@@ -361,8 +380,12 @@ def run_track(track: Track, args: argparse.Namespace, devices: list[str], bin_di
                 save_gemma4_stage3_debug(llm_dir, encoder_dir=data / "models" / "gemma4_audio", texts=task_texts(data))
             else:
                 save_gemma3_lm_debug(llm_dir, task_texts(data), hidden_size=64, num_layers=2)
-        for source in (["synthetic", "real"] if args.stage3_on == "both" else [args.stage3_on]):
+        sources = ["synthetic", "real"] if args.stage3_on == "both" else [args.stage3_on]
+        for source in sources:
             figures[f"stage3_{source}"] = stage3_run(track, source, devices, bin_dir)
+        for teacher in args.text_teachers:
+            for source in sources:
+                figures[f"stage3_{source}_teacher_{teacher}"] = stage3_run(track, source, devices, bin_dir, teacher)
         if "stage3_synthetic" in figures:
             figures["stage3_real_tokens"] = real_token_share(WORK / track.runs / "stage3")
             print(f"  real tokens of the training batches: {figures['stage3_real_tokens']:.3f} (non-pad / all)")
@@ -372,6 +395,8 @@ def run_track(track: Track, args: argparse.Namespace, devices: list[str], bin_di
             print(f"\n== Speechless transfer ({track.encoder}): real held-out speech, trained on synthetic vs real "
                   f"speech ==\n  synthetic {figures['stage3_synthetic']:.3f}  real {real:.3f}  "
                   f"ratio {figures['transfer']:.2f}  (chance 0.100)")
+        if args.text_teachers:
+            teacher_ablation(figures, track.encoder, args.text_teachers)
     return figures
 
 
@@ -384,6 +409,8 @@ ROWS = (
     ("stage 2 WER: Whisper reads the generated codes, test", "test/gen_wer", "wer_chance"),
     ("stage 3 real test speech, trained on synthetic", "stage3_synthetic", 0.1),
     ("stage 3 real test speech, trained on real codes", "stage3_real", 0.1),
+    ("stage 3 trained on synthetic, text teacher base", "stage3_synthetic_teacher_base", 0.1),
+    ("stage 3 trained on synthetic, text teacher self", "stage3_synthetic_teacher_self", 0.1),
     ("stage 3 real-token share of the training batches", "stage3_real_tokens", None),
     ("Speechless transfer ratio synthetic / real", "transfer", None),
 )
@@ -406,6 +433,17 @@ def summary(results: dict[str, dict[str, float]], corpus: str) -> None:
         print(f"  {label:<54}{cells}{chance_cell}")
 
 
+def _teachers(value: str) -> list[str]:
+    """``--text-teachers``: a comma-separated list of ``base`` / ``self``, or ``none``."""
+    from models.spoken_llm_teacher import TEACHERS
+
+    names = [v.strip() for v in value.split(",") if v.strip() and v.strip() != "none"]
+    for name in names:
+        if name not in TEACHERS:
+            raise argparse.ArgumentTypeError(f"unknown text teacher {name!r} (choose from {', '.join(TEACHERS)} or none)")
+    return list(dict.fromkeys(names))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", choices=["demo", "fsdd"], default="demo")
@@ -422,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
         "--stage3-on", choices=["synthetic", "real", "both"], default="synthetic",
         help="what stage 3 trains on: stage 2's synthetic spoken instructions (the method), the real speech's "
         "codes (its upper bound), or both, printing the transfer ratio synthetic/real (default: synthetic)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--text-teachers", default="base", type=_teachers,
+        help="stage 3's text-teacher ablation: the stage-3 fits are run again with each of these teachers "
+        "(comma-separated: base = the frozen base LLM, self = the adapted model; none = no ablation) and a "
+        "table compares them with the config's own run (no teacher) (default: base)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     t0 = time.time()

@@ -165,11 +165,24 @@ class SpeechlessCLI(LightningCLI):
         order = [n for n in candidates if n != chosen] + ([chosen] if chosen in candidates else [])
         tally = skip_tally(trainer)  # validating a checkpoint loads its train skip counts: keep the fit's
         skipped = {"train": tally.record("train")} if tally else {}
-        results = {}
-        for name in order:
+        results: dict[str, dict[str, float]] = {}
+
+        def validate(name: str) -> None:
             metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=candidates[name], verbose=False)
             results[name] = {k: float(v) for k, v in (metrics[0] if metrics else {}).items()}
             results[name].update(tally.metrics("train") if tally else {})  # as far as this checkpoint
+
+        for name in order:
+            validate(name)
+        if promoter is not None and promoter.select == "validated":
+            # Every rank holds the same reduced metrics; rank 0's pick is broadcast all the same.
+            best = strategy.broadcast(promoter.choose_validated(results), src=0)
+            if best is not None and best != chosen:  # the module must hold the promoted weights: validate it last, again
+                validate(best)
+                chosen, chosen_path = best, candidates[best]
+            if trainer.is_global_zero and chosen in results:
+                print(f"[promote] {promoter.stage}: select validated -> {chosen} ({promoter.compare_metric} "
+                      f"{results[chosen].get(promoter.compare_metric, float('nan')):.4f})", flush=True)
         log_dir = trainer.log_dir  # a broadcast: every rank reads it
         if trainer.is_global_zero:
             print_checkpoint_table(results, getattr(model, "summary_metrics", None))

@@ -75,7 +75,12 @@ class Promote(Callback):
     Args:
         stage: artifact stage name (``stage1`` ...).
         select: which checkpoint: ``averaged``, ``best`` or ``final`` (falls back in that order
-            when the chosen one does not exist, and says so).
+            when the chosen one does not exist, and says so), or ``validated``: whichever of them
+            scores best on ``compare_metric`` in the validation the CLI runs after ``fit`` (ties go
+            to the earlier of averaged, best, final). ``best`` is ModelCheckpoint's choice among the
+            checkpoints validated *during* training, so a fit that stops between validations
+            (``max_steps`` mid-epoch) leaves its last steps to ``final`` alone; ``validated`` weighs
+            them all on the same footing.
         gates: ``{"val/cosine": {"min": 0.9}, "skipped/train/fraction": {"max": 0.01}}``: bounds on
             the chosen checkpoint's validation metrics and the fit's skip counts (``stages.skips``).
         compare_metric: the metric deciding whether the new version replaces ``current``.
@@ -91,7 +96,7 @@ class Promote(Callback):
         self,
         *,
         stage: str,
-        select: Literal["averaged", "best", "final"] = "averaged",
+        select: Literal["averaged", "best", "final", "validated"] = "averaged",
         gates: dict[str, dict[str, float]] | None = None,
         compare_metric: str | None = None,
         compare_mode: Literal["max", "min"] = "max",
@@ -100,17 +105,36 @@ class Promote(Callback):
         force_gates: bool = False,
     ) -> None:
         super().__init__()
+        if select not in ("averaged", "best", "final", "validated"):
+            raise ValueError(f"select must be averaged, best, final or validated, got {select!r}")
+        if select == "validated" and not compare_metric:
+            raise ValueError("select: validated needs a compare_metric to rank the validated checkpoints by")
         self.stage, self.select, self.gates = stage, select, gates or {}
         self.compare_metric, self.compare_mode = compare_metric, compare_mode
         self.artifacts_dir, self.force, self.force_gates = artifacts_dir, force, force_gates
         self.result: PromotionResult | None = None
 
     def choose(self, candidates: dict[str, str]) -> tuple[str, str | None]:
+        """The checkpoint to validate last and promote; for ``validated``, a provisional choice
+        (``averaged`` first) that :meth:`choose_validated` settles once every candidate is scored."""
         order = [self.select] + [c for c in ("averaged", "best", "final") if c != self.select]
         for name in order:
             if name in candidates:
                 return name, candidates[name]
         return "current-weights", None
+
+    def choose_validated(self, results: dict[str, dict[str, float]]) -> str | None:
+        """``select: validated``: the candidate whose post-fit validation is best on ``compare_metric``
+        (``None`` for the other selections, or when no candidate reports the metric). Ties go to
+        the earlier of averaged, best, final; a NaN never wins."""
+        if self.select != "validated":
+            return None
+        scored = [(n, results[n][self.compare_metric]) for n in ("averaged", "best", "final")
+                  if n in results and self.compare_metric in results[n] and results[n][self.compare_metric] == results[n][self.compare_metric]]  # fmt: skip
+        if not scored:
+            return None
+        sign = 1.0 if self.compare_mode == "min" else -1.0
+        return min(scored, key=lambda nv: sign * nv[1])[0]
 
     def promote_module(
         self, *, trainer: Trainer, model: LightningModule, datamodule: Any, config: Any, metrics: dict[str, float], selected: str, checkpoint: str | None

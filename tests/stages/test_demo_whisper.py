@@ -63,6 +63,53 @@ def test_whisper_track_paths_follow_the_corpus(tmp_path, monkeypatch):
     assert "save_dir: runs/fsdd/whisper" in text
 
 
+def test_text_teachers_parse_and_refuse_unknown_names():
+    assert demo._teachers("base") == ["base"]
+    assert demo._teachers("base,self,base") == ["base", "self"]
+    assert demo._teachers("none") == [] and demo._teachers("") == []
+    with pytest.raises(Exception, match="unknown text teacher 'kl'"):
+        demo._teachers("base,kl")
+
+
+def test_a_teacher_run_has_its_own_run_and_artifacts_and_the_ablation_is_printed(tmp_path, monkeypatch, capsys):
+    # Every command stage3_run issues, recorded instead of run; the answers it scores are written here.
+    monkeypatch.setattr(demo, "WORK", tmp_path)
+    track = demo.make_track("whisper-tiny", "fsdd")
+    fits, infers = [], []
+
+    def fake_run(cmd, **_):
+        if "--artifact" in cmd:
+            infers.append(cmd)
+            answers = tmp_path / cmd[cmd.index("--output") + 1]
+            answers.parent.mkdir(parents=True, exist_ok=True)
+            right = 3 if "teacher_base" in cmd[cmd.index("--artifact") + 1] else 1
+            answers.write_text("".join(f'{{"answer": "{"one" if i < right else "two"}", "reference": "one"}}\n' for i in range(4)))
+        return 0
+
+    monkeypatch.setattr(demo, "lightning", lambda *args: fits.append(args) or 0)
+    monkeypatch.setattr(demo, "run", fake_run)
+    figures = {}
+    for source in ("synthetic", "real"):
+        figures[f"stage3_{source}"] = demo.stage3_run(track, source, [], tmp_path)
+        figures[f"stage3_{source}_teacher_base"] = demo.stage3_run(track, source, [], tmp_path, "base")
+    assert figures == {"stage3_synthetic": 0.25, "stage3_synthetic_teacher_base": 0.75,
+                       "stage3_real": 0.25, "stage3_real_teacher_base": 0.75}
+    plain, teacher = fits[0], fits[1]
+    assert "--model.init_args.text_teacher" not in plain and plain[2] == track.configs[2]  # the shipped config as is
+    assert teacher[teacher.index("--model.init_args.text_teacher") + 1] == "base"
+    assert teacher[teacher.index("--trainer.logger.init_args.name") + 1] == "stage3_teacher_base"
+    assert "artifacts_dir: artifacts/fsdd/whisper/teacher_base\n" in (tmp_path / teacher[2]).read_text()
+    real_teacher = fits[3]
+    assert "artifacts_dir: artifacts/fsdd/whisper/real/teacher_base\n" in (tmp_path / real_teacher[2]).read_text()
+    assert [c[c.index("--artifact") + 1] for c in infers] == [
+        "artifacts/fsdd/whisper/stage3/current", "artifacts/fsdd/whisper/teacher_base/stage3/current",
+        "artifacts/fsdd/whisper/real/stage3/current", "artifacts/fsdd/whisper/real/teacher_base/stage3/current"]
+    capsys.readouterr()
+    demo.teacher_ablation(figures, "whisper-tiny", ["base"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in lines[-2:]] == [["none", "0.250", "0.250", "1.00"], ["base", "0.750", "0.750", "1.00"]]
+
+
 def _figure(out: str, label: str) -> list[float]:
     line = next(line.strip() for line in out.splitlines() if line.strip().startswith(label))
     return [float(v) for v in re.findall(r"\d+\.\d+", line[len(label):])]
@@ -88,6 +135,13 @@ def test_whisper_demo_measures_the_claim(tmp_path, run_demo):
     synthetic, _ = _figure(out, "stage 3 real test speech, trained on synthetic")
     real, _ = _figure(out, "stage 3 real test speech, trained on real codes")
     (ratio,) = _figure(out, "Speechless transfer ratio")
+    # The text-teacher ablation (default --text-teachers base): its own fits and artifacts, one table.
+    for stage in ("teacher_base/stage3", "real/teacher_base/stage3"):
+        assert (tmp_path / "artifacts" / "whisper" / stage / "current" / "config.json").exists(), stage
+    teacher_synthetic, _ = _figure(out, "stage 3 trained on synthetic, text teacher base")
+    row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["base"])
+    assert float(row[1]) == pytest.approx(teacher_synthetic, abs=1e-3) and len(row) == 4, out[-3000:]
+    assert teacher_synthetic > 0.5, out[-3000:]
     assert chance == pytest.approx(0.9)
     assert cosine[0] > 0.8
     assert tokenizer_wer < chance and gen_wer < chance, out[-3000:]
