@@ -27,9 +27,12 @@ Two schemes, because the data is held two ways:
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import numpy as np
 
 from datamodules.pipeline import BatchSpec, bucket_batches, seeded_rng, shuffle_buffer
 
@@ -106,23 +109,59 @@ def rank_slice(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
     return deal(range(n), rank, world_size), per_rank
 
 
+def _no_positions() -> np.ndarray:
+    return np.zeros((0, 2), dtype=np.int32)
+
+
+def _no_offsets() -> np.ndarray:
+    return np.zeros(1, dtype=np.int64)
+
+
 @dataclass
 class SlotPlan:
     """What one ``(rank, worker)`` slot does in an exact epoch.
 
+    The planned batches are held as two arrays, not as Python lists of tuples: 8 bytes a sample
+    instead of ~100, which is what lets a rank plan an epoch of millions of rows (every rank plans
+    every slot, so this is paid for the whole epoch in every process).
+
     Attributes:
         reads: shards to read in order, as ``(shard index, owned positions)``; ``None`` owns all.
-        batches: planned batches as lists of ``(shard index, position)``.
+        positions: ``[n, 2]`` int32 ``(shard index, position)`` of the planned samples, batch after batch.
+        offsets: ``[batches + 1]``: batch ``i`` is ``positions[offsets[i]:offsets[i + 1]]``.
         pad_batches: padding batches appended so every rank yields the same count.
     """
 
     reads: list[tuple[int, tuple[int, ...] | None]] = field(default_factory=list)
-    batches: list[list[Position]] = field(default_factory=list)
+    positions: np.ndarray = field(default_factory=_no_positions)
+    offsets: np.ndarray = field(default_factory=_no_offsets)
     pad_batches: int = 0
+
+    @classmethod
+    def packed(cls, batches: Iterable[Sequence[Position]], **kwargs: Any) -> SlotPlan:
+        """A plan holding ``batches`` (lists of ``(shard, position)``), packed batch by batch."""
+        flat, sizes = array("i"), array("q", [0])
+        for batch in batches:
+            for shard, pos in batch:
+                flat.append(shard)
+                flat.append(pos)
+            sizes.append(sizes[-1] + len(batch))
+        positions = np.frombuffer(flat, dtype=np.int32).reshape(-1, 2).copy() if flat else _no_positions()
+        return cls(positions=positions, offsets=np.frombuffer(sizes, dtype=np.int64).copy(), **kwargs)
+
+    @property
+    def batches(self) -> list[list[Position]]:
+        """The planned batches as lists of ``(shard, position)`` (built on each call: for inspection)."""
+        rows = self.positions.tolist()
+        return [[tuple(r) for r in rows[a:b]] for a, b in zip(self.offsets[:-1].tolist(), self.offsets[1:].tolist())]
+
+    @property
+    def planned_batches(self) -> int:
+        return len(self.offsets) - 1
 
     @property
     def num_batches(self) -> int:
-        return len(self.batches) + self.pad_batches
+        return self.planned_batches + self.pad_batches
 
 
 @dataclass
@@ -177,34 +216,37 @@ def plan_exact_epoch(
     split = math.ceil(world_size * workers / len(order)) if 0 < len(order) < world_size * workers else 1
     rank_load = [0.0] * world_size
     slot_load = [[0.0] * workers for _ in range(world_size)]
-    owned: list[list[dict[int, list[int]]]] = [[{} for _ in range(workers)] for _ in range(world_size)]
+    # Whole shards (split 1) are owned as None, never as lists of their positions.
+    owned: list[list[dict[int, list[int] | None]]] = [[{} for _ in range(workers)] for _ in range(world_size)]
     for shard in order:
         for offset in range(split):
-            positions = list(range(offset, len(durations[shard]), split))
+            positions = range(offset, len(durations[shard]), split)
             if split > 1 and not positions:
                 continue
             r = min(range(world_size), key=lambda i: (rank_load[i], i))
             w = min(range(workers), key=lambda i: (slot_load[r][i], i))
-            seconds = sum(durations[shard][p] for p in positions)
+            seconds = sum(durations[shard]) if split == 1 else sum(durations[shard][p] for p in positions)
             rank_load[r] += seconds
             slot_load[r][w] += seconds
-            owned[r][w].setdefault(shard, []).extend(positions)
+            if split == 1:
+                owned[r][w][shard] = None
+            else:
+                owned[r][w].setdefault(shard, []).extend(positions)  # type: ignore[union-attr]
     for r in range(world_size):
         for w in range(workers):
-            slot = slots[r][w]
-            reads = [(s, None if split == 1 else tuple(sorted(p))) for s, p in owned[r][w].items()]
+            reads = [(s, None if p is None else tuple(sorted(p))) for s, p in owned[r][w].items()]
             if shuffle:
                 seeded_rng(seed, epoch, r, w, "reads").shuffle(reads)
-            slot.reads = reads
-            stream = [
-                (s, p) for s, ps in slot.reads for p in (ps if ps is not None else range(len(durations[s])))
-            ]
+            # A stream, never a list: planning holds the shuffle buffer and the open buckets, not the epoch.
+            stream: Iterable[Position] = (
+                (s, p) for s, ps in reads for p in (ps if ps is not None else range(len(durations[s])))
+            )
             if shuffle:
-                stream = list(shuffle_buffer(stream, buffer, seeded_rng(seed, epoch, r, w, "buffer")))
-            slot.batches = list(bucket_batches(stream, lambda sp: durations[sp[0]][sp[1]], spec))
-    total = max(sum(len(s.batches) for s in rank) for rank in slots) if slots else 0
+                stream = shuffle_buffer(stream, buffer, seeded_rng(seed, epoch, r, w, "buffer"))
+            slots[r][w] = SlotPlan.packed(bucket_batches(stream, lambda sp: durations[sp[0]][sp[1]], spec), reads=reads)
+    total = max(sum(s.planned_batches for s in rank) for rank in slots) if slots else 0
     for rank in slots:
-        for _ in range(total - sum(len(s.batches) for s in rank)):
+        for _ in range(total - sum(s.planned_batches for s in rank)):
             min(rank, key=lambda s: s.num_batches).pad_batches += 1
     return EpochPlan(slots=slots, batches_per_rank=total)
 
@@ -227,23 +269,36 @@ def assemble_planned(
     Raises:
         ValueError: a position that is not in the plan, or planned positions that never arrived.
     """
-    where: dict[Position, int] = {}
-    for i, batch in enumerate(slot.batches):
-        for pos in batch:
-            where[pos] = i
-    waiting = [len(b) for b in slot.batches]
-    filled: list[list[dict[str, Any]]] = [[] for _ in slot.batches]
+    n = slot.planned_batches
+    sizes = np.diff(slot.offsets)
+    waiting = sizes.tolist()
+    # Per shard, position -> its planned batch (-1: not this slot's, or already arrived): 4 bytes a
+    # position where a dict of tuples would take ~100.
+    batch_of = np.repeat(np.arange(n, dtype=np.int32), sizes)
+    order = np.argsort(slot.positions[:, 0], kind="stable")
+    shards, starts = np.unique(slot.positions[order, 0], return_index=True)
+    where: dict[int, np.ndarray] = {}
+    for shard, a, b in zip(shards.tolist(), starts.tolist(), [*starts[1:].tolist(), len(order)]):
+        rows = order[a:b]
+        table = np.full(int(slot.positions[rows, 1].max()) + 1, -1, dtype=np.int32)
+        table[slot.positions[rows, 1]] = batch_of[rows]
+        where[shard] = table
+    remaining = len(slot.positions)
+    filled: dict[int, list[dict[str, Any]]] = {}
     for pos, sample in samples:
-        i = where.pop(pos, None)
-        if i is None:
+        table = where.get(pos[0])
+        i = int(table[pos[1]]) if table is not None and 0 <= pos[1] < len(table) else -1
+        if i < 0:
             raise ValueError(f"sample at {pos} is not in this slot's plan (or arrived twice)")
+        table[pos[1]] = -1
+        remaining -= 1
         if sample is not None:
-            filled[i].append(sample)
+            filled.setdefault(i, []).append(sample)
         waiting[i] -= 1
         if waiting[i] == 0:
-            yield filled[i]
-            filled[i] = []
-    if where:
-        raise ValueError(f"{len(where)} planned samples never arrived, e.g. {next(iter(where))}")
+            yield filled.pop(i, [])
+    if remaining:
+        shard, table = next((s, t) for s, t in where.items() if (t >= 0).any())
+        raise ValueError(f"{remaining} planned samples never arrived, e.g. {(shard, int(np.flatnonzero(table >= 0)[0]))}")
     for _ in range(slot.pad_batches):
         yield []

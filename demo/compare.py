@@ -24,7 +24,9 @@ Stages 2 and 3 are the demo's Whisper configs, sized to a one-level tokenizer by
 overrides (``num_levels: 1`` and the tokenizer's ``codebook_size``), printed with every command.
 Stage 2 keeps the RVQ's output form (one position per frame) for every tokenizer, so only the
 tokenizer differs; ``--stage2-form one_level`` writes Ichigo's token strings with duration tokens
-instead.
+instead. Stage 3 reads a one-level tokenizer's codes as sound tokens in the LLM's vocabulary, as
+Ichigo and SpireLM do (``--stage3-input projector``: through the RVQ's decode-and-project path,
+where WhisperVQ's decoded states, made for the Whisper decoder, left stage 3 at chance).
 """
 
 from __future__ import annotations
@@ -71,17 +73,26 @@ def tokenizer_track(tokenizer: str, corpus: str, overrides=((), (), ()), fit_arg
 
 
 def one_level_overrides(
-    codebook_size: int, form: str = "all_levels"
+    codebook_size: int, form: str = "all_levels", stage3_input: str = "tokens"
 ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """Stage 2 and 3 sized to a one-level tokenizer of ``codebook_size`` codes.
 
     ``form``: stage 2's output form. ``all_levels`` (default) is the very LM the RVQ gets (one position
     per frame), so the table compares tokenizers and nothing else; ``one_level`` is Ichigo's token
     string with duration tokens.
+
+    ``stage3_input``: ``tokens`` (default) gives the LLM the codes as sound tokens added to its
+    vocabulary (``input_mode: tokens``, one token a frame), as Ichigo feeds WhisperVQ's codes and
+    SpireLM its units; ``projector`` keeps the demo config's path (the codes decoded to encoder states,
+    then a trainable projector), the one the RVQ takes.
     """
     lm, llm = "--model.init_args.lm.init_args", "--model.init_args.llm.init_args"
     stage2 = (f"{lm}.num_levels", "1", f"{lm}.codebook_size", str(codebook_size), f"{lm}.output_form", form)
-    stage3 = (f"{llm}.num_levels", "1", f"{llm}.codebook_size", str(codebook_size))
+    stage3: tuple[str, ...] = (f"{llm}.num_levels", "1", f"{llm}.codebook_size", str(codebook_size))
+    if stage3_input == "tokens":
+        stage3 += (f"{llm}.input_mode", "tokens", f"{llm}.audio_path", "auto", f"{llm}.sound_levels", "1")
+    elif stage3_input != "projector":
+        raise ValueError(f"stage3_input must be tokens or projector, got {stage3_input!r}")
     return (), stage2, stage3
 
 
@@ -173,7 +184,8 @@ def table(results: dict[str, dict[str, float]]) -> str:
 FORCE_GATES = ("--promote.force_gates", "true")
 
 
-def compare_one(tokenizer: str, corpus: str, bin_dir: Path, *, with_clips: bool, form: str = "all_levels") -> dict[str, float]:
+def compare_one(tokenizer: str, corpus: str, bin_dir: Path, *, with_clips: bool, form: str = "all_levels",
+                stage3_input: str = "tokens") -> dict[str, float]:  # fmt: skip
     """Stages 1-3 of one tokenizer; its figures."""
     first = tokenizer_track(tokenizer, corpus, fit_args=FORCE_GATES)
     figures = run_track(first, argparse.Namespace(stages="1", stage3_on="synthetic", text_teachers=[]), [], bin_dir)
@@ -186,7 +198,7 @@ def compare_one(tokenizer: str, corpus: str, bin_dir: Path, *, with_clips: bool,
     figures.update(token_rates(str(demo_run.WORK / first.data / "tokens" / "test"), frame_rate=frame_rate, codebook_size=size))
     if with_clips:
         figures["clips_wer"] = clips_wer(demo_run.WORK / first.artifacts / "stage1" / "current")
-    sized = ((), (), ()) if levels > 1 else one_level_overrides(size, form)
+    sized = ((), (), ()) if levels > 1 else one_level_overrides(size, form, stage3_input)
     track = tokenizer_track(tokenizer, corpus, sized, fit_args=FORCE_GATES)
     figures.update(run_track(track, argparse.Namespace(stages="23", stage3_on="synthetic", text_teachers=[]), [], bin_dir))
     return figures
@@ -198,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--takes", type=int, default=8, help="takes per digit and speaker used of FSDD's 50 (default 8)")
     parser.add_argument("--stage2-form", choices=["all_levels", "one_level"], default="all_levels",
                         help="stage 2's output form for one-level tokenizers (default: the RVQ's, one position per frame)")
+    parser.add_argument("--stage3-input", choices=["tokens", "projector"], default="tokens",
+                        help="how stage 3 reads a one-level tokenizer's codes: as sound tokens, as Ichigo and SpireLM "
+                        "do (default), or decoded through the RVQ's projector path")
     parser.add_argument("--workdir", default=None, help="folder for data/, runs/ and artifacts/ (default: the repository)")
     args = parser.parse_args(argv)
     names = [t.strip() for t in args.tokenizers.split(",") if t.strip()]
@@ -224,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         print(f"\n######## tokenizer: {name} ########", flush=True)
-        results[name] = compare_one(name, corpus, bin_dir, with_clips=with_clips, form=args.stage2_form)
+        results[name] = compare_one(name, corpus, bin_dir, with_clips=with_clips, form=args.stage2_form,
+                                    stage3_input=args.stage3_input)
         print(f"\n== so far ==\n{table(results)}", flush=True)
     print(f"\n== stage-1 tokenizers on Whisper tiny.en, FSDD ({args.takes} takes per digit and speaker) ==")
     print(table(results))

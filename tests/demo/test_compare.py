@@ -54,6 +54,12 @@ def test_tokenizer_tracks_write_apart_and_size_stages_2_and_3(tmp_path, monkeypa
     assert stage2[stage2.index("--model.init_args.lm.init_args.output_form") + 1] == "one_level"
     assert stage2[stage2.index("--model.init_args.lm.init_args.num_levels") + 1] == "1"
     assert stage3[stage3.index("--model.init_args.llm.init_args.codebook_size") + 1] == "2049"
+    llm = "--model.init_args.llm.init_args"
+    assert stage3[stage3.index(f"{llm}.input_mode") + 1] == "tokens" and stage3[stage3.index(f"{llm}.sound_levels") + 1] == "1"
+    _, _, projected = one_level_overrides(2049, "all_levels", "projector")
+    assert f"{llm}.input_mode" not in projected and projected[projected.index(f"{llm}.num_levels") + 1] == "1"
+    with pytest.raises(ValueError, match="stage3_input"):
+        one_level_overrides(2049, "all_levels", "native")
 
 
 def test_table_prints_a_dash_for_a_missing_figure():
