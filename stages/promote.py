@@ -17,6 +17,7 @@ the train counts come from the checkpoint's ``SkipTally`` state, the val counts 
 from __future__ import annotations
 
 import hashlib
+import math
 import traceback
 from typing import Any, Literal
 
@@ -129,8 +130,8 @@ class Promote(Callback):
         the earlier of averaged, best, final; a NaN never wins."""
         if self.select != "validated":
             return None
-        scored = [(n, results[n][self.compare_metric]) for n in ("averaged", "best", "final")
-                  if n in results and self.compare_metric in results[n] and results[n][self.compare_metric] == results[n][self.compare_metric]]  # fmt: skip
+        values = {n: results[n].get(self.compare_metric, math.nan) for n in ("averaged", "best", "final") if n in results}
+        scored = [(n, v) for n, v in values.items() if not math.isnan(v)]
         if not scored:
             return None
         sign = 1.0 if self.compare_mode == "min" else -1.0
